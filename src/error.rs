@@ -1,0 +1,82 @@
+//! Why a handshake was refused, one variant per row of the contract's status
+//! table (section 4). The status, the extra header and the metric label all
+//! derive from the variant, so they cannot drift apart.
+
+use hyper::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Reject {
+    /// Not a valid WebSocket upgrade (method, headers, key).
+    #[error("invalid upgrade request: {0}")]
+    BadRequest(&'static str),
+    /// `Sec-WebSocket-Version` other than 13.
+    #[error("unsupported WebSocket version")]
+    Version,
+    /// A plain HTTP request to the proxy port.
+    #[error("plain HTTP request, upgrade required")]
+    NotUpgrade,
+    /// Per-IP handshake rate limit.
+    #[error("handshake rate limit")]
+    RateLimited { retry_after: u64 },
+    /// Per-IP (or per-subject) concurrent connection cap.
+    #[error("connection cap for this client")]
+    ConnectionCap { retry_after: u64 },
+    /// `max_connections` reached.
+    #[error("proxy at max_connections")]
+    Capacity { retry_after: u64 },
+    /// The upstream's circuit breaker is open.
+    #[error("circuit open")]
+    CircuitOpen { retry_after: u64 },
+    /// Backend unreachable or answered anything but a valid 101.
+    #[error("bad gateway: {0}")]
+    BadGateway(String),
+    /// Backend did not answer within `connect_timeout`.
+    #[error("backend did not answer in time")]
+    GatewayTimeout,
+    /// The proxy is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl Reject {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
+            Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Capacity { .. } | Reject::CircuitOpen { .. } | Reject::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Metric label for `wsguard_handshakes_total{result}` and
+    /// `wsguard_rejections_total{reason}`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reject::BadRequest(_) => "bad_request",
+            Reject::Version => "bad_version",
+            Reject::NotUpgrade => "not_upgrade",
+            Reject::RateLimited { .. } => "handshake_rate",
+            Reject::ConnectionCap { .. } => "connection_cap",
+            Reject::Capacity { .. } => "max_connections",
+            Reject::CircuitOpen { .. } => "circuit_open",
+            Reject::BadGateway(_) => "bad_gateway",
+            Reject::GatewayTimeout => "gateway_timeout",
+            Reject::ShuttingDown => "shutting_down",
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Reject::RateLimited { retry_after }
+            | Reject::ConnectionCap { retry_after }
+            | Reject::Capacity { retry_after }
+            | Reject::CircuitOpen { retry_after } => Some((*retry_after).max(1)),
+            Reject::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Checks made before the backend is contacted (and, for message limits,
+//! on every message). Each guard is small and synchronous on the hot path.
+
+pub mod breaker;
+pub mod limits;

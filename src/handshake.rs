@@ -1,0 +1,310 @@
+//! Validation of the client's upgrade request, and the header set that
+//! travels upstream (contract sections 4 and 6).
+//!
+//! This is pure code over `http` types: no I/O, so it is fuzzed and unit
+//! tested directly.
+
+use base64::Engine as _;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Version};
+
+use crate::error::Reject;
+
+/// What a valid upgrade request told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The client's `Sec-WebSocket-Key`, for our `Sec-WebSocket-Accept`.
+    pub key: String,
+    /// Offered subprotocols, in order.
+    pub protocols: Vec<String>,
+    /// Path and query as requested (origin form).
+    pub path_and_query: String,
+}
+
+fn has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks an upgrade request. A request with no `Upgrade` header at all is a
+/// plain HTTP request (426); anything else that is not a valid RFC 6455
+/// opening handshake is 400, except a version other than 13 (426).
+pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
+    let h = req.headers();
+    if !h.contains_key(hyper::header::UPGRADE) {
+        return Err(Reject::NotUpgrade);
+    }
+    if req.method() != Method::GET {
+        return Err(Reject::BadRequest("method must be GET"));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(Reject::BadRequest("HTTP/1.1 required"));
+    }
+    if !has_token(h, "upgrade", "websocket") {
+        return Err(Reject::BadRequest("Upgrade must be websocket"));
+    }
+    if !has_token(h, "connection", "upgrade") {
+        return Err(Reject::BadRequest("Connection must include upgrade"));
+    }
+    if !h.contains_key(hyper::header::HOST) {
+        return Err(Reject::BadRequest("Host header required"));
+    }
+    let mut versions = h.get_all(hyper::header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (None, _) => return Err(Reject::BadRequest("Sec-WebSocket-Version missing")),
+        (Some(v), None) if v.as_bytes() == b"13" => {}
+        _ => return Err(Reject::Version),
+    }
+    let mut keys = h.get_all(hyper::header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k,
+        _ => return Err(Reject::BadRequest("exactly one Sec-WebSocket-Key required")),
+    };
+    let key = key
+        .to_str()
+        .map_err(|_| Reject::BadRequest("Sec-WebSocket-Key is not ASCII"))?
+        .trim();
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(raw) if raw.len() == 16 => {}
+        _ => return Err(Reject::BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")),
+    }
+    let mut protocols = Vec::new();
+    for v in h.get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL) {
+        let v = v
+            .to_str()
+            .map_err(|_| Reject::BadRequest("Sec-WebSocket-Protocol is not ASCII"))?;
+        for p in v.split(',') {
+            let p = p.trim();
+            if p.is_empty() || !p.bytes().all(is_tchar) {
+                return Err(Reject::BadRequest("invalid subprotocol token"));
+            }
+            protocols.push(p.to_string());
+        }
+    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .ok_or(Reject::BadRequest("request target must be a path"))?
+        .to_string();
+    Ok(Upgrade {
+        key: key.to_string(),
+        protocols,
+        path_and_query,
+    })
+}
+
+/// RFC 7230 token characters (subprotocol names are tokens).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Headers never forwarded: hop-by-hop ones (RFC 7230 6.1), the handshake
+/// headers wsguard regenerates for its own hop, and the ones it sets itself
+/// (a client copy of those is dropped so it cannot forge them).
+const DROP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+    "forwarded",
+    "x-real-ip",
+    "content-length",
+];
+
+/// Context for building the upstream request.
+pub struct Forwarding<'a> {
+    /// The client IP as wsguard determined it.
+    pub client_ip: std::net::IpAddr,
+    /// True when the immediate peer is a trusted proxy: its
+    /// `X-Forwarded-For` list is kept and extended, its `X-Request-Id` kept.
+    pub peer_trusted: bool,
+    pub peer_ip: std::net::IpAddr,
+    pub tls: bool,
+    pub request_id: &'a str,
+}
+
+/// The end-to-end headers to send upstream, in order, plus the ones wsguard
+/// adds. The handshake headers themselves are written by the dialer.
+pub fn upstream_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> Vec<(HeaderName, HeaderValue)> {
+    // Headers the client listed in Connection are hop-by-hop too.
+    let listed: Vec<String> = client
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut out: Vec<(HeaderName, HeaderValue)> = client
+        .iter()
+        .filter(|(n, _)| !DROP.contains(&n.as_str()) && !listed.iter().any(|l| l == n.as_str()))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let xff = if fwd.peer_trusted {
+        let prior: Vec<&str> = client
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            fwd.peer_ip.to_string()
+        } else {
+            format!("{}, {}", prior.join(", "), fwd.peer_ip)
+        }
+    } else {
+        fwd.client_ip.to_string()
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.push((HeaderName::from_static("x-forwarded-for"), v));
+    }
+    out.push((
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
+    ));
+    if let Ok(v) = HeaderValue::from_str(fwd.request_id) {
+        out.push((HeaderName::from_static("x-request-id"), v));
+    }
+    out
+}
+
+/// The request id to use: a trusted peer's `X-Request-Id` if it is sane,
+/// else a fresh random one.
+pub fn request_id(client: &HeaderMap, peer_trusted: bool) -> String {
+    if peer_trusted {
+        if let Some(v) = client.get("x-request-id").and_then(|v| v.to_str().ok()) {
+            if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+                return v.to_string();
+            }
+        }
+    }
+    let n: u128 = rand::random();
+    format!("{n:032x}")
+}
+
+/// The query string is where tokens travel; logs only ever see the path.
+pub fn redacted(path_and_query: &str) -> &str {
+    path_and_query.split('?').next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(f: impl FnOnce(hyper::http::request::Builder) -> hyper::http::request::Builder) -> Request<()> {
+        let b = Request::builder()
+            .uri("/chat?room=1")
+            .header("host", "example.com")
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        f(b).body(()).unwrap()
+    }
+
+    #[test]
+    fn valid_upgrade() {
+        let u = validate(&req(|b| b.header("sec-websocket-protocol", "chat, v2.json"))).unwrap();
+        assert_eq!(u.protocols, vec!["chat", "v2.json"]);
+        assert_eq!(u.path_and_query, "/chat?room=1");
+    }
+
+    #[test]
+    fn statuses() {
+        let status = |r: Request<()>| validate(&r).map(|_| ()).unwrap_err().status().as_u16();
+        let plain = Request::builder().uri("/").header("host", "x").body(()).unwrap();
+        assert_eq!(status(plain), 426);
+        assert_eq!(status(req(|b| b.method("POST"))), 400);
+        assert_eq!(status(req(|b| b.version(Version::HTTP_10))), 400);
+        let mut r = req(|b| b);
+        r.headers_mut().insert("upgrade", HeaderValue::from_static("h2c"));
+        assert_eq!(status(r), 400);
+        let mut r = req(|b| b);
+        r.headers_mut().insert("connection", HeaderValue::from_static("close"));
+        assert_eq!(status(r), 400);
+        let mut r = req(|b| b);
+        r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert_eq!(status(r), 426);
+        let mut r = req(|b| b);
+        r.headers_mut().insert("sec-websocket-key", HeaderValue::from_static("c2hvcnQ="));
+        assert_eq!(status(r), 400);
+        let mut r = req(|b| b);
+        r.headers_mut().remove("sec-websocket-key");
+        assert_eq!(status(r), 400);
+        assert_eq!(status(req(|b| b.header("sec-websocket-protocol", "a b"))), 400);
+    }
+
+    #[test]
+    fn forwarded_headers_replace_client_copies() {
+        let r = req(|b| {
+            b.header("x-forwarded-for", "6.6.6.6")
+                .header("x-request-id", "forged")
+                .header("cookie", "a=1")
+                .header("x-custom", "keep")
+                .header("connection", "x-secret")
+                .header("x-secret", "hop")
+                .header("sec-websocket-extensions", "permessage-deflate")
+        });
+        let fwd = Forwarding {
+            client_ip: "1.2.3.4".parse().unwrap(),
+            peer_trusted: false,
+            peer_ip: "1.2.3.4".parse().unwrap(),
+            tls: false,
+            request_id: "abc",
+        };
+        let h = upstream_headers(r.headers(), &fwd);
+        let get = |n: &str| -> Vec<&str> {
+            h.iter().filter(|(k, _)| k == n).map(|(_, v)| v.to_str().unwrap()).collect()
+        };
+        assert_eq!(get("x-forwarded-for"), vec!["1.2.3.4"]);
+        assert_eq!(get("x-request-id"), vec!["abc"]);
+        assert_eq!(get("x-forwarded-proto"), vec!["http"]);
+        assert_eq!(get("cookie"), vec!["a=1"]);
+        assert_eq!(get("x-custom"), vec!["keep"]);
+        assert_eq!(get("host"), vec!["example.com"]);
+        assert!(get("x-secret").is_empty());
+        assert!(get("sec-websocket-extensions").is_empty());
+        assert!(get("upgrade").is_empty());
+    }
+
+    #[test]
+    fn trusted_peer_list_is_extended() {
+        let r = req(|b| b.header("x-forwarded-for", "1.2.3.4").header("x-request-id", "rid-1"));
+        let fwd = Forwarding {
+            client_ip: "1.2.3.4".parse().unwrap(),
+            peer_trusted: true,
+            peer_ip: "10.0.0.1".parse().unwrap(),
+            tls: true,
+            request_id: &request_id(r.headers(), true),
+        };
+        let h = upstream_headers(r.headers(), &fwd);
+        let xff: Vec<_> = h.iter().filter(|(k, _)| k == "x-forwarded-for").collect();
+        assert_eq!(xff.len(), 1);
+        assert_eq!(xff[0].1, "1.2.3.4, 10.0.0.1");
+        assert!(h.iter().any(|(k, v)| k == "x-request-id" && v == "rid-1"));
+        assert!(h.iter().any(|(k, v)| k == "x-forwarded-proto" && v == "https"));
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redacted("/a?token=x"), "/a");
+        assert_eq!(redacted("/a"), "/a");
+    }
+}

@@ -1,0 +1,326 @@
+//! The `wsguard` command line (contract section 1).
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncBufReadExt;
+use tokio::signal::unix::{signal, SignalKind};
+use wsguard::config::LogFormat;
+use wsguard::policy::{parse_duration, Policy};
+use wsguard::sign::{self, Direction, Key, MsgType, SeqState};
+
+#[derive(Parser)]
+#[command(name = "wsguard", version, about = "A WebSocket hardening sidecar proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy until SIGTERM/SIGINT (SIGHUP reloads the policy).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a policy file.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start a built-in echo backend with wsguard in front of it.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+    /// Sign a payload read on stdin (wire format v1).
+    Sign {
+        #[command(flatten)]
+        key: KeyArgs,
+        #[arg(long)]
+        kid: String,
+        #[arg(long)]
+        dir: Direction,
+        #[arg(long)]
+        seq: u64,
+        /// Unix milliseconds; defaults to now.
+        #[arg(long)]
+        ts: Option<u64>,
+        #[arg(long, default_value = "")]
+        bind: String,
+        #[arg(long)]
+        binary: bool,
+    },
+    /// Verify a signed message read on stdin; print its payload.
+    Verify {
+        #[command(flatten)]
+        key: KeyArgs,
+        #[arg(long)]
+        dir: Direction,
+        #[arg(long, default_value = "")]
+        bind: String,
+        #[arg(long)]
+        binary: bool,
+        /// Check the timestamp against now (e.g. 30s); unchecked without it.
+        #[arg(long)]
+        max_skew: Option<String>,
+    },
+    /// A tiny interactive client: sends each stdin line as a text message
+    /// and prints what comes back.
+    Connect { url: String },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct KeyArgs {
+    /// Environment variable holding the base64 key.
+    #[arg(long)]
+    key_env: Option<String>,
+    /// File holding the base64 key.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors.
+            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.cmd {
+        Cmd::Check { config } => check(&config),
+        Cmd::Run { config } => match Policy::load(&config) {
+            Ok(p) => runtime(|| run(p, Some(config))),
+            Err(problems) => {
+                eprintln!("{problems}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Demo { listen, admin } => runtime(|| demo(listen, admin)),
+        Cmd::Sign { key, kid, dir, seq, ts, bind, binary } => sign_cmd(&key, &kid, dir, seq, ts, &bind, binary),
+        Cmd::Verify { key, dir, bind, binary, max_skew } => verify_cmd(&key, dir, &bind, binary, max_skew.as_deref()),
+        Cmd::Connect { url } => runtime(|| connect(url)),
+    }
+}
+
+fn runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Policy::load(path) {
+        Ok(p) => {
+            println!("{}: {}", path.display(), p.summary());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            println!("{problems}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logs(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WSGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
+    init_logs(policy.log_format, &policy.log_level);
+    let grace = policy.shutdown_grace;
+    let listen = policy.listen;
+    let running = match wsguard::start(policy).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot bind");
+            eprintln!("wsguard: cannot bind {listen} or the admin address: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(listen = %running.addr, admin = %running.admin_addr, "wsguard listening");
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("wsguard: cannot install signal handlers");
+        return ExitCode::from(2);
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Some(path) = &config {
+                    // Signals arriving while this runs are coalesced by the
+                    // signal stream into one pending wake-up.
+                    wsguard::reload::reload(&running.shared, path);
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!(live = running.shared.counts.total(), "shutting down");
+    let clean = running.shutdown(grace).await;
+    tracing::info!(clean, "stopped");
+    ExitCode::SUCCESS
+}
+
+async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+    let policy = match wsguard::demo::prepare(listen, admin).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("wsguard demo: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let backend = policy.upstream.url.clone();
+    let exe = std::env::args().next().unwrap_or_else(|| "wsguard".into());
+    println!("wsguard demo: echo backend on {backend}");
+    println!("wsguard demo: proxy on ws://{listen}/  (admin: http://{admin}/metrics)");
+    println!("try it:  echo hello | {exe} connect ws://{listen}/");
+    println!("         (or: cargo run -- connect ws://{listen}/ and type lines)");
+    println!("Ctrl-C stops it.");
+    let _ = std::io::stdout().flush();
+    run(policy, None).await
+}
+
+fn read_key(k: &KeyArgs, kid: &str) -> Result<Key, String> {
+    let text = match (&k.key_env, &k.key_file) {
+        (Some(env), _) => std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))?,
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        (None, None) => return Err("--key-env or --key-file is required".into()),
+    };
+    Key::from_base64(kid, &text)
+}
+
+fn stdin_bytes() -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+fn sign_cmd(k: &KeyArgs, kid: &str, dir: Direction, seq: u64, ts: Option<u64>, bind: &str, binary: bool) -> ExitCode {
+    let result = (|| {
+        let key = read_key(k, kid)?;
+        if seq == 0 {
+            return Err("--seq must be above 0".to_string());
+        }
+        let payload = stdin_bytes()?;
+        let ty = if binary { MsgType::Binary } else { MsgType::Text };
+        if ty == MsgType::Text && std::str::from_utf8(&payload).is_err() {
+            return Err("a text payload must be UTF-8 (use --binary)".into());
+        }
+        Ok(sign::sign(&key, dir, seq, ts.unwrap_or_else(sign::now_ms), bind, ty, &payload))
+    })();
+    match result {
+        Ok(out) => {
+            let mut stdout = std::io::stdout();
+            if stdout.write_all(&out).and_then(|()| stdout.flush()).is_err() {
+                return ExitCode::from(2);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsguard sign: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn verify_cmd(k: &KeyArgs, dir: Direction, bind: &str, binary: bool, max_skew: Option<&str>) -> ExitCode {
+    let result = (|| {
+        let msg = stdin_bytes()?;
+        // The key id comes from the envelope; the key file holds one key.
+        let kid = sign::parse(&msg).map(|e| e.kid.to_string()).map_err(|f| f.label().to_string())?;
+        let key = read_key(k, &kid)?;
+        let skew = match max_skew {
+            Some(s) => u64::try_from(parse_duration(s)?.as_millis()).unwrap_or(u64::MAX),
+            None => u64::MAX,
+        };
+        let ty = if binary { MsgType::Binary } else { MsgType::Text };
+        let mut state = SeqState::default();
+        sign::verify(std::slice::from_ref(&key), dir, bind, ty, &msg, sign::now_ms(), skew, &mut state)
+            .map(<[u8]>::to_vec)
+            .map_err(|f| f.label().to_string())
+    })();
+    match result {
+        Ok(payload) => {
+            let mut stdout = std::io::stdout();
+            if stdout.write_all(&payload).and_then(|()| stdout.flush()).is_err() {
+                return ExitCode::from(2);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsguard verify: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn connect(url: String) -> ExitCode {
+    let ws = match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url.as_str())).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
+            eprintln!("wsguard connect: {e}");
+            return ExitCode::from(2);
+        }
+        Err(_) => {
+            eprintln!("wsguard connect: timed out");
+            return ExitCode::from(2);
+        }
+    };
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                tokio_tungstenite::tungstenite::Message::Text(t) => println!("< {t}"),
+                tokio_tungstenite::tungstenite::Message::Binary(b) => println!("< ({} bytes)", b.len()),
+                tokio_tungstenite::tungstenite::Message::Close(f) => {
+                    println!("< close {f:?}");
+                    break;
+                }
+                _ => {}
+            }
+        }
+    });
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if tx.send(line.into()).await.is_err() {
+            break;
+        }
+    }
+    // stdin ended: give the echo a moment, then close politely.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tx.close().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics (contract section 5).
+//!
+//! Hot-path counters (messages and bytes per direction) are resolved once
+//! into plain [`Counter`] handles so that counting a message is one atomic
+//! add, not a label lookup. Labels are bounded: no per-IP or per-subject
+//! label ever exists, so a spray of clients cannot blow up the registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabel {
+    pub side: &'static str,
+    pub code: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: Gauge,
+    pub handshakes: Family<ResultLabel, Counter>,
+    pub messages: Family<DirectionLabel, Counter>,
+    pub bytes: Family<DirectionLabel, Counter>,
+    pub rejections: Family<ReasonLabel, Counter>,
+    pub signature_failures: Family<ReasonLabel, Counter>,
+    pub ping_rtt: Histogram,
+    pub circuit_state: Family<UpstreamLabel, Gauge>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub policy_generation: Gauge,
+    pub closes: Family<CloseLabel, Counter>,
+    pub messages_c2s: Counter,
+    pub messages_s2c: Counter,
+    pub bytes_c2s: Counter,
+    pub bytes_s2c: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("wsguard");
+        let connections_active = Gauge::default();
+        registry.register(
+            "connections_active",
+            "Live proxied WebSocket sessions",
+            connections_active.clone(),
+        );
+        let handshakes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "handshakes",
+            "Upgrade requests by outcome (ok, or the rejection status class)",
+            handshakes.clone(),
+        );
+        let messages = Family::<DirectionLabel, Counter>::default();
+        registry.register("messages", "Data messages relayed, by direction (c2s, s2c)", messages.clone());
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register("bytes", "Payload bytes relayed, by direction (c2s, s2c)", bytes.clone());
+        let rejections = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "rejections",
+            "Handshakes refused and messages dropped or sessions closed by a guard, by reason",
+            rejections.clone(),
+        );
+        let signature_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "signature_failures",
+            "Messages whose HMAC envelope failed verification, by reason",
+            signature_failures.clone(),
+        );
+        // 100us .. ~26s
+        let ping_rtt = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10));
+        registry.register("ping_rtt_seconds", "Round-trip time of wsguard's own keepalive pings", ping_rtt.clone());
+        let circuit_state = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register("reloads", "Policy reloads by result (ok, error)", reloads.clone());
+        let policy_generation = Gauge::default();
+        registry.register(
+            "policy_generation",
+            "Generation of the policy in force: 1 at start, +1 per successful reload",
+            policy_generation.clone(),
+        );
+        let closes = Family::<CloseLabel, Counter>::default();
+        registry.register(
+            "session_closes",
+            "Ended sessions by the side that ended them and the close code sent to the client",
+            closes.clone(),
+        );
+        let dir = |d| DirectionLabel { direction: d };
+        let messages_c2s = messages.get_or_create(&dir("c2s")).clone();
+        let messages_s2c = messages.get_or_create(&dir("s2c")).clone();
+        let bytes_c2s = bytes.get_or_create(&dir("c2s")).clone();
+        let bytes_s2c = bytes.get_or_create(&dir("s2c")).clone();
+        Metrics {
+            messages_c2s,
+            messages_s2c,
+            bytes_c2s,
+            bytes_s2c,
+            registry,
+            connections_active,
+            handshakes,
+            messages,
+            bytes,
+            rejections,
+            signature_failures,
+            ping_rtt,
+            circuit_state,
+            reloads,
+            policy_generation,
+            closes,
+        }
+    }
+
+    pub fn handshake(&self, result: &'static str) {
+        self.handshakes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejections.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,943 @@
+//! The validated, typed policy. [`Policy::load`] turns the raw
+//! [`crate::config::Config`] into this; nothing after load sees raw config.
+//!
+//! Validation collects *every* problem instead of stopping at the first, so
+//! an operator fixes a policy in one round trip. Each problem names the
+//! file, line, column and key path (`FILE:LINE:COL: key.path: message`).
+//!
+//! Features that are not built yet are refused with "not supported yet"
+//! unless the value turns them off: accepting a key and then ignoring it
+//! would make an operator believe it is enforced.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_saphyr::{Location, Spanned};
+
+use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tri};
+use crate::sign;
+
+/// One problem with the policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: u64,
+    pub col: u64,
+    pub path: String,
+    pub message: String,
+}
+
+/// All problems of one policy file, ready to print one per line.
+#[derive(Debug, Clone)]
+pub struct Problems {
+    pub file: String,
+    pub list: Vec<Problem>,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.list.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: {}: {}", self.file, p.line, p.col, p.path, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// Everything the proxy enforces, fully parsed.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub upstream: Upstream,
+    pub hmac: Option<Hmac>,
+    pub keepalive: Keepalive,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The URL as written, used as the metric label and breaker identity.
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix from the URL, without a trailing slash ("" for none).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub breaker: Option<BreakerPolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    pub consecutive_failures: u32,
+    pub open_for: Duration,
+    pub max_open_for: Duration,
+    pub half_open_probes: u32,
+}
+
+#[derive(Clone)]
+pub struct Hmac {
+    pub mode: Mode,
+    pub client_keys: Vec<sign::Key>,
+    pub upstream_key: sign::Key,
+    pub verify_upstream: bool,
+    pub max_skew: Duration,
+    pub on_failure: OnFailure,
+}
+
+impl fmt::Debug for Hmac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are deliberately omitted: secrets never reach logs.
+        f.debug_struct("Hmac")
+            .field("mode", &self.mode)
+            .field("client_keys", &self.client_keys.len())
+            .field("verify_upstream", &self.verify_upstream)
+            .field("max_skew", &self.max_skew)
+            .field("on_failure", &self.on_failure)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// `None` = never ping the client.
+    pub interval: Option<Duration>,
+    pub max_missed: u32,
+    pub upstream_interval: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A token-bucket rate: `count` cells per `per`, with a burst capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub per: Duration,
+    pub burst: NonZeroU32,
+}
+
+impl Rate {
+    /// The time to replenish one cell.
+    pub fn period(&self) -> Duration {
+        self.per / self.count.get()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: u64,
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+    pub handshake_timeout: Duration,
+    pub trusted_proxies: Vec<Cidr>,
+    pub per_ip_handshakes: Option<Rate>,
+    pub per_ip_connections: Option<u32>,
+    pub per_connection_messages: Option<Rate>,
+    pub per_connection_bytes: Option<Rate>,
+    pub on_message_limit: OnFailure,
+}
+
+/// An IP network, for `trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are the IPv4 address: a
+/// dual-stack listener must not give one client two identities.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Collects problems while walking the raw config.
+struct Check {
+    problems: Vec<Problem>,
+}
+
+fn at(loc: Location) -> (u64, u64) {
+    if loc == Location::UNKNOWN {
+        (1, 1)
+    } else {
+        (loc.line(), loc.column())
+    }
+}
+
+const NOT_YET: &str = "not supported yet";
+
+impl Check {
+    fn push(&mut self, loc: Location, path: &str, message: impl Into<String>) {
+        let (line, col) = at(loc);
+        self.problems.push(Problem {
+            line,
+            col,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, v: &Option<Str>, path: &str, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match parse_duration(&s.value) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.push(s.referenced, path, e);
+                    default
+                }
+            },
+        }
+    }
+
+    /// A duration where `0s` means "off".
+    fn timer(&mut self, v: &Option<Str>, path: &str, default: Duration) -> Option<Duration> {
+        Some(self.duration(v, path, default)).filter(|d| !d.is_zero())
+    }
+
+    fn size(&mut self, v: &Option<Spanned<SizeValue>>, path: &str, default: u64) -> u64 {
+        match v {
+            None => default,
+            Some(s) => match parse_size(&s.value) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.push(s.referenced, path, e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn addr(&mut self, v: &Option<Str>, path: &str, default: &str) -> SocketAddr {
+        let fallback = SocketAddr::from(([127, 0, 0, 1], 0));
+        match v {
+            None => default.parse().unwrap_or(fallback),
+            Some(s) => match s.value.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.push(
+                        s.referenced,
+                        path,
+                        format!("`{}` is not an IP:port address", s.value),
+                    );
+                    fallback
+                }
+            },
+        }
+    }
+
+    fn rate(&mut self, r: &config::RateConfig, path: &str, bytes: bool) -> Option<Rate> {
+        let parsed = match parse_rate(&r.rate.value, bytes) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.push(r.rate.referenced, &format!("{path}.rate"), e);
+                None
+            }
+        };
+        let burst = match &r.burst {
+            None => parsed.map(|(count, _)| u64::from(count.get())),
+            Some(b) => match parse_size(&b.value) {
+                Ok(0) => {
+                    self.push(b.referenced, &format!("{path}.burst"), "burst must be at least 1");
+                    None
+                }
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.push(b.referenced, &format!("{path}.burst"), e);
+                    None
+                }
+            },
+        };
+        let (count, per) = parsed?;
+        let burst = burst?;
+        let Some(burst) = u32::try_from(burst).ok().and_then(NonZeroU32::new) else {
+            let loc = r.burst.as_ref().map_or(r.rate.referenced, |b| b.referenced);
+            self.push(loc, &format!("{path}.burst"), "burst must be 1..=4294967295");
+            return None;
+        };
+        Some(Rate { count, per, burst })
+    }
+
+    /// A key whose feature is not built: fine while it turns the feature off.
+    fn unsupported(&mut self, loc: Location, path: &str) {
+        self.push(loc, path, NOT_YET);
+    }
+}
+
+/// `500ms`, `25s`, `10m`, `1h` (also `0` for zero).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("`{s}` is not a duration (use e.g. 500ms, 25s, 10m, 1h)");
+    if num.is_empty() || num.len() > 12 {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    Ok(d)
+}
+
+fn size_text(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("`{s}` is not a size (use bytes, or e.g. 64KiB, 1MiB)");
+    if num.is_empty() || num.len() > 15 {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+pub fn parse_size(v: &SizeValue) -> Result<u64, String> {
+    match v {
+        SizeValue::Bytes(n) => Ok(*n),
+        SizeValue::Text(s) => size_text(s),
+    }
+}
+
+/// `50/s`, `600/m`, `10/h`, and for byte rates `1MiB/s`. A zero rate is
+/// refused: it would block everything, which `null` says more honestly.
+pub fn parse_rate(s: &str, bytes: bool) -> Result<(NonZeroU32, Duration), String> {
+    let bad = || {
+        if bytes {
+            format!("`{s}` is not a byte rate (use e.g. 1MiB/s, 64KiB/s)")
+        } else {
+            format!("`{s}` is not a rate (use e.g. 50/s, 600/m, 10/h)")
+        }
+    };
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let count = if bytes { size_text(n)? } else { n.trim().parse::<u64>().map_err(|_| bad())? };
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    if count == 0 {
+        return Err(format!("`{s}`: a rate must be above zero (use null to turn the limit off)"));
+    }
+    let count = u32::try_from(count)
+        .ok()
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| format!("`{s}`: rate too large"))?;
+    Ok((count, per))
+}
+
+/// Parses `ws://host[:port][/path]`.
+fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
+    let rest = if let Some(r) = s.strip_prefix("ws://") {
+        r
+    } else if s.starts_with("wss://") {
+        return Err(format!("wss:// upstreams: {NOT_YET}"));
+    } else {
+        return Err(format!("`{s}` must start with ws://"));
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if path.contains(['?', '#']) {
+        return Err("the upstream URL must not carry a query or fragment".into());
+    }
+    if authority.contains('@') {
+        return Err("the upstream URL must not carry credentials".into());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("unterminated IPv6 address")?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
+            None if after.is_empty() => 80,
+            None => return Err(format!("`{s}` is not a valid URL")),
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?),
+            None => (authority.to_string(), 80),
+        }
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{s}` has no valid host"));
+    }
+    Ok((host, port, path.trim_end_matches('/').to_string()))
+}
+
+fn mode_of(m: &Option<Spanned<Mode>>) -> (Mode, Location) {
+    m.as_ref()
+        .map_or((Mode::Off, Location::UNKNOWN), |m| (m.value, m.referenced))
+}
+
+/// Reads an HMAC secret (base64) from the environment or a file.
+fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign::Key> {
+    let text = match (&k.secret_env, &k.secret_file) {
+        (Some(env), None) => match std::env::var(&env.value) {
+            Ok(v) => v,
+            Err(_) => {
+                c.push(env.referenced, &format!("{path}.secret_env"), format!("environment variable `{}` is not set", env.value));
+                return None;
+            }
+        },
+        (None, Some(file)) => match std::fs::read_to_string(&file.value) {
+            Ok(v) => v,
+            Err(e) => {
+                c.push(file.referenced, &format!("{path}.secret_file"), format!("cannot read `{}`: {e}", file.value));
+                return None;
+            }
+        },
+        _ => {
+            c.push(k.id.referenced, path, "exactly one of secret_env or secret_file is required");
+            return None;
+        }
+    };
+    match sign::Key::from_base64(&k.id.value, &text) {
+        Ok(key) => Some(key),
+        Err(e) => {
+            c.push(k.id.referenced, path, e);
+            None
+        }
+    }
+}
+
+impl TryFrom<&Config> for Policy {
+    type Error = Vec<Problem>;
+
+    fn try_from(cfg: &Config) -> Result<Policy, Vec<Problem>> {
+        let mut c = Check { problems: Vec::new() };
+        let listen = c.addr(&cfg.listen, "listen", "0.0.0.0:8080");
+        if let Some(tls) = &cfg.tls {
+            c.unsupported(tls.referenced, "tls");
+        }
+        let admin = cfg.admin.as_ref();
+        let admin_listen = c.addr(&admin.and_then(|a| a.listen.clone()), "admin.listen", "127.0.0.1:9090");
+        let shutdown_grace = c.duration(&cfg.shutdown_grace, "shutdown_grace", Duration::from_secs(10));
+
+        let log = cfg.log.as_ref();
+        let log_format = log.and_then(|l| l.format).unwrap_or_default();
+        let log_level = match log.and_then(|l| l.level.as_ref()) {
+            None => "info".to_string(),
+            Some(l) => {
+                let v = l.value.to_ascii_lowercase();
+                if !["trace", "debug", "info", "warn", "error"].contains(&v.as_str()) {
+                    c.push(l.referenced, "log.level", "must be one of trace, debug, info, warn, error");
+                }
+                v
+            }
+        };
+
+        let upstream = upstream(&mut c, cfg.upstream.as_ref(), "upstream");
+        origin_off(&mut c, cfg.origin.as_ref(), "origin");
+        jwt_off(&mut c, cfg.jwt.as_ref(), "jwt");
+        let hmac = hmac(&mut c, cfg.hmac.as_ref(), "hmac");
+        let keepalive = keepalive(&mut c, cfg.keepalive.as_ref(), "keepalive");
+        let limits = limits(&mut c, cfg.limits.as_ref(), "limits");
+        if let Some(routes) = &cfg.routes {
+            if !routes.value.is_empty() {
+                c.unsupported(routes.referenced, "routes");
+            }
+        }
+
+        c.problems.sort_by_key(|p| (p.line, p.col));
+        if c.problems.is_empty() {
+            Ok(Policy {
+                listen,
+                admin_listen,
+                shutdown_grace,
+                log_format,
+                log_level,
+                upstream,
+                hmac,
+                keepalive,
+                limits,
+            })
+        } else {
+            Err(c.problems)
+        }
+    }
+}
+
+fn upstream(c: &mut Check, u: Option<&config::UpstreamConfig>, path: &str) -> Upstream {
+    let default_url = "ws://127.0.0.1:8081";
+    let (url, loc) = match u.and_then(|u| u.url.as_ref()) {
+        Some(s) => (s.value.clone(), s.referenced),
+        None => (default_url.to_string(), Location::UNKNOWN),
+    };
+    let (host, port, base_path) = match parse_upstream_url(&url) {
+        Ok(v) => v,
+        Err(e) => {
+            c.push(loc, &format!("{path}.url"), e);
+            (String::new(), 0, String::new())
+        }
+    };
+    let connect_timeout = c.duration(
+        &u.and_then(|u| u.connect_timeout.clone()),
+        &format!("{path}.connect_timeout"),
+        Duration::from_secs(2),
+    );
+    if connect_timeout.is_zero() {
+        c.push(loc, &format!("{path}.connect_timeout"), "must be above zero");
+    }
+    if let Some(tls) = u.and_then(|u| u.tls.as_ref()) {
+        if tls.value.ca_file.is_some() || tls.value.server_name.is_some() {
+            c.unsupported(tls.referenced, &format!("{path}.tls"));
+        }
+    }
+    let default_breaker = config::BreakerConfig::default();
+    let breaker = match u.map_or(&Tri::Missing, |u| &u.circuit_breaker) {
+        Tri::Null => None,
+        Tri::Missing => Some(breaker(c, &default_breaker, path)),
+        Tri::Set(b) => Some(breaker(c, b, path)),
+    };
+    Upstream {
+        url,
+        host,
+        port,
+        base_path,
+        connect_timeout,
+        breaker,
+    }
+}
+
+fn breaker(c: &mut Check, b: &config::BreakerConfig, up: &str) -> BreakerPolicy {
+    let path = format!("{up}.circuit_breaker");
+    let consecutive_failures = b.consecutive_failures.as_ref().map_or(5, |v| v.value);
+    if let Some(v) = b.consecutive_failures.as_ref().filter(|v| v.value == 0) {
+        c.push(v.referenced, &format!("{path}.consecutive_failures"), "must be at least 1 (use `circuit_breaker: null` to turn it off)");
+    }
+    let half_open_probes = b.half_open_probes.as_ref().map_or(1, |v| v.value);
+    if let Some(v) = b.half_open_probes.as_ref().filter(|v| v.value == 0) {
+        c.push(v.referenced, &format!("{path}.half_open_probes"), "must be at least 1");
+    }
+    let open_for = c.duration(&b.open_for, &format!("{path}.open_for"), Duration::from_secs(30));
+    let max_open_for = c.duration(&b.max_open_for, &format!("{path}.max_open_for"), Duration::from_secs(300));
+    if open_for.is_zero() {
+        if let Some(s) = &b.open_for {
+            c.push(s.referenced, &format!("{path}.open_for"), "must be above zero");
+        }
+    }
+    if max_open_for < open_for {
+        let loc = b.max_open_for.as_ref().or(b.open_for.as_ref()).map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(loc, &format!("{path}.max_open_for"), "must be at least open_for");
+    }
+    BreakerPolicy {
+        consecutive_failures,
+        open_for,
+        max_open_for,
+        half_open_probes,
+    }
+}
+
+fn origin_off(c: &mut Check, o: Option<&config::OriginConfig>, path: &str) {
+    let (mode, loc) = mode_of(&o.and_then(|o| o.mode.clone()));
+    if mode != Mode::Off {
+        c.unsupported(loc, &format!("{path}.mode"));
+    }
+}
+
+fn jwt_off(c: &mut Check, j: Option<&config::JwtConfig>, path: &str) {
+    let (mode, loc) = mode_of(&j.and_then(|j| j.mode.clone()));
+    if mode != Mode::Off {
+        c.unsupported(loc, &format!("{path}.mode"));
+    }
+}
+
+fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hmac> {
+    let h = h?;
+    let (mode, mode_loc) = mode_of(&h.mode);
+    if mode == Mode::Off {
+        return None;
+    }
+    if let Some(b) = &h.bind_claim {
+        // Binding needs the JWT guard, which is not built yet.
+        c.push(b.referenced, &format!("{path}.bind_claim"), format!("{NOT_YET} (needs jwt)"));
+    }
+    let mut client_keys = Vec::new();
+    match &h.client_keys {
+        Some(keys) if !keys.value.is_empty() => {
+            for (i, k) in keys.value.iter().enumerate() {
+                if let Some(key) = hmac_key(c, k, &format!("{path}.client_keys[{i}]")) {
+                    if client_keys.iter().any(|x: &sign::Key| x.kid() == key.kid()) {
+                        c.push(k.id.referenced, &format!("{path}.client_keys[{i}].id"), "duplicate key id");
+                    }
+                    client_keys.push(key);
+                }
+            }
+        }
+        other => {
+            let loc = other.as_ref().map_or(mode_loc, |k| k.referenced);
+            c.push(loc, &format!("{path}.client_keys"), "at least one key is required when hmac.mode is not off");
+        }
+    }
+    let upstream_key = match &h.upstream_key {
+        Some(k) => hmac_key(c, &k.value, &format!("{path}.upstream_key")),
+        None => {
+            c.push(mode_loc, &format!("{path}.upstream_key"), "required when hmac.mode is not off");
+            None
+        }
+    };
+    let max_skew = c.duration(&h.max_skew, &format!("{path}.max_skew"), Duration::from_secs(30));
+    let upstream_key = upstream_key?;
+    if client_keys.is_empty() {
+        return None;
+    }
+    Some(Hmac {
+        mode,
+        client_keys,
+        upstream_key,
+        verify_upstream: h.verify_upstream.unwrap_or(true),
+        max_skew,
+        on_failure: h.on_failure.unwrap_or_default(),
+    })
+}
+
+fn keepalive(c: &mut Check, k: Option<&config::KeepaliveConfig>, path: &str) -> Keepalive {
+    let d = config::KeepaliveConfig::default();
+    let k = k.unwrap_or(&d);
+    let max_missed = k.max_missed.as_ref().map_or(3, |v| v.value);
+    if let Some(v) = k.max_missed.as_ref().filter(|v| v.value == 0) {
+        c.push(v.referenced, &format!("{path}.max_missed"), "must be at least 1 (use interval: 0s to stop pinging)");
+    }
+    let interval = c.timer(&k.interval, &format!("{path}.interval"), Duration::from_secs(25));
+    let upstream_interval = c.timer(&k.upstream_interval, &format!("{path}.upstream_interval"), Duration::from_secs(25));
+    for (v, name) in [(&interval, "interval"), (&upstream_interval, "upstream_interval")] {
+        if v.is_some_and(|d| d < Duration::from_millis(100)) {
+            let loc = if name == "interval" { &k.interval } else { &k.upstream_interval };
+            let loc = loc.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
+            c.push(loc, &format!("{path}.{name}"), "must be 0s (off) or at least 100ms");
+        }
+    }
+    Keepalive {
+        interval,
+        max_missed,
+        upstream_interval,
+        idle_timeout: c.timer(&k.idle_timeout, &format!("{path}.idle_timeout"), Duration::ZERO),
+    }
+}
+
+fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits {
+    let d = config::LimitsConfig::default();
+    let l = l.unwrap_or(&d);
+    let max_connections = l.max_connections.as_ref().map_or(10_000, |v| v.value);
+    if let Some(v) = l.max_connections.as_ref().filter(|v| v.value == 0) {
+        c.push(v.referenced, &format!("{path}.max_connections"), "must be at least 1");
+    }
+    let max_message = c.size(&l.max_message_size, &format!("{path}.max_message_size"), 1 << 20);
+    let max_frame = c.size(&l.max_frame_size, &format!("{path}.max_frame_size"), 256 << 10);
+    // 128 bytes is below any useful message; 1 GiB is above any sane one and
+    // would let one client pin that much memory.
+    const SANE: std::ops::RangeInclusive<u64> = 128..=(1 << 30);
+    if !SANE.contains(&max_message) {
+        let loc = l.max_message_size.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(loc, &format!("{path}.max_message_size"), "must be between 128 bytes and 1GiB");
+    }
+    if !SANE.contains(&max_frame) {
+        let loc = l.max_frame_size.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(loc, &format!("{path}.max_frame_size"), "must be between 128 bytes and 1GiB");
+    } else if max_frame > max_message {
+        let loc = l
+            .max_frame_size
+            .as_ref()
+            .or(l.max_message_size.as_ref())
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(loc, &format!("{path}.max_frame_size"), format!("must not exceed max_message_size ({max_message} bytes)"));
+    }
+    let handshake_timeout = c.duration(&l.handshake_timeout, &format!("{path}.handshake_timeout"), Duration::from_secs(10));
+    if handshake_timeout.is_zero() {
+        let loc = l.handshake_timeout.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(loc, &format!("{path}.handshake_timeout"), "must be above zero");
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
+        match Cidr::parse(&s.value) {
+            Ok(cidr) => trusted_proxies.push(cidr),
+            Err(e) => c.push(s.referenced, &format!("{path}.trusted_proxies[{i}]"), e),
+        }
+    }
+
+    let default_rate = |count: u32, burst: u32| Rate {
+        count: NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN),
+        per: Duration::from_secs(1),
+        burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+    };
+    let (per_ip_handshakes, per_ip_connections) = match &l.per_ip {
+        Tri::Null => (None, None),
+        Tri::Missing => (Some(default_rate(5, 20)), Some(100)),
+        Tri::Set(p) => {
+            let hs = match &p.handshakes {
+                Tri::Null => None,
+                Tri::Missing => Some(default_rate(5, 20)),
+                Tri::Set(r) => c.rate(r, &format!("{path}.per_ip.handshakes"), false),
+            };
+            let conns = cap(c, &p.connections, 100, &format!("{path}.per_ip.connections"));
+            (hs, conns)
+        }
+    };
+    if let Tri::Set(s) = &l.per_subject {
+        // Subjects come from the JWT guard, which is not built yet: a
+        // non-null per-subject limit could never be enforced.
+        if let Tri::Set(v) = &s.connections {
+            c.push(v.referenced, &format!("{path}.per_subject.connections"), format!("{NOT_YET} (needs jwt; set per_subject: null)"));
+        }
+        if let Tri::Set(v) = &s.messages {
+            c.push(v.referenced, &format!("{path}.per_subject.messages"), format!("{NOT_YET} (needs jwt; set per_subject: null)"));
+        }
+    }
+    let (per_connection_messages, per_connection_bytes) = match &l.per_connection {
+        Tri::Null => (None, None),
+        Tri::Missing => (Some(default_rate(50, 100)), None),
+        Tri::Set(p) => {
+            let m = match &p.messages {
+                Tri::Null => None,
+                Tri::Missing => Some(default_rate(50, 100)),
+                Tri::Set(r) => c.rate(r, &format!("{path}.per_connection.messages"), false),
+            };
+            let b = match &p.bytes {
+                Tri::Null | Tri::Missing => None,
+                Tri::Set(r) => c.rate(r, &format!("{path}.per_connection.bytes"), true),
+            };
+            (m, b)
+        }
+    };
+    if let Some(shared) = &l.shared {
+        c.unsupported(shared.referenced, &format!("{path}.shared"));
+    }
+    Limits {
+        max_connections,
+        max_message_size: usize::try_from(max_message).unwrap_or(usize::MAX),
+        max_frame_size: usize::try_from(max_frame).unwrap_or(usize::MAX),
+        handshake_timeout,
+        trusted_proxies,
+        per_ip_handshakes,
+        per_ip_connections,
+        per_connection_messages,
+        per_connection_bytes,
+        on_message_limit: l.on_message_limit.unwrap_or_default(),
+    }
+}
+
+fn cap(c: &mut Check, v: &Tri<Spanned<u32>>, default: u32, path: &str) -> Option<u32> {
+    match v {
+        Tri::Null => None,
+        Tri::Missing => Some(default),
+        Tri::Set(n) if n.value == 0 => {
+            c.push(n.referenced, path, "must be at least 1 (use null to turn the cap off)");
+            None
+        }
+        Tri::Set(n) => Some(n.value),
+    }
+}
+
+impl Policy {
+    /// Parses and validates policy text; `file` is used in problem lines.
+    pub fn from_text(file: &str, text: &str) -> Result<Policy, Problems> {
+        let cfg = config::parse(text).map_err(|p| Problems {
+            file: file.to_string(),
+            list: vec![Problem {
+                line: p.line,
+                col: p.col,
+                path: p.path,
+                message: p.message,
+            }],
+        })?;
+        Policy::try_from(&cfg).map_err(|list| Problems {
+            file: file.to_string(),
+            list,
+        })
+    }
+
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, Problems> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Problems {
+            file: file.clone(),
+            list: vec![Problem {
+                line: 1,
+                col: 1,
+                path: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Policy::from_text(&file, &text)
+    }
+
+    /// The one-line summary `check` prints.
+    pub fn summary(&self) -> String {
+        let onoff = |b: bool| if b { "on" } else { "off" };
+        format!(
+            "ok: listen {} -> {} (admin {}), hmac {}, keepalive {}, breaker {}, per-ip limits {}, max {} connections",
+            self.listen,
+            self.upstream.url,
+            self.admin_listen,
+            self.hmac.as_ref().map_or("off", |h| if h.mode == Mode::Enforce { "enforce" } else { "report" }),
+            self.keepalive.interval.map_or("off".to_string(), |d| format!("{}s", d.as_secs_f64())),
+            onoff(self.upstream.breaker.is_some()),
+            onoff(self.limits.per_ip_handshakes.is_some() || self.limits.per_ip_connections.is_some()),
+            self.limits.max_connections,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Policy::from_text("p.yaml", text) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.list,
+        }
+    }
+
+    #[test]
+    fn empty_policy_is_all_defaults() {
+        let p = Policy::from_text("p.yaml", "{}").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(p.limits.max_message_size, 1 << 20);
+        assert_eq!(p.limits.max_frame_size, 256 << 10);
+        assert_eq!(p.keepalive.interval, Some(Duration::from_secs(25)));
+        assert_eq!(p.upstream.breaker.map(|b| b.consecutive_failures), Some(5));
+        assert_eq!(p.limits.per_ip_handshakes.map(|r| r.burst.get()), Some(20));
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_path() {
+        let p = problems("listen: \"127.0.0.1:1\"\nlimits:\n  max_conections: 5\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, 3);
+        assert!(p[0].path.starts_with("limits"), "{p:?}");
+        assert!(p[0].message.contains("max_conections"), "{p:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let p = problems(
+            "shutdown_grace: 10 minutes\nkeepalive:\n  interval: 5x\nlimits:\n  per_connection:\n    messages: { rate: 0/s, burst: 1 }\n",
+        );
+        let paths: Vec<_> = p.iter().map(|p| (p.line, p.path.as_str())).collect();
+        assert_eq!(
+            paths,
+            vec![
+                (1, "shutdown_grace"),
+                (3, "keepalive.interval"),
+                (6, "limits.per_connection.messages.rate")
+            ]
+        );
+    }
+
+    #[test]
+    fn frame_larger_than_message_is_refused() {
+        let p = problems("limits:\n  max_message_size: 64KiB\n  max_frame_size: 1MiB\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].line, p[0].path.as_str()), (3, "limits.max_frame_size"));
+    }
+
+    #[test]
+    fn unbuilt_features_are_refused_unless_off() {
+        assert!(problems("origin: { mode: off }\njwt: { mode: off }\nroutes: []\nlimits: { shared: null }\n").is_empty());
+        let p = problems("jwt:\n  mode: enforce\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].message, "not supported yet");
+        assert_eq!(p[0].line, 2);
+        let p = problems("tls:\n  cert_file: a\n  key_file: b\n");
+        assert_eq!(p[0].message, "not supported yet");
+    }
+
+    #[test]
+    fn parsers() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert_eq!(size_text("64KiB"), Ok(65536));
+        assert!(size_text("1MB").is_err());
+        let (n, per) = parse_rate("600/m", false).unwrap();
+        assert_eq!((n.get(), per), (600, Duration::from_secs(60)));
+        assert_eq!(parse_rate("1MiB/s", true).map(|r| r.0.get()), Ok(1 << 20));
+        assert!(parse_rate("0/s", false).is_err());
+        assert!(parse_rate("5", false).is_err());
+        assert_eq!(
+            parse_upstream_url("ws://127.0.0.1:9000/base/"),
+            Ok(("127.0.0.1".into(), 9000, "/base".into()))
+        );
+        assert!(parse_upstream_url("http://x").is_err());
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        let c = Cidr::parse("fd00::/8").unwrap();
+        assert!(c.contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+    }
+}

@@ -1,0 +1,263 @@
+//! Accepting connections and taking each one through the upgrade:
+//!
+//! ```text
+//! accept -> request head (hyper) -> validate -> client IP -> handshake rate
+//!   -> connection slots -> circuit breaker -> upstream dial -> 101 -> session
+//! ```
+//!
+//! `limits.handshake_timeout` is one deadline for all of it: reading the
+//! request head is cut at the deadline (slowloris), and once the request
+//! is being handled the upstream dial is bounded by what is left of it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::error::Reject;
+use crate::guard::limits::{client_ip, IpKey, SlotError};
+use crate::handshake::{self, Forwarding};
+use crate::runtime::Shared;
+use crate::session::{self, SessionInfo};
+use crate::upstream::{self, DialError};
+
+type Body = Full<Bytes>;
+
+/// hyper's read buffer bound: a request head larger than this is 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// Accepts until shutdown. Every connection, handshake and session runs on
+/// `shared.tracker`, so shutdown can wait for them all.
+pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
+    shared.ready.store(true, Ordering::SeqCst);
+    let sweeper = shared.tracker.spawn(sweep(Arc::clone(&shared)));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shared.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared2 = Arc::clone(&shared);
+                shared.tracker.spawn(connection(stream, peer, shared2));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    sweeper.abort();
+}
+
+/// Forgets idle keyed-limiter entries so that a spray of source addresses
+/// cannot grow memory without bound.
+async fn sweep(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        every.tick().await;
+        if let Some(l) = &shared.runtime().handshakes {
+            l.sweep();
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let rt = shared.runtime();
+    let deadline = Instant::now() + rt.policy.limits.handshake_timeout;
+    drop(rt);
+    let started = Arc::new(AtomicBool::new(false));
+    let svc = {
+        let shared = Arc::clone(&shared);
+        let started = Arc::clone(&started);
+        service_fn(move |req| {
+            started.store(true, Ordering::SeqCst);
+            let shared = Arc::clone(&shared);
+            async move { Ok::<_, Infallible>(handle(req, peer, shared, deadline).await) }
+        })
+    };
+    // Keep-alive stays on: with it off hyper rewrites the 101's Connection
+    // header to `close`. Every refusal carries `Connection: close`, so a
+    // connection still serves at most one request.
+    let conn = http1::Builder::new()
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = &mut conn => {}
+        () = tokio::time::sleep_until(deadline) => {
+            // Once the handler runs it bounds itself by the deadline and
+            // answers (504 at worst); only a slow request head is cut here.
+            if started.load(Ordering::SeqCst) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+            } else {
+                shared.metrics.handshake("timeout");
+                shared.metrics.reject("handshake_timeout");
+            }
+        }
+        () = shared.shutdown.cancelled() => {}
+    }
+}
+
+fn reject_response(r: &Reject) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{}\n", r.status().canonical_reason().unwrap_or("error")))));
+    *resp.status_mut() = r.status();
+    let h = resp.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    match r {
+        Reject::Version => {
+            h.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        Reject::NotUpgrade => {
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(CONNECTION, HeaderValue::from_static("Upgrade, close"));
+        }
+        _ => {}
+    }
+    if let Some(secs) = r.retry_after() {
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            h.insert(RETRY_AFTER, v);
+        }
+    }
+    resp
+}
+
+async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, deadline: Instant) -> Response<Body> {
+    match upgrade(req, peer, &shared, deadline).await {
+        Ok(resp) => {
+            shared.metrics.handshake("ok");
+            resp
+        }
+        Err(r) => {
+            shared.metrics.handshake(r.label());
+            if !matches!(r, Reject::NotUpgrade) {
+                shared.metrics.reject(r.label());
+            }
+            tracing::debug!(client = %peer, status = r.status().as_u16(), error = %r, "handshake refused");
+            reject_response(&r)
+        }
+    }
+}
+
+async fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>, deadline: Instant) -> Result<Response<Body>, Reject> {
+    if shared.shutdown.is_cancelled() {
+        return Err(Reject::ShuttingDown);
+    }
+    let up = handshake::validate(&req)?;
+    let rt = shared.runtime();
+    let policy = &rt.policy;
+    let limits = &policy.limits;
+
+    let xff: Vec<&str> = req.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let ip = client_ip(peer.ip(), &xff, &limits.trusted_proxies);
+    let peer_trusted = limits.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+    let key = IpKey::new(ip);
+
+    if let Some(l) = &rt.handshakes {
+        l.check(key).map_err(|retry_after| Reject::RateLimited { retry_after })?;
+    }
+    let slot = shared
+        .counts
+        .acquire(key, limits.max_connections, limits.per_ip_connections)
+        .map_err(|e| match e {
+            SlotError::Global => Reject::Capacity { retry_after: 1 },
+            SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
+        })?;
+    let permit = match &rt.breaker {
+        None => None,
+        Some(b) => Some(b.try_acquire().map_err(|wait| Reject::CircuitOpen {
+            retry_after: crate::guard::limits::ceil_secs(wait),
+        })?),
+    };
+
+    let request_id = handshake::request_id(req.headers(), peer_trusted);
+    let headers = handshake::upstream_headers(
+        req.headers(),
+        &Forwarding {
+            client_ip: ip,
+            peer_trusted,
+            peer_ip: peer.ip(),
+            tls: false,
+            request_id: &request_id,
+        },
+    );
+    let dial_deadline = deadline.min(Instant::now() + policy.upstream.connect_timeout);
+    let dialed = upstream::dial(&policy.upstream, &up.path_and_query, &up.protocols, &headers, rt.ws_config, dial_deadline).await;
+    let dialed = match dialed {
+        Ok(d) => {
+            if let Some(p) = permit {
+                p.success();
+            }
+            d
+        }
+        Err(e) => {
+            if let Some(p) = permit {
+                if e.is_backend_failure() {
+                    p.failure();
+                } else {
+                    p.success();
+                }
+            }
+            tracing::warn!(client = %peer, upstream = %policy.upstream.url, error = %e, "upstream handshake failed");
+            return Err(match e {
+                DialError::Timeout => Reject::GatewayTimeout,
+                other => Reject::BadGateway(other.to_string()),
+            });
+        }
+    };
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    for (n, v) in &dialed.headers {
+        h.append(n.clone(), v.clone());
+    }
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(up.key.as_bytes())) {
+        h.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = dialed.protocol.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, p);
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let info = SessionInfo {
+        peer,
+        path: handshake::redacted(&up.path_and_query).to_string(),
+        request_id,
+        slot,
+    };
+    let shared2 = Arc::clone(shared);
+    let rt2 = Arc::clone(&rt);
+    let ws_config = rt.ws_config;
+    shared.tracker.spawn(async move {
+        let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
+            Ok(Ok(u)) => u,
+            _ => return,
+        };
+        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        session::run(client, dialed.ws, rt2, shared2, info).await;
+    });
+    Ok(resp)
+}

@@ -1,0 +1,516 @@
+//! One proxied session after both upgrades: two message pumps and the
+//! keepalive, in a single task.
+//!
+//! Each direction is its own pump future so that a slow reader on one side
+//! only slows the sender on the other (backpressure: a pump awaits the
+//! write before it reads the next message), while the other direction keeps
+//! flowing. Both pumps run in one task to keep per-session memory small.
+//! When either pump ends (or shutdown, idle timeout, keepalive death), the
+//! other is dropped and [`finish`] closes both sides with the right codes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::config::{Mode, OnFailure};
+use crate::guard::limits::{ConnSlot, MessageLimiter};
+use crate::keepalive::{self, Liveness, Tick};
+use crate::metrics::{CloseLabel, ReasonLabel};
+use crate::policy::Hmac;
+use crate::runtime::{Runtime, Shared};
+use crate::sign::{self, Direction, MsgType, SeqState};
+
+/// How long to wait for the peer's half of a close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long to try to tell a dead peer we are closing.
+const DEAD_PEER_WAIT: Duration = Duration::from_millis(500);
+
+/// Close code 1014 (Bad Gateway, IANA-registered) for "the backend failed".
+/// tungstenite has no name for it.
+const BAD_GATEWAY: u16 = 1014;
+
+/// Everything a session needs from the handshake.
+pub struct SessionInfo {
+    pub peer: SocketAddr,
+    pub path: String,
+    pub request_id: String,
+    pub slot: ConnSlot,
+}
+
+/// Why the relay loop stopped.
+#[derive(Debug)]
+enum End {
+    ClientClosed(Option<CloseFrame>),
+    UpstreamClosed(Option<CloseFrame>),
+    /// TCP gone or reset without a close frame.
+    ClientGone,
+    UpstreamGone,
+    /// The client broke the protocol or a limit: (code, reason).
+    ClientViolation(u16, &'static str),
+    UpstreamViolation(u16, &'static str),
+    /// A guard closed the session (signature failure, rate limit): 1008.
+    Policy(&'static str, &'static str),
+    ClientDead,
+    UpstreamDead,
+    Idle,
+    Shutdown,
+}
+
+/// State the two pumps share. Atomics, because both pumps live in one
+/// task but must be `Send`.
+struct Pumps<'a> {
+    rt: &'a Runtime,
+    shared: &'a Shared,
+    start: Instant,
+    client_live: Liveness,
+    upstream_live: Liveness,
+    /// Client pings forwarded upstream whose pong tungstenite already sent
+    /// back on the client hop; the backend's pong is then dropped so the
+    /// client gets exactly one.
+    client_pings: AtomicU32,
+    upstream_pings: AtomicU32,
+    last_data_ms: AtomicU64,
+    msgs: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    limiter: Option<MessageLimiter>,
+}
+
+impl Pumps<'_> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_data_ms.store(ms, Relaxed);
+    }
+
+    fn sig_failure(&self, reason: &'static str) {
+        self.shared
+            .metrics
+            .signature_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+/// Maps a read error from the client to the contract's close code.
+fn violation(e: &WsError) -> Option<(u16, &'static str)> {
+    match e {
+        WsError::Capacity(_) => Some((1009, "message too big")),
+        WsError::Utf8(_) => Some((1007, "invalid utf-8")),
+        WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake | ProtocolError::SendAfterClosing | ProtocolError::ReceivedAfterClosing,
+        ) => None,
+        WsError::Protocol(_) => Some((1002, "protocol error")),
+        _ => None,
+    }
+}
+
+enum Signed {
+    Forward(Message),
+    Drop,
+    Close(&'static str),
+}
+
+/// Verifies one data message and re-signs it for the next hop.
+#[allow(clippy::too_many_arguments)]
+fn resign(
+    h: &Hmac,
+    p: &Pumps<'_>,
+    dir: Direction,
+    verify: bool,
+    verify_keys: &[sign::Key],
+    sign_key: &sign::Key,
+    state: &mut SeqState,
+    out_seq: &mut u64,
+    msg: Message,
+) -> Signed {
+    let (raw, ty): (Bytes, MsgType) = match msg {
+        Message::Text(t) => (Bytes::from(t), MsgType::Text),
+        Message::Binary(b) => (b, MsgType::Binary),
+        other => return Signed::Forward(other),
+    };
+    let skew = u64::try_from(h.max_skew.as_millis()).unwrap_or(u64::MAX);
+    let outcome = if verify {
+        sign::verify(verify_keys, dir, "", ty, &raw, sign::now_ms(), skew, state).map(|pl| pl.len())
+    } else {
+        // Trusted backend: strip its envelope without checking it.
+        sign::parse(&raw).map(|env| env.payload.len())
+    };
+    let build = |payload: Bytes, signed: bool, out_seq: &mut u64| -> Option<Message> {
+        let data = if signed {
+            *out_seq += 1;
+            Bytes::from(sign::sign(sign_key, dir, *out_seq, sign::now_ms(), "", ty, &payload))
+        } else {
+            payload
+        };
+        match ty {
+            MsgType::Text => Utf8Bytes::try_from(data).ok().map(Message::Text),
+            MsgType::Binary => Some(Message::Binary(data)),
+        }
+    };
+    match outcome {
+        Ok(len) => {
+            let payload = raw.slice(raw.len() - len..);
+            build(payload, true, out_seq).map_or(Signed::Drop, Signed::Forward)
+        }
+        Err(failure) => {
+            let reason = failure.label();
+            p.sig_failure(reason);
+            if h.mode == Mode::Report {
+                tracing::info!(reason, direction = dir.as_str(), "signature failure (report mode, forwarded unsigned)");
+                let payload = match sign::parse(&raw) {
+                    Ok(env) => raw.slice(raw.len() - env.payload.len()..),
+                    Err(_) => raw,
+                };
+                return build(payload, false, out_seq).map_or(Signed::Drop, Signed::Forward);
+            }
+            tracing::info!(reason, direction = dir.as_str(), "signature failure");
+            match h.on_failure {
+                OnFailure::Drop => Signed::Drop,
+                OnFailure::Close => Signed::Close(reason),
+            }
+        }
+    }
+}
+
+type Rx<S> = SplitStream<WebSocketStream<S>>;
+type Tx<S> = SplitSink<WebSocketStream<S>, Message>;
+
+/// Client to backend.
+async fn client_to_upstream<C, U>(p: &Pumps<'_>, crx: &mut Rx<C>, utx: &mut Tx<U>) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ticker = keepalive::ticker(p.rt.policy.keepalive.upstream_interval);
+    let hmac = p.rt.policy.hmac.as_ref();
+    let mut seq_in = SeqState::default();
+    let mut seq_out = 0u64;
+    let on_limit = p.rt.policy.limits.on_message_limit;
+    loop {
+        let next = tokio::select! {
+            m = crx.next() => m,
+            () = keepalive::tick(&mut ticker) => {
+                match p.upstream_live.on_tick() {
+                    Tick::Skip => continue,
+                    Tick::Dead => return End::UpstreamDead,
+                    Tick::Ping(payload) => {
+                        if utx.send(Message::Ping(payload)).await.is_err() {
+                            return End::UpstreamGone;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let msg = match next {
+            None => return End::ClientGone,
+            Some(Err(e)) => return violation(&e).map_or(End::ClientGone, |(c, r)| End::ClientViolation(c, r)),
+            Some(Ok(m)) => m,
+        };
+        let msg = match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                p.client_live.on_data();
+                p.touch();
+                let len = msg.len();
+                if let Some(l) = &p.limiter {
+                    if !l.allow(len) {
+                        p.shared.metrics.reject("message_rate");
+                        match on_limit {
+                            OnFailure::Close => return End::Policy("rate limit", "rate limit"),
+                            OnFailure::Drop => continue,
+                        }
+                    }
+                }
+                let msg = match hmac {
+                    None => msg,
+                    Some(h) => match resign(h, p, Direction::C2s, true, &h.client_keys, &h.upstream_key, &mut seq_in, &mut seq_out, msg) {
+                        Signed::Forward(m) => m,
+                        Signed::Drop => continue,
+                        Signed::Close(reason) => return End::Policy("signature failure", reason),
+                    },
+                };
+                p.msgs[0].fetch_add(1, Relaxed);
+                p.bytes[0].fetch_add(len as u64, Relaxed);
+                p.shared.metrics.messages_c2s.inc();
+                p.shared.metrics.bytes_c2s.inc_by(len as u64);
+                msg
+            }
+            Message::Ping(payload) => {
+                p.client_pings.fetch_add(1, Relaxed);
+                Message::Ping(payload)
+            }
+            Message::Pong(payload) => {
+                if let Some(rtt) = p.client_live.on_pong(&payload) {
+                    p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
+                    continue;
+                }
+                if take_one(&p.upstream_pings) {
+                    continue;
+                }
+                Message::Pong(payload)
+            }
+            Message::Close(f) => return End::ClientClosed(f),
+            Message::Frame(_) => continue,
+        };
+        if utx.send(msg).await.is_err() {
+            return End::UpstreamGone;
+        }
+    }
+}
+
+/// Backend to client.
+async fn upstream_to_client<C, U>(p: &Pumps<'_>, urx: &mut Rx<U>, ctx: &mut Tx<C>) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ticker = keepalive::ticker(p.rt.policy.keepalive.interval);
+    let hmac = p.rt.policy.hmac.as_ref();
+    let mut seq_in = SeqState::default();
+    let mut seq_out = 0u64;
+    loop {
+        let next = tokio::select! {
+            m = urx.next() => m,
+            () = keepalive::tick(&mut ticker) => {
+                match p.client_live.on_tick() {
+                    Tick::Skip => continue,
+                    Tick::Dead => return End::ClientDead,
+                    Tick::Ping(payload) => {
+                        if ctx.send(Message::Ping(payload)).await.is_err() {
+                            return End::ClientGone;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let msg = match next {
+            None => return End::UpstreamGone,
+            Some(Err(e)) => return violation(&e).map_or(End::UpstreamGone, |(c, r)| End::UpstreamViolation(c, r)),
+            Some(Ok(m)) => m,
+        };
+        let msg = match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                p.upstream_live.on_data();
+                p.touch();
+                let len = msg.len();
+                let msg = match hmac {
+                    None => msg,
+                    Some(h) => {
+                        let first = h.client_keys.first().unwrap_or(&h.upstream_key);
+                        let keys = std::slice::from_ref(&h.upstream_key);
+                        match resign(h, p, Direction::S2c, h.verify_upstream, keys, first, &mut seq_in, &mut seq_out, msg) {
+                            Signed::Forward(m) => m,
+                            Signed::Drop => continue,
+                            Signed::Close(reason) => return End::Policy("backend signature failure", reason),
+                        }
+                    }
+                };
+                p.msgs[1].fetch_add(1, Relaxed);
+                p.bytes[1].fetch_add(len as u64, Relaxed);
+                p.shared.metrics.messages_s2c.inc();
+                p.shared.metrics.bytes_s2c.inc_by(len as u64);
+                msg
+            }
+            Message::Ping(payload) => {
+                p.upstream_pings.fetch_add(1, Relaxed);
+                Message::Ping(payload)
+            }
+            Message::Pong(payload) => {
+                if let Some(rtt) = p.upstream_live.on_pong(&payload) {
+                    p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
+                    continue;
+                }
+                if take_one(&p.client_pings) {
+                    continue;
+                }
+                Message::Pong(payload)
+            }
+            Message::Close(f) => return End::UpstreamClosed(f),
+            Message::Frame(_) => continue,
+        };
+        if ctx.send(msg).await.is_err() {
+            return End::ClientGone;
+        }
+    }
+}
+
+fn take_one(n: &AtomicU32) -> bool {
+    n.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1)).is_ok()
+}
+
+async fn idle_watch(p: &Pumps<'_>, timeout: Option<Duration>) {
+    let Some(t) = timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        let last = Duration::from_millis(p.last_data_ms.load(Relaxed));
+        let deadline = p.start + last + t;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// Reads until the peer closes, bounded in time, so our close frame is
+/// answered and the TCP connection ends cleanly.
+async fn drain<S: AsyncRead + AsyncWrite + Unpin>(rx: &mut Rx<S>, wait: Duration) {
+    let _ = tokio::time::timeout(wait, async {
+        while let Some(Ok(_)) = rx.next().await {}
+    })
+    .await;
+}
+
+/// Sends `msg` (a close frame, or nothing for a close the peer started)
+/// and waits for the peer's side of the close.
+async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(tx: &mut Tx<S>, rx: &mut Rx<S>, msg: Option<Message>, wait: Duration) {
+    let sent = tokio::time::timeout(wait, async {
+        match msg {
+            Some(m) => tx.send(m).await,
+            // The peer closed: flush tungstenite's queued reply.
+            None => tx.close().await,
+        }
+    })
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        drain(rx, wait).await;
+    }
+}
+
+/// Runs a session to the end and writes its access-log line.
+pub async fn run<C, U>(client: WebSocketStream<C>, upstream: WebSocketStream<U>, rt: Arc<Runtime>, shared: Arc<Shared>, info: SessionInfo)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let policy = &rt.policy;
+    let limits = &policy.limits;
+    let p = Pumps {
+        rt: &rt,
+        shared: &shared,
+        start: Instant::now(),
+        client_live: Liveness::new(policy.keepalive.max_missed),
+        upstream_live: Liveness::new(policy.keepalive.max_missed),
+        client_pings: AtomicU32::new(0),
+        upstream_pings: AtomicU32::new(0),
+        last_data_ms: AtomicU64::new(0),
+        msgs: [AtomicU64::new(0), AtomicU64::new(0)],
+        bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+        limiter: MessageLimiter::new(limits.per_connection_messages.as_ref(), limits.per_connection_bytes.as_ref()),
+    };
+    shared.metrics.connections_active.inc();
+    let (mut ctx, mut crx) = client.split();
+    let (mut utx, mut urx) = upstream.split();
+
+    let end = tokio::select! {
+        e = client_to_upstream(&p, &mut crx, &mut utx) => e,
+        e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
+        () = shared.shutdown.cancelled() => End::Shutdown,
+        () = idle_watch(&p, policy.keepalive.idle_timeout) => End::Idle,
+    };
+
+    // (frame to client, frame to backend, who ended it, client wait)
+    let (to_client, to_upstream, side, client_wait): (Option<Message>, Option<Message>, &str, Duration) = match &end {
+        End::ClientClosed(f) => (None, Some(Message::Close(f.clone())), "client", CLOSE_WAIT),
+        End::UpstreamClosed(f) => (Some(Message::Close(f.clone())), None, "backend", CLOSE_WAIT),
+        End::ClientGone => (None, Some(close_frame(1001, "client went away")), "client", Duration::ZERO),
+        End::UpstreamGone => (Some(close_frame(BAD_GATEWAY, "backend went away")), None, "backend", CLOSE_WAIT),
+        End::ClientViolation(code, reason) => (Some(close_frame(*code, reason)), Some(close_frame(1001, "client error")), "client", CLOSE_WAIT),
+        End::UpstreamViolation(code, reason) => (Some(close_frame(BAD_GATEWAY, "backend error")), Some(close_frame(*code, reason)), "backend", CLOSE_WAIT),
+        End::Policy(what, _) => (Some(close_frame(1008, what)), Some(close_frame(1008, what)), "proxy", CLOSE_WAIT),
+        End::ClientDead => (Some(close_frame(1011, "keepalive timeout")), Some(close_frame(1001, "client keepalive timeout")), "client", DEAD_PEER_WAIT),
+        End::UpstreamDead => (Some(close_frame(BAD_GATEWAY, "backend keepalive timeout")), Some(close_frame(1001, "keepalive timeout")), "backend", CLOSE_WAIT),
+        End::Idle => (Some(close_frame(1001, "idle timeout")), Some(close_frame(1001, "idle timeout")), "proxy", CLOSE_WAIT),
+        End::Shutdown => (Some(close_frame(1001, "shutting down")), Some(close_frame(1001, "shutting down")), "proxy", CLOSE_WAIT),
+    };
+    let client_code = match (&end, &to_client) {
+        (End::ClientClosed(f), _) => f.as_ref().map_or(1005, |f| u16::from(f.code)),
+        (_, Some(Message::Close(Some(f)))) => u16::from(f.code),
+        _ => 1006,
+    };
+    let client_msg = match &end {
+        End::ClientClosed(_) | End::ClientGone => None,
+        _ => to_client,
+    };
+    let upstream_wait = if matches!(end, End::UpstreamDead | End::UpstreamGone) { DEAD_PEER_WAIT } else { CLOSE_WAIT };
+    let client_done = async {
+        if matches!(end, End::ClientGone) {
+            return;
+        }
+        close_side(&mut ctx, &mut crx, client_msg, client_wait).await;
+    };
+    let upstream_done = async {
+        if matches!(end, End::UpstreamGone) {
+            return;
+        }
+        let msg = if matches!(end, End::UpstreamClosed(_)) { None } else { to_upstream };
+        close_side(&mut utx, &mut urx, msg, upstream_wait).await;
+    };
+    tokio::join!(client_done, upstream_done);
+
+    shared.metrics.connections_active.dec();
+    shared
+        .metrics
+        .closes
+        .get_or_create(&CloseLabel { side: match side { "client" => "client", "backend" => "backend", _ => "proxy" }, code: code_label(client_code) })
+        .inc();
+    let reason = match &end {
+        End::Policy(_, r) => *r,
+        _ => "",
+    };
+    tracing::info!(
+        target: "access",
+        client = %info.peer,
+        path = %info.path,
+        request_id = %info.request_id,
+        duration_ms = u64::try_from(p.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        msgs_c2s = p.msgs[0].load(Relaxed),
+        msgs_s2c = p.msgs[1].load(Relaxed),
+        bytes_c2s = p.bytes[0].load(Relaxed),
+        bytes_s2c = p.bytes[1].load(Relaxed),
+        close_code = client_code,
+        closed_by = side,
+        reason,
+        "session closed"
+    );
+    drop(info.slot);
+}
+
+/// Bounded label values for close codes.
+fn code_label(code: u16) -> &'static str {
+    match code {
+        1000 => "1000",
+        1001 => "1001",
+        1002 => "1002",
+        1003 => "1003",
+        1005 => "1005",
+        1006 => "1006",
+        1007 => "1007",
+        1008 => "1008",
+        1009 => "1009",
+        1011 => "1011",
+        1014 => "1014",
+        3000..=3999 => "3xxx",
+        4000..=4999 => "4xxx",
+        _ => "other",
+    }
+}

@@ -477,7 +477,7 @@ mod tests {
     fn locates_nested_keys() {
         let t = "limits:\n  per_ip:\n    handshakes: {rate: 5/s, bogus: 1}\n  max_conections: 5\n";
         assert_eq!(locate(t, "limits.max_conections"), Some((4, 3)));
-        assert_eq!(locate(t, "limits.per_ip.handshakes.bogus"), Some((3, 31)));
+        assert_eq!(locate(t, "limits.per_ip.handshakes.bogus"), Some((3, 29)));
         assert_eq!(locate(t, "nothing"), None);
     }
 

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fuzzing;
 pub mod guard;
 pub mod handshake;
 pub mod keepalive;

@@ -1,0 +1,9 @@
+//! Integration tests: the real proxy on 127.0.0.1:0 in front of real
+//! backends, driven by real WebSocket clients and raw sockets. One binary
+//! with modules keeps link time down.
+
+mod common;
+mod core;
+mod guards;
+mod hmac;
+mod process;

@@ -1,0 +1,228 @@
+//! Behaviour that needs the real process: exit codes and signals.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsguard");
+
+fn check(yaml: &str) -> (i32, String) {
+    let dir = std::env::temp_dir().join(format!("wsguard-check-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("policy.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let out = Command::new(BIN).args(["check", "-c"]).arg(&f).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[test]
+fn check_accepts_the_example_policy() {
+    let out = Command::new(BIN).args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+#[test]
+fn check_reports_every_problem_with_its_line() {
+    let (code, out) = check("listen: \"127.0.0.1:8080\"\nshutdown_grace: 10 secs\nlimits:\n  per_connection:\n    messages: { rate: 0/s, burst: 5 }\n");
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].ends_with(":2:17: shutdown_grace: `10 secs` is not a duration (use e.g. 500ms, 25s, 10m, 1h)"), "{out}");
+    assert!(lines[1].contains(":5:") && lines[1].contains("limits.per_connection.messages.rate") && lines[1].contains("above zero"), "{out}");
+    let (code, out) = check("limits:\n  max_conections: 5\n");
+    assert_eq!(code, 1);
+    assert!(out.contains(":2:3: limits.max_conections: unknown field"), "{out}");
+}
+
+#[test]
+fn check_refuses_unbuilt_features() {
+    let (code, out) = check("origin:\n  mode: enforce\n  allow: [\"https://a.example\"]\n");
+    assert_eq!(code, 1);
+    assert!(out.contains(":2:9: origin.mode: not supported yet"), "{out}");
+    let (code, _) = check("origin: { mode: off }\nlimits: { shared: null }\nroutes: []\n");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn bad_arguments_exit_1_and_version_exits_0() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wsguard "));
+    let out = Command::new(BIN).args(["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn sign_and_verify_round_trip_on_the_command_line() {
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes
+    let mut sign = Command::new(BIN)
+        .args(["sign", "--key-env", "K", "--kid", "k1", "--dir", "c2s", "--seq", "7", "--ts", "1700000000000"])
+        .env("K", key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sign.stdin.take().unwrap().write_all(b"hello").unwrap();
+    let signed = sign.wait_with_output().unwrap();
+    assert_eq!(signed.status.code(), Some(0));
+    assert!(signed.stdout.starts_with(b"wsg1.k1.7.1700000000000."));
+    let verify = |dir: &str, extra: &[&str]| {
+        let mut v = Command::new(BIN)
+            .args(["verify", "--key-env", "K", "--dir", dir])
+            .args(extra)
+            .env("K", key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        v.stdin.take().unwrap().write_all(&signed.stdout).unwrap();
+        v.wait_with_output().unwrap()
+    };
+    let ok = verify("c2s", &[]);
+    assert_eq!(ok.status.code(), Some(0));
+    assert_eq!(ok.stdout, b"hello");
+    let wrong_dir = verify("s2c", &[]);
+    assert_eq!(wrong_dir.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong_dir.stderr).contains("bad_mac"));
+    let stale = verify("c2s", &["--max-skew", "30s"]);
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("skew"));
+}
+
+/// The spawned proxy with its log lines; killed on drop so a failing test
+/// leaves nothing behind.
+struct Proc {
+    child: tokio::process::Child,
+    log: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+}
+
+impl Proc {
+    fn spawn(config: &std::path::Path) -> Proc {
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(config)
+            .env("WSGUARD_LOG", "info")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        Proc { child, log: tokio::io::BufReader::new(stderr).lines() }
+    }
+
+    /// Waits for a log line containing `needle`.
+    async fn log_line(&mut self, needle: &str) -> String {
+        within(needle, async {
+            loop {
+                match self.log.next_line().await {
+                    Ok(Some(l)) if l.contains(needle) => return l,
+                    Ok(Some(_)) => continue,
+                    _ => panic!("wsguard exited before logging {needle:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap();
+        let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+
+    async fn exit_code(&mut self) -> Option<i32> {
+        within("exit", self.child.wait()).await.unwrap().code()
+    }
+}
+
+use tokio::io::AsyncBufReadExt;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsguard-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.yaml");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+#[tokio::test]
+async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
+    let backend = echo_backend().await;
+    let port = free_port();
+    let f = policy_file("term", &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nshutdown_grace: 5s\n"));
+    let mut p = Proc::spawn(&f);
+    p.log_line("wsguard listening").await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = ws(addr, "/").await;
+    c.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("hi"));
+    p.signal("TERM");
+    let m = next(&mut c).await;
+    assert_eq!(close_of(&m).map(|c| c.0), Some(1001));
+    drop(c);
+    assert_eq!(p.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn taken_listen_address_exits_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let f = policy_file("taken", &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n"));
+    let mut p = Proc::spawn(&f);
+    assert_eq!(p.exit_code().await, Some(2));
+}
+
+#[tokio::test]
+async fn sighup_reload_keeps_live_sessions_and_counts_failures() {
+    let backend = echo_backend().await;
+    let (port, admin) = (free_port(), free_port());
+    let good = format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\n");
+    let f = policy_file("hup", &good);
+    let mut p = Proc::spawn(&f);
+    p.log_line("wsguard listening").await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = ws(addr, "/").await;
+    let metrics = || async move {
+        let (mut r, _) = Raw::request(format!("127.0.0.1:{admin}").parse().unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        r.body().await
+    };
+    // An invalid file is refused; the old policy stays.
+    std::fs::write(&f, format!("{good}limits:\n  max_conections: 1\n")).unwrap();
+    p.signal("HUP");
+    let line = p.log_line("reload refused").await;
+    assert!(line.contains("max_conections"), "{line}");
+    assert!(metrics().await.contains("wsguard_reloads_total{result=\"error\"} 1"));
+    c.send(Message::text("after bad reload")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("after bad reload"));
+    // A valid one is applied; the live session keeps echoing.
+    std::fs::write(&f, format!("{good}limits:\n  max_connections: 50\n")).unwrap();
+    p.signal("HUP");
+    p.log_line("policy reloaded").await;
+    let m = metrics().await;
+    assert!(m.contains("wsguard_reloads_total{result=\"ok\"} 1"), "{m}");
+    assert!(m.contains("wsguard_policy_generation 2"), "{m}");
+    c.send(Message::text("after good reload")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("after good reload"));
+    assert_echo(addr).await;
+    p.signal("TERM");
+    assert_eq!(close_of(&next(&mut c).await).map(|c| c.0), Some(1001));
+    drop(c);
+    assert_eq!(p.exit_code().await, Some(0));
+}

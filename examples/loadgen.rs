@@ -11,17 +11,33 @@
 //! * `echo-server`: minimal WebSocket echo server used as the benchmark/Autobahn
 //!   backend; prints `LISTENING <addr>` once bound.
 //!
+//! Per-message signing (wsguard `hmac`, see docs/signing.md), for the HMAC benchmark:
+//!
+//! * `echo --sign-key-file F --kid c1`: every message is sent as a `wsg1` envelope
+//!   signed c2s with key `c1` (own seq from 1 per connection, ts = now, empty bind,
+//!   type binary). Replies have their envelope stripped (not verified: in enforce
+//!   mode wsguard has verified the backend's s2c signature already) and the payload
+//!   is compared with what was sent.
+//! * `echo-server --sign-key-file G --kid p1`: strips the incoming envelope (not
+//!   verified) and replies with the payload signed s2c with key `p1` (own seq from 1
+//!   per connection, ts = now, same frame type).
+//!
+//! Key files hold the secret as base64 (like wsguard's `secret_file`).
+//!
 //! Only uses crates that are dependencies of wsguard (tokio, tokio-tungstenite,
-//! futures-util, bytes, clap) plus std.
+//! futures-util, bytes, clap) plus std, and the `wsguard::sign` module.
 //!
 //! Examples:
 //!   loadgen echo-server --listen 127.0.0.1:0
 //!   loadgen echo --url ws://127.0.0.1:9000/ --conns 100 --size 64 --duration 10 --warmup 2
 //!   loadgen idle --url ws://127.0.0.1:9000/ --conns 5000 --hold 20 --rate 2000
+//!   loadgen echo-server --listen 127.0.0.1:0 --sign-key-file upstream.key --kid p1
+//!   loadgen echo --url ws://127.0.0.1:8080/ --sign-key-file client.key --kid c1
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +54,7 @@ use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use wsguard::sign::{self, Direction, Key, MsgType};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -96,6 +113,13 @@ struct EchoArgs {
     /// Free-form label copied into the JSON summary.
     #[arg(long, default_value = "")]
     label: String,
+    /// Sign every message (wsg1, c2s) with the base64 secret in this file; strip
+    /// the envelope from replies before comparing them.
+    #[arg(long)]
+    sign_key_file: Option<PathBuf>,
+    /// Key id used with --sign-key-file.
+    #[arg(long, default_value = "c1")]
+    kid: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -134,6 +158,29 @@ struct ServerArgs {
     /// Timeout in seconds for the server-side WebSocket handshake.
     #[arg(long, default_value_t = 10.0)]
     handshake_timeout: f64,
+    /// Strip the incoming wsg1 envelope and sign every reply (s2c) with the base64
+    /// secret in this file.
+    #[arg(long)]
+    sign_key_file: Option<PathBuf>,
+    /// Key id used with --sign-key-file.
+    #[arg(long, default_value = "p1")]
+    kid: String,
+}
+
+fn load_key(path: &Path, kid: &str) -> Result<Key, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    Key::from_base64(kid, &text)
+}
+
+/// The payload of a message: the part after a `wsg1` envelope if there is one
+/// (not verified), else the whole message. `None` for a malformed envelope.
+fn strip_envelope(msg: &[u8]) -> Option<&[u8]> {
+    match sign::parse(msg) {
+        Ok(env) => Some(env.payload),
+        Err(sign::SigFailure::MissingEnvelope) => Some(msg),
+        Err(_) => None,
+    }
 }
 
 fn main() -> ExitCode {
@@ -445,6 +492,10 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     let reasons = Arc::new(Reasons::default());
     let connect_t = secs(a.connect_timeout);
     let op_t = secs(a.op_timeout).max(Duration::from_millis(1));
+    let sign_key = match &a.sign_key_file {
+        Some(p) => Some(Arc::new(load_key(p, &a.kid)?)),
+        None => None,
+    };
 
     // Phase 1: connect everything (bounded concurrency), so all connections start together.
     let t_conn = Instant::now();
@@ -514,7 +565,15 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
         let template = template.clone();
         let cap = a.max_samples;
         set.spawn(echo_conn(
-            ws, i as u64, template, warm_end, end, op_t, cap, reasons,
+            ws,
+            i as u64,
+            template,
+            warm_end,
+            end,
+            op_t,
+            cap,
+            reasons,
+            sign_key.clone(),
         ));
     }
     let mut results = Vec::with_capacity(connected);
@@ -568,7 +627,7 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     };
     let js = format!(
         concat!(
-            "{{\"mode\":\"echo\",\"label\":{},\"url\":{},\"conns\":{},\"connected\":{},\"size\":{},",
+            "{{\"mode\":\"echo\",\"label\":{},\"url\":{},\"signed\":{},\"conns\":{},\"connected\":{},\"size\":{},",
             "\"duration_s\":{},\"warmup_s\":{},\"connect_s\":{},\"elapsed_s\":{},",
             "\"messages\":{},\"warmup_messages\":{},\"msgs_per_sec\":{},",
             "\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"mean_us\":{},",
@@ -576,6 +635,7 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
         ),
         json_str(&a.label),
         json_str(&a.url),
+        sign_key.is_some(),
         a.conns,
         connected,
         a.size,
@@ -601,8 +661,9 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     print_stdout_line(&js);
     let human = match &lat {
         Some(l) => format!(
-            "echo{}: {} conns ({} connected), {} B msgs, {:.1}s: {} msgs, {:.0} msg/s, latency us p50={} p90={} p99={} p99.9={} max={}, errors={}{}",
+            "echo{}{}: {} conns ({} connected), {} B msgs, {:.1}s: {} msgs, {:.0} msg/s, latency us p50={} p90={} p99={} p99.9={} max={}, errors={}{}",
             if a.label.is_empty() { String::new() } else { format!(" [{}]", a.label) },
+            if sign_key.is_some() { " (signed)" } else { "" },
             a.conns,
             connected,
             a.size,
@@ -636,6 +697,7 @@ async fn echo_conn(
     op_t: Duration,
     cap: usize,
     reasons: Arc<Reasons>,
+    sign_key: Option<Arc<Key>>,
 ) -> ConnResult {
     let mut r = ConnResult {
         samples: Samples::new(cap, id + 1),
@@ -644,6 +706,8 @@ async fn echo_conn(
         errors: 0,
     };
     let mut seq: u64 = id << 40;
+    // c2s signing sequence: per connection, from 1.
+    let mut sign_seq: u64 = 0;
     let mut healthy = true;
     'outer: while Instant::now() < end {
         // Stamp a per-connection sequence number so stale/duplicated echoes are detected.
@@ -656,7 +720,22 @@ async fn echo_conn(
             template.clone()
         };
         let t0 = Instant::now();
-        match timeout(op_t, ws.send(Message::Binary(payload.clone()))).await {
+        let wire = match &sign_key {
+            Some(k) => {
+                sign_seq += 1;
+                Bytes::from(sign::sign(
+                    k,
+                    Direction::C2s,
+                    sign_seq,
+                    sign::now_ms(),
+                    "",
+                    MsgType::Binary,
+                    &payload,
+                ))
+            }
+            None => payload.clone(),
+        };
+        match timeout(op_t, ws.send(Message::Binary(wire))).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 reasons.add(format!("send: {}", short_ws_err(&e)));
@@ -711,7 +790,19 @@ async fn echo_conn(
                 }
                 Ok(Some(Ok(Message::Binary(data)))) => {
                     let t1 = Instant::now();
-                    if data != payload {
+                    let got = if sign_key.is_some() {
+                        match strip_envelope(&data) {
+                            Some(p) => p,
+                            None => {
+                                reasons.add("recv: malformed wsg1 envelope");
+                                r.errors += 1;
+                                continue;
+                            }
+                        }
+                    } else {
+                        &data[..]
+                    };
+                    if got != &payload[..] {
                         reasons.add("recv: echo mismatch");
                         r.errors += 1;
                         // Resynchronise by reading until our payload shows up (bounded by deadline).
@@ -966,6 +1057,10 @@ async fn run_server(a: ServerArgs) -> Result<(), String> {
         .write_buffer_size(0)
         .max_message_size(Some(a.max_message_size));
     let hs_t = secs(a.handshake_timeout).max(Duration::from_millis(100));
+    let sign_key = match &a.sign_key_file {
+        Some(p) => Some(Arc::new(load_key(p, &a.kid)?)),
+        None => None,
+    };
     loop {
         let (tcp, _peer) = match listener.accept().await {
             Ok(x) => x,
@@ -977,6 +1072,7 @@ async fn run_server(a: ServerArgs) -> Result<(), String> {
             }
         };
         let _ = tcp.set_nodelay(true);
+        let sign_key = sign_key.clone();
         tokio::spawn(async move {
             let mut ws = match timeout(
                 hs_t,
@@ -991,9 +1087,22 @@ async fn run_server(a: ServerArgs) -> Result<(), String> {
             // frames itself as long as the stream is polled, and ends the stream
             // (None / ConnectionClosed) once the close handshake is done. On a
             // protocol error the connection is simply dropped ("fail the connection").
+            // s2c signing sequence: per connection, from 1.
+            let mut sign_seq: u64 = 0;
             while let Some(msg) = ws.next().await {
                 match msg {
                     Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
+                        let m = match &sign_key {
+                            None => m,
+                            Some(k) => {
+                                sign_seq += 1;
+                                match sign_reply(k, sign_seq, m) {
+                                    Some(m) => m,
+                                    // Malformed envelope: fail the connection.
+                                    None => break,
+                                }
+                            }
+                        };
                         if ws.send(m).await.is_err() {
                             break;
                         }
@@ -1004,4 +1113,22 @@ async fn run_server(a: ServerArgs) -> Result<(), String> {
             }
         });
     }
+}
+
+/// Signed echo: strip the incoming envelope (if any), sign the payload s2c with
+/// `seq` and ts = now, keep the frame type.
+fn sign_reply(key: &Key, seq: u64, m: Message) -> Option<Message> {
+    let (ty, data): (MsgType, Bytes) = match m {
+        Message::Text(t) => (MsgType::Text, Bytes::from(t)),
+        Message::Binary(b) => (MsgType::Binary, b),
+        _ => return None,
+    };
+    let payload = strip_envelope(&data)?;
+    let out = sign::sign(key, Direction::S2c, seq, sign::now_ms(), "", ty, payload);
+    Some(match ty {
+        // The envelope is ASCII and the payload was the tail of a valid UTF-8 text
+        // message after an ASCII newline, so this cannot fail.
+        MsgType::Text => Message::Text(out.try_into().ok()?),
+        MsgType::Binary => Message::Binary(Bytes::from(out)),
+    })
 }

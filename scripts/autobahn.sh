@@ -10,7 +10,7 @@
 #   DIRECT_ONLY [0]     1 = only the direct agent (no wsguard, no comparison)
 #   CASES ['["*"]']     JSON list of case patterns, e.g. '["1.*","9.1.*"]'
 #   WSTEST_TIMEOUT [1800]  seconds before the wstest run is aborted
-#   LOADGEN, WSGUARD    binary paths (default: target/release/...)
+#   LOADGEN, WSGUARD    binary paths (default: $CARGO_TARGET_DIR/release/... or target/release/...)
 #   PYTHON2             python 2.7 interpreter (default: $(pyenv root)/versions/2.7.18/bin/python)
 #   AUTOBAHN_VENV       virtualenv location [~/.cache/wsguard/autobahn-venv], created on demand
 #   KEEP_TMP [0]        1 = keep the temp dir (reports, logs) on success
@@ -25,8 +25,11 @@ DIRECT_ONLY="${DIRECT_ONLY:-0}"
 CASES="${CASES:-[\"*\"]}"
 WSTEST_TIMEOUT="${WSTEST_TIMEOUT:-1800}"
 KEEP_TMP="${KEEP_TMP:-0}"
-LOADGEN="${LOADGEN:-$ROOT/target/release/examples/loadgen}"
-WSGUARD="${WSGUARD:-$ROOT/target/release/wsguard}"
+# cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in ($ROOT here).
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+LOADGEN="${LOADGEN:-$TARGET_DIR/release/examples/loadgen}"
+WSGUARD="${WSGUARD:-$TARGET_DIR/release/wsguard}"
 AUTOBAHN_VENV="${AUTOBAHN_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/wsguard/autobahn-venv}"
 
 log() { printf '[autobahn %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -203,8 +206,8 @@ ensure_venv() {
 
 # --- build ------------------------------------------------------------------
 if [[ "$SKIP_BUILD" != 1 ]]; then
-    log "building (cargo build --release --examples --bins) in $ROOT"
-    (cd "$ROOT" && cargo build --release --examples --bins)
+    log "building (cargo build --release --examples --bins) in $ROOT, target dir $TARGET_DIR"
+    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --examples --bins)
 fi
 [[ -x "$LOADGEN" ]] || die "loadgen binary not found: $LOADGEN"
 if [[ "$DIRECT_ONLY" != 1 ]]; then

@@ -1,19 +1,48 @@
 #!/usr/bin/env bash
-# wsguard benchmark: closed-loop echo throughput (direct vs wsguard [vs nginx]) and
-# idle memory per session, in one run.
+# wsguard benchmark, in one run:
+#   * closed-loop echo throughput: direct vs wsguard vs nginx, per-message rate limit
+#     overhead, HMAC (wsg1) signing overhead; optionally several interleaved rounds;
+#   * idle sessions: RSS per proxied session, and wsguard's CPU while holding them
+#     with keepalive off, 1s/1s and 1s/0s (client/upstream ping interval).
+# The report (Markdown) goes to stdout, progress to stderr.
 #
 # Usage: scripts/bench.sh
 #
 # Environment knobs (defaults in brackets):
-#   CONNS [100] SIZE [64] DURATION [10] WARMUP [2]        echo throughput test
-#   IDLE_CONNS [5000] IDLE_HOLD [15] IDLE_RATE [2000]     idle memory test
-#   IDLE_SETTLE [2]     seconds between READY and the RSS sample
+#   CONNS [100] SIZE [64] DURATION [10] WARMUP [2]   echo throughput test
+#   ROUNDS [1]          rounds over all throughput scenarios (interleaved); medians are reported
+#   TP_SCENARIOS        throughput scenarios, any of (default: all, in this order):
+#                         direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac
+#   IDLE_CONNS [5000] IDLE_RATE [2000]                idle tests (need ~2*IDLE_CONNS fds in wsguard)
+#   IDLE_SETTLE [3]     seconds between READY and the RSS sample / the start of the CPU window
+#   KA_WINDOW [30]      seconds over which CPU time is measured while the sessions are idle
+#   IDLE_SCENARIOS      idle scenarios, any of (default: all, in this order):
+#                         wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle
 #   SKIP_BUILD [0]      1 = do not run cargo build (use existing binaries)
-#   DIRECT_ONLY [0]     1 = only the parts that need no proxy (echo-server + loadgen)
+#   DIRECT_ONLY [0]     1 = only the scenarios that need no wsguard
 #   NO_NGINX [0]        1 = skip the nginx comparison even if nginx is installed
-#   LOADGEN, WSGUARD, NGINX_BIN   binary paths (default: target/release/..., `nginx` in PATH)
+#   LOADGEN, WSGUARD, NGINX_BIN   binary paths (default: $CARGO_TARGET_DIR/release/... or
+#                       target/release/...; `nginx` in PATH)
 #   LOADGEN_THREADS     worker threads for the load-generating client (default: all CPUs)
 #   KEEP_TMP [0]        1 = keep the temp dir (configs, logs, JSON results) on success
+#
+# Scenarios (all wsguard configs: per_ip null, max_connections 100000, log level warn):
+#   direct            loadgen -> echo-server
+#   wsguard           loadgen -> wsguard (per_connection null, keepalive 0s/0s) -> echo-server
+#   nginx             loadgen -> nginx (proxy_pass, Upgrade) -> echo-server
+#   wsguard-msglimit  as wsguard, per_connection: { messages: { rate: 1000000/s, burst: 1000000 } }
+#   direct-signed     loadgen --sign-key-file (c1) -> echo-server --sign-key-file (p1)
+#   wsguard-hmac-off  signing loadgen -> wsguard (hmac off: envelopes pass through) -> signing echo-server
+#   wsguard-hmac      signing loadgen -> wsguard (hmac enforce: verify c1, re-sign p1; verify p1,
+#                     re-sign c1) -> signing echo-server
+#   wsguard-idle      IDLE_CONNS idle sessions through wsguard, keepalive 0s/0s
+#   wsguard-ka-1s-1s  same, keepalive { interval: 1s, upstream_interval: 1s }
+#   wsguard-ka-1s-0s  same, keepalive { interval: 1s, upstream_interval: 0s }
+#   direct-idle       IDLE_CONNS idle sessions straight to an echo-server
+#
+# CPU figures come from /proc/PID/stat (utime+stime) and /proc/stat, sampled by this
+# script; "other" is whole-machine busy CPU minus the processes of the scenario, i.e.
+# noise from anything else running on the machine (and unattributed kernel work).
 #
 # Every process this script starts is tracked by PID and stopped by PID on exit.
 set -euo pipefail
@@ -24,16 +53,22 @@ CONNS="${CONNS:-100}"
 SIZE="${SIZE:-64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
+ROUNDS="${ROUNDS:-1}"
+TP_SCENARIOS="${TP_SCENARIOS:-direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac}"
 IDLE_CONNS="${IDLE_CONNS:-5000}"
-IDLE_HOLD="${IDLE_HOLD:-15}"
 IDLE_RATE="${IDLE_RATE:-2000}"
-IDLE_SETTLE="${IDLE_SETTLE:-2}"
+IDLE_SETTLE="${IDLE_SETTLE:-3}"
+KA_WINDOW="${KA_WINDOW:-30}"
+IDLE_SCENARIOS="${IDLE_SCENARIOS:-wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 DIRECT_ONLY="${DIRECT_ONLY:-0}"
 NO_NGINX="${NO_NGINX:-0}"
 KEEP_TMP="${KEEP_TMP:-0}"
-LOADGEN="${LOADGEN:-$ROOT/target/release/examples/loadgen}"
-WSGUARD="${WSGUARD:-$ROOT/target/release/wsguard}"
+# cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in ($ROOT here).
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+LOADGEN="${LOADGEN:-$TARGET_DIR/release/examples/loadgen}"
+WSGUARD="${WSGUARD:-$TARGET_DIR/release/wsguard}"
 NGINX_BIN="${NGINX_BIN:-$(command -v nginx 2>/dev/null || true)}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-}"
 
@@ -43,20 +78,30 @@ die() {
     exit 1
 }
 
-for tool in python3 curl timeout; do
+for tool in python3 curl timeout getconf pgrep; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is required"
 done
+CLK_TCK="$(getconf CLK_TCK)"
+
+if [[ "$DIRECT_ONLY" == 1 ]]; then
+    TP_SCENARIOS="$(for s in $TP_SCENARIOS; do [[ $s == wsguard* ]] || echo "$s"; done | xargs)"
+    IDLE_SCENARIOS="$(for s in $IDLE_SCENARIOS; do [[ $s == wsguard* ]] || echo "$s"; done | xargs)"
+fi
+if [[ "$NO_NGINX" == 1 || -z "$NGINX_BIN" || ! -x "$NGINX_BIN" ]]; then
+    [[ " $TP_SCENARIOS " == *" nginx "* ]] && log "nginx not installed (or NO_NGINX=1): skipping nginx"
+    TP_SCENARIOS="$(for s in $TP_SCENARIOS; do [[ $s == nginx ]] || echo "$s"; done | xargs)"
+fi
 
 # --- file descriptors -------------------------------------------------------
-# 5000 idle sessions need ~10k fds in the proxy (client + upstream side).
+# Every idle session through wsguard costs it two fds (client + upstream side).
 if ! ulimit -n 65536 2>/dev/null; then
     hard="$(ulimit -Hn)"
     ulimit -n "$hard" 2>/dev/null || true
     log "could not raise fd limit to 65536 (hard limit $hard); using $(ulimit -n)"
 fi
-need_fds=$((IDLE_CONNS * 2 + 1024))
-if [[ "$(ulimit -n)" != unlimited && "$(ulimit -n)" -lt "$need_fds" ]]; then
-    die "fd limit $(ulimit -n) too low for IDLE_CONNS=$IDLE_CONNS (need ~$need_fds)"
+need_fds=$((IDLE_CONNS * 2 + 64))
+if [[ -n "$IDLE_SCENARIOS" && "$(ulimit -n)" != unlimited && "$(ulimit -n)" -lt "$need_fds" ]]; then
+    die "fd limit $(ulimit -n) too low for IDLE_CONNS=$IDLE_CONNS (wsguard needs ~$need_fds)"
 fi
 
 # --- process bookkeeping ----------------------------------------------------
@@ -75,9 +120,13 @@ stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL; forget the PID
         kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+}
+
+forget_pid() {
     local keep=() p
     for p in ${PIDS[@]+"${PIDS[@]}"}; do
-        [[ "$p" == "$pid" ]] || keep+=("$p")
+        [[ "$p" == "$1" ]] || keep+=("$p")
     done
     PIDS=(${keep[@]+"${keep[@]}"})
 }
@@ -97,14 +146,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-start_bg() { # start_bg LOGFILE CMD...: start in background, stdout+stderr to LOGFILE
-    local logf="$1"
-    shift
-    "$@" >"$logf" 2>&1 &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
 
 start_bg_split() { # start_bg_split OUTFILE ERRFILE CMD...
     local outf="$1" errf="$2"
@@ -136,6 +177,28 @@ wait_for_line() { # wait_for_line FILE ERE TIMEOUT_S PID -> prints the first mat
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
+# cpu_snapshot PID...: "<monotonic s> <busy ticks, all CPUs> <ticks of PID1> <ticks of PID2> ..."
+# (ticks = utime+stime; a vanished PID counts 0)
+cpu_snapshot() {
+    python3 - "$@" <<'PY'
+import sys, time
+t = time.monotonic()
+with open("/proc/stat") as f:
+    v = [int(x) for x in f.readline().split()[1:]]
+busy = sum(v[:8]) - v[3] - v[4]  # user nice system idle iowait irq softirq steal
+out = ["%.3f" % t, str(busy)]
+for pid in sys.argv[1:]:
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            s = f.read()
+        fields = s[s.rindex(")") + 2:].split()
+        out.append(str(int(fields[11]) + int(fields[12])))
+    except (OSError, ValueError, IndexError):
+        out.append("0")
+print(" ".join(out))
+PY
+}
+
 free_ports() { # free_ports N: N distinct currently-free loopback ports
     python3 - "$1" <<'PY'
 import socket, sys
@@ -155,14 +218,17 @@ json_field() { # json_field FILE KEY...: prints the fields (space separated) of 
 import json, sys
 path, keys = sys.argv[1], sys.argv[2:]
 obj = None
-with open(path) as f:
-    for line in f:
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                pass
+try:
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    pass
+except OSError:
+    pass
 if obj is None:
     print(" ".join("-" for _ in keys))
 else:
@@ -188,183 +254,97 @@ LG_THREADS=()
 
 # --- build ------------------------------------------------------------------
 if [[ "$SKIP_BUILD" != 1 ]]; then
-    log "building (cargo build --release --examples --bins) in $ROOT"
-    (cd "$ROOT" && cargo build --release --examples --bins)
+    log "building (cargo build --release --examples --bins) in $ROOT, target dir $TARGET_DIR"
+    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --examples --bins)
 fi
 [[ -x "$LOADGEN" ]] || die "loadgen binary not found: $LOADGEN"
-if [[ "$DIRECT_ONLY" != 1 ]]; then
+if [[ "$TP_SCENARIOS $IDLE_SCENARIOS" == *wsguard* ]]; then
     [[ -x "$WSGUARD" ]] || die "wsguard binary not found: $WSGUARD"
 fi
 
-log "temp dir: $TMP; fd limit $(ulimit -n); $(nproc) CPUs"
+log "temp dir: $TMP; fd limit $(ulimit -n); $(nproc) CPUs; loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+log "throughput: [$TP_SCENARIOS] x $ROUNDS round(s); idle: [$IDLE_SCENARIOS]"
 
-# --- backends ---------------------------------------------------------------
-start_echo_server() { # start_echo_server NAME -> sets ECHO_PID / ECHO_PORT
+# --- HMAC keys (base64 of 32 random bytes) -------------------------------------
+python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >"$TMP/client.key"
+python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >"$TMP/upstream.key"
+chmod 600 "$TMP/client.key" "$TMP/upstream.key"
+
+# --- backends -------------------------------------------------------------------
+start_echo_server() { # start_echo_server NAME [EXTRA ARGS...] -> sets ECHO_PID / ECHO_PORT
     local name="$1" line
-    start_bg_split "$TMP/$name.out" "$TMP/$name.err" "$LOADGEN" echo-server --listen 127.0.0.1:0
+    shift
+    start_bg_split "$TMP/$name.out" "$TMP/$name.err" "$LOADGEN" echo-server --listen 127.0.0.1:0 "$@"
     ECHO_PID="$LAST_PID"
     line="$(wait_for_line "$TMP/$name.out" '^LISTENING ' 10 "$ECHO_PID")" || die "$name did not start"
     ECHO_PORT="${line##*:}"
     log "$name listening on 127.0.0.1:$ECHO_PORT (pid $ECHO_PID)"
 }
 
-start_echo_server echo-backend
-BACKEND_PID="$ECHO_PID"
-BACKEND_PORT="$ECHO_PORT"
-
-read -r PROXY_PORT ADMIN_PORT NGINX_PORT <<<"$(free_ports 3)"
-
-WSGUARD_PID=""
-if [[ "$DIRECT_ONLY" != 1 ]]; then
-    cat >"$TMP/wsguard.yaml" <<EOF
-listen: "127.0.0.1:$PROXY_PORT"
+# --- wsguard ----------------------------------------------------------------------
+# start_wsguard NAME BACKEND_PORT PER_CONNECTION KA_INTERVAL KA_UPSTREAM HMAC_MODE(none|off|enforce)
+# -> sets WSG_PID / WSG_PORT / WSG_ADMIN
+start_wsguard() {
+    local name="$1" bport="$2" perconn="$3" ki="$4" ku="$5" hmode="$6" cfg i ready=0
+    cfg="$TMP/wsguard-$name.yaml"
+    read -r WSG_PORT WSG_ADMIN <<<"$(free_ports 2)"
+    cat >"$cfg" <<EOF
+listen: "127.0.0.1:$WSG_PORT"
 admin:
-  listen: "127.0.0.1:$ADMIN_PORT"
+  listen: "127.0.0.1:$WSG_ADMIN"
 log:
   level: warn
 upstream:
-  url: "ws://127.0.0.1:$BACKEND_PORT"
+  url: "ws://127.0.0.1:$bport"
 limits:
   per_ip: null
-  per_connection: null
+  per_connection: $perconn
   max_connections: 100000
 keepalive:
-  interval: 0s
-  upstream_interval: 0s
+  interval: $ki
+  upstream_interval: $ku
 EOF
-    start_bg "$TMP/wsguard.log" "$WSGUARD" run -c "$TMP/wsguard.yaml"
-    WSGUARD_PID="$LAST_PID"
-    ready=0
+    if [[ "$hmode" != none ]]; then
+        cat >>"$cfg" <<EOF
+hmac:
+  mode: $hmode
+  client_keys: [{ id: c1, secret_file: "$TMP/client.key" }]
+  upstream_key: { id: p1, secret_file: "$TMP/upstream.key" }
+EOF
+    fi
+    start_bg_split "$TMP/wsguard-$name.out" "$TMP/wsguard-$name.log" "$WSGUARD" run -c "$cfg"
+    WSG_PID="$LAST_PID"
     for ((i = 0; i < 150; i++)); do
-        if curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$ADMIN_PORT/readyz" 2>/dev/null; then
+        if curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$WSG_ADMIN/readyz" 2>/dev/null; then
             ready=1
             break
         fi
-        if ! kill -0 "$WSGUARD_PID" 2>/dev/null; then
-            tail -n 30 "$TMP/wsguard.log" >&2 || true
-            die "wsguard exited during startup"
+        if ! kill -0 "$WSG_PID" 2>/dev/null; then
+            tail -n 30 "$TMP/wsguard-$name.out" "$TMP/wsguard-$name.log" >&2 || true
+            die "wsguard ($name) exited during startup"
         fi
         sleep 0.1
     done
     if [[ $ready != 1 ]]; then
-        tail -n 30 "$TMP/wsguard.log" >&2 || true
-        die "wsguard /readyz did not return 200 within 15 s"
+        tail -n 30 "$TMP/wsguard-$name.log" >&2 || true
+        die "wsguard ($name) /readyz did not return 200 within 15 s"
     fi
-    log "wsguard ready on 127.0.0.1:$PROXY_PORT (admin $ADMIN_PORT, pid $WSGUARD_PID)"
-fi
-
-# --- idle memory --------------------------------------------------------------
-# run_idle NAME URL PID_TO_MEASURE [EXTRA_PID_TO_MEASURE]
-# Sets IDLE_N (open at READY), IDLE_OK (open at end), IDLE_FAILED, IDLE_DROPPED and
-# RSS_<name> arrays via global assoc arrays below.
-declare -A RSS_BEFORE RSS_AFTER RSS_SESSIONS
-run_idle() {
-    local name="$1" url="$2" m1="$3" m2="${4:-}" line pid rc=0 n
-    local b1 b2
-    b1="$(rss_kib "$m1")"
-    [[ -n "$m2" ]] && b2="$(rss_kib "$m2")"
-    log "idle[$name]: $IDLE_CONNS conns at $IDLE_RATE/s to $url, hold ${IDLE_HOLD}s"
-    start_bg_split "$TMP/idle-$name.out" "$TMP/idle-$name.err" \
-        timeout $((IDLE_CONNS / IDLE_RATE + IDLE_HOLD + 90)) \
-        "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} idle --url "$url" --conns "$IDLE_CONNS" \
-        --hold "$IDLE_HOLD" --rate "$IDLE_RATE" --label "$name"
-    pid="$LAST_PID"
-    if ! line="$(wait_for_line "$TMP/idle-$name.out" '^READY ' $((IDLE_CONNS / IDLE_RATE + 60)) "$pid")"; then
-        stop_pid "$pid"
-        cat "$TMP/idle-$name.err" >&2 || true
-        return 1
-    fi
-    n="${line#READY }"
-    sleep "$IDLE_SETTLE"
-    RSS_BEFORE[$name:$m1]="$b1"
-    RSS_AFTER[$name:$m1]="$(rss_kib "$m1")"
-    RSS_SESSIONS[$name:$m1]="$n"
-    if [[ -n "$m2" ]]; then
-        RSS_BEFORE[$name:$m2]="$b2"
-        RSS_AFTER[$name:$m2]="$(rss_kib "$m2")"
-        RSS_SESSIONS[$name:$m2]="$n"
-    fi
-    RSS_BEFORE[$name:client]=0
-    RSS_AFTER[$name:client]="$(rss_kib "$(pgrep -P "$pid" -x loadgen | head -n1 || true)" 2>/dev/null || echo 0)"
-    RSS_SESSIONS[$name:client]="$n"
-    log "idle[$name]: READY $n; sampled RSS; waiting for the hold to end"
-    wait "$pid" || rc=$?
-    PIDS=($(for p in ${PIDS[@]+"${PIDS[@]}"}; do [[ "$p" == "$pid" ]] || echo "$p"; done))
-    cat "$TMP/idle-$name.err" | grep -v '^idle: attempted=' >&2 || true
-    read -r IDLE_OK IDLE_FAILED IDLE_DROPPED <<<"$(json_field "$TMP/idle-$name.out" open_at_end failed dropped)"
-    IDLE_N="$n"
-    [[ $rc -eq 0 ]] || log "idle[$name]: loadgen exited with status $rc"
-    return 0
+    log "wsguard[$name] ready on 127.0.0.1:$WSG_PORT (admin $WSG_ADMIN, pid $WSG_PID)"
 }
 
-IDLE_ROWS=()
-idle_row() { # idle_row SCENARIO PROCESS KEY
-    local scen="$1" proc="$2" key="$3" before after n per
-    before="${RSS_BEFORE[$key]:-0}"
-    after="${RSS_AFTER[$key]:-0}"
-    n="${RSS_SESSIONS[$key]:-0}"
-    if [[ "$n" -gt 0 ]]; then
-        per="$(calc "round(($after - $before) / $n, 1)")"
-    else
-        per="-"
-    fi
-    IDLE_ROWS+=("| $scen | $proc | $n | $before | $after | $per |")
-}
-
-if [[ "$DIRECT_ONLY" != 1 ]]; then
-    sleep 1
-    if run_idle wsguard "ws://127.0.0.1:$PROXY_PORT/" "$WSGUARD_PID" "$BACKEND_PID"; then
-        idle_row "via wsguard (open at end $IDLE_OK, failed $IDLE_FAILED, dropped $IDLE_DROPPED)" wsguard "wsguard:$WSGUARD_PID"
-        idle_row "via wsguard" "echo backend (info)" "wsguard:$BACKEND_PID"
-        idle_row "via wsguard" "loadgen client (info)" "wsguard:client"
-    else
-        IDLE_ROWS+=("| via wsguard | wsguard | FAILED (see $TMP/idle-wsguard.err) | | | |")
-    fi
-    kill -0 "$WSGUARD_PID" 2>/dev/null || die "wsguard died during the idle test (see $TMP/wsguard.log)"
-fi
-
-# Direct idle against a fresh echo-server, so its baseline is not inflated by earlier runs.
-start_echo_server echo-idle
-IDLE_ECHO_PID="$ECHO_PID"
-if run_idle direct "ws://127.0.0.1:$ECHO_PORT/" "$IDLE_ECHO_PID"; then
-    idle_row "direct (open at end $IDLE_OK, failed $IDLE_FAILED, dropped $IDLE_DROPPED)" "echo backend (info)" "direct:$IDLE_ECHO_PID"
-    idle_row "direct" "loadgen client (info)" "direct:client"
-else
-    IDLE_ROWS+=("| direct | echo backend | FAILED (see $TMP/idle-direct.err) | | | |")
-fi
-stop_pid "$IDLE_ECHO_PID"
-
-# --- throughput -----------------------------------------------------------------
-declare -A TP_RATE TP_P50 TP_P99 TP_ERR
-TP_ORDER=()
-run_echo() { # run_echo NAME URL
-    local name="$1" url="$2" rc=0
-    log "echo[$name]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url"
-    timeout $((DURATION + WARMUP + 120)) "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
-        --conns "$CONNS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --label "$name" \
-        >"$TMP/echo-$name.json" 2>"$TMP/echo-$name.err" || rc=$?
-    cat "$TMP/echo-$name.err" >&2 || true
-    [[ $rc -eq 0 ]] || log "echo[$name]: loadgen exited with status $rc"
-    TP_ORDER+=("$name")
-    read -r TP_RATE[$name] TP_P50[$name] TP_P99[$name] TP_ERR[$name] \
-        <<<"$(json_field "$TMP/echo-$name.json" msgs_per_sec p50_us p99_us errors)"
-    sleep 1
-    return 0
-}
-
-run_echo direct "ws://127.0.0.1:$BACKEND_PORT/"
-[[ "${TP_RATE[direct]}" != "-" ]] || die "direct echo run failed; see $TMP/echo-direct.err"
-
-if [[ "$DIRECT_ONLY" != 1 ]]; then
-    run_echo wsguard "ws://127.0.0.1:$PROXY_PORT/"
-    kill -0 "$WSGUARD_PID" 2>/dev/null || die "wsguard died during the throughput test (see $TMP/wsguard.log)"
-fi
-
-# nginx only needs the echo backend, so it also runs with DIRECT_ONLY=1.
-if [[ "$NO_NGINX" != 1 && -n "$NGINX_BIN" && -x "$NGINX_BIN" ]]; then
+# --- nginx ------------------------------------------------------------------------
+# start_nginx BACKEND_PORT -> sets NGINX_PID (master) / NGINX_PORT; returns 1 if it cannot start
+start_nginx() {
+    local bport="$1" i
     NGX="$TMP/nginx"
+    NGINX_PORT="$(free_ports 1)"
+    rm -rf "$NGX"
     mkdir -p "$NGX/logs"
+    local user_line=""
+    # Run as root, nginx would switch its workers to its compiled-in user; stay root instead.
+    [[ "$(id -u)" == 0 ]] && user_line="user root;"
     cat >"$NGX/nginx.conf" <<EOF
+$user_line
 worker_processes auto;
 daemon on;
 pid $NGX/nginx.pid;
@@ -386,7 +366,7 @@ http {
     server {
         listen 127.0.0.1:$NGINX_PORT;
         location / {
-            proxy_pass http://127.0.0.1:$BACKEND_PORT;
+            proxy_pass http://127.0.0.1:$bport;
             proxy_http_version 1.1;
             proxy_set_header Upgrade \$http_upgrade;
             proxy_set_header Connection \$connection_upgrade;
@@ -402,51 +382,282 @@ EOF
     NGX_E=()
     # -e (startup error log) exists since nginx 1.19.5; avoids touching the compiled-in log path.
     "$NGINX_BIN" -h 2>&1 | grep -q -- '-e filename' && NGX_E=(-e "$NGX/logs/error.log")
-    if "$NGINX_BIN" -t -q -c "$NGX/nginx.conf" -p "$NGX/" ${NGX_E[@]+"${NGX_E[@]}"} >"$NGX/logs/start.log" 2>&1 &&
-        "$NGINX_BIN" -c "$NGX/nginx.conf" -p "$NGX/" ${NGX_E[@]+"${NGX_E[@]}"} >>"$NGX/logs/start.log" 2>&1; then
-        NGINX_PID=""
-        for ((i = 0; i < 50; i++)); do
-            if [[ -s "$NGX/nginx.pid" ]]; then
-                NGINX_PID="$(tr -d '[:space:]' <"$NGX/nginx.pid")"
-                break
-            fi
-            sleep 0.1
-        done
-        if [[ -n "$NGINX_PID" ]]; then
-            PIDS+=("$NGINX_PID")
-            log "nginx master pid $NGINX_PID on 127.0.0.1:$NGINX_PORT"
-            run_echo nginx "ws://127.0.0.1:$NGINX_PORT/"
-            stop_pid "$NGINX_PID"
-        else
-            log "nginx did not write its pid file; skipping (see $NGX/logs)"
-        fi
-    else
+    if ! "$NGINX_BIN" -t -q -c "$NGX/nginx.conf" -p "$NGX/" ${NGX_E[@]+"${NGX_E[@]}"} >"$NGX/logs/start.log" 2>&1 ||
+        ! "$NGINX_BIN" -c "$NGX/nginx.conf" -p "$NGX/" ${NGX_E[@]+"${NGX_E[@]}"} >>"$NGX/logs/start.log" 2>&1; then
         log "nginx failed to start; skipping:"
         cat "$NGX/logs/start.log" >&2 || true
+        return 1
     fi
-else
-    log "nginx not installed (or NO_NGINX=1): skipping nginx comparison"
+    NGINX_PID=""
+    for ((i = 0; i < 50; i++)); do
+        if [[ -s "$NGX/nginx.pid" ]]; then
+            NGINX_PID="$(tr -d '[:space:]' <"$NGX/nginx.pid")"
+            break
+        fi
+        sleep 0.1
+    done
+    if [[ -z "$NGINX_PID" ]]; then
+        log "nginx did not write its pid file; skipping (see $NGX/logs)"
+        return 1
+    fi
+    PIDS+=("$NGINX_PID")
+    sleep 0.3
+    log "nginx master pid $NGINX_PID (workers: $(pgrep -P "$NGINX_PID" | xargs)) on 127.0.0.1:$NGINX_PORT"
+}
+
+# ================================================================================
+# throughput
+# ================================================================================
+declare -A TP_RATE TP_P50 TP_P99 TP_ERR TP_LG TP_PROXY TP_BACK TP_OTHER
+declare -A BASE=(
+    [direct]=""
+    [wsguard]=direct
+    [nginx]=direct
+    [wsguard-msglimit]=wsguard
+    [direct-signed]=direct
+    [wsguard-hmac-off]=direct-signed
+    [wsguard-hmac]=wsguard-hmac-off
+)
+
+# run_echo KEY URL SIGN(0|1) PROXY_PIDS BACKEND_PID
+run_echo() {
+    local key="$1" url="$2" sign="$3" proxy_pids="$4" bpid="$5" rc=0 lpid lg a b
+    local sign_args=()
+    [[ "$sign" == 1 ]] && sign_args=(--sign-key-file "$TMP/client.key" --kid c1)
+    log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)')"
+    timeout $((DURATION + WARMUP + 120)) "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
+        --conns "$CONNS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --label "$key" \
+        ${sign_args[@]+"${sign_args[@]}"} >"$TMP/echo-$key.json" 2>"$TMP/echo-$key.err" &
+    lpid=$!
+    PIDS+=("$lpid")
+    # CPU window: from ~1 s after the warmup to ~the end of the measurement.
+    sleep "$(calc "$WARMUP + 1")"
+    lg="$(pgrep -P "$lpid" -x loadgen | head -n1 || true)"
+    # shellcheck disable=SC2086
+    a="$(cpu_snapshot "${lg:-0}" "$bpid" $proxy_pids)"
+    sleep "$(calc "max($DURATION - 2, 1)")"
+    # shellcheck disable=SC2086
+    b="$(cpu_snapshot "${lg:-0}" "$bpid" $proxy_pids)"
+    wait "$lpid" || rc=$?
+    forget_pid "$lpid"
+    cat "$TMP/echo-$key.err" >&2 || true
+    [[ $rc -eq 0 ]] || log "echo[$key]: loadgen exited with status $rc"
+    read -r TP_RATE[$key] TP_P50[$key] TP_P99[$key] TP_ERR[$key] \
+        <<<"$(json_field "$TMP/echo-$key.json" msgs_per_sec p50_us p99_us errors)"
+    # cores used over the window: loadgen, proxy (sum of its processes), backend, everything else
+    read -r TP_LG[$key] TP_BACK[$key] TP_PROXY[$key] TP_OTHER[$key] <<<"$(python3 - "$CLK_TCK" "$a" "$b" <<'PY'
+import sys
+hz = float(sys.argv[1])
+a = [float(x) for x in sys.argv[2].split()]
+b = [float(x) for x in sys.argv[3].split()]
+dt = b[0] - a[0]
+d = [(y - x) / hz / dt for x, y in zip(a[1:], b[1:])]
+busy, lg, back, proxy = d[0], d[1], d[2], sum(d[3:])
+print("%.2f %.2f %.2f %.2f" % (lg, back, proxy, max(busy - lg - back - proxy, 0.0)))
+PY
+)"
+    log "echo[$key]: cores used: loadgen ${TP_LG[$key]}, proxy ${TP_PROXY[$key]}, backend ${TP_BACK[$key]}, other ${TP_OTHER[$key]}"
+    sleep 1
+}
+
+TP_ROUNDS_DONE=0
+if [[ -n "$TP_SCENARIOS" ]]; then
+    start_echo_server echo-plain
+    PLAIN_PID="$ECHO_PID"
+    PLAIN_PORT="$ECHO_PORT"
+    start_echo_server echo-signed --sign-key-file "$TMP/upstream.key" --kid p1
+    SIGNED_PID="$ECHO_PID"
+    SIGNED_PORT="$ECHO_PORT"
+    sleep 1
+    for ((round = 1; round <= ROUNDS; round++)); do
+        log "=== throughput round $round/$ROUNDS"
+        for s in $TP_SCENARIOS; do
+            k="$s:$round"
+            case "$s" in
+            direct) run_echo "$k" "ws://127.0.0.1:$PLAIN_PORT/" 0 "" "$PLAIN_PID" ;;
+            direct-signed) run_echo "$k" "ws://127.0.0.1:$SIGNED_PORT/" 1 "" "$SIGNED_PID" ;;
+            wsguard | wsguard-msglimit | wsguard-hmac-off | wsguard-hmac)
+                bport="$PLAIN_PORT" bpid="$PLAIN_PID" sign=0 perconn=null hmode=none
+                case "$s" in
+                wsguard-msglimit) perconn="{ messages: { rate: 1000000/s, burst: 1000000 } }" ;;
+                wsguard-hmac-off) bport="$SIGNED_PORT" bpid="$SIGNED_PID" sign=1 ;;
+                wsguard-hmac) bport="$SIGNED_PORT" bpid="$SIGNED_PID" sign=1 hmode=enforce ;;
+                esac
+                start_wsguard "$s-$round" "$bport" "$perconn" 0s 0s "$hmode"
+                run_echo "$k" "ws://127.0.0.1:$WSG_PORT/" "$sign" "$WSG_PID" "$bpid"
+                kill -0 "$WSG_PID" 2>/dev/null || die "wsguard died during $k (see $TMP/wsguard-$s-$round.log)"
+                if [[ "$hmode" == enforce ]]; then
+                    curl -fsS "http://127.0.0.1:$WSG_ADMIN/metrics" 2>/dev/null |
+                        grep -E '^wsguard_(signature_failures|messages)' >"$TMP/metrics-$s-$round.txt" || true
+                fi
+                stop_pid "$WSG_PID"
+                ;;
+            nginx)
+                if start_nginx "$PLAIN_PORT"; then
+                    run_echo "$k" "ws://127.0.0.1:$NGINX_PORT/" 0 "$NGINX_PID $(pgrep -P "$NGINX_PID" | xargs)" "$PLAIN_PID"
+                    stop_pid "$NGINX_PID"
+                fi
+                ;;
+            *) die "unknown throughput scenario $s" ;;
+            esac
+        done
+        TP_ROUNDS_DONE=$round
+    done
+    stop_pid "$SIGNED_PID"
+    stop_pid "$PLAIN_PID"
 fi
 
-# --- report -------------------------------------------------------------------
-echo
-echo "## wsguard benchmark ($(nproc) CPUs, $CONNS conns, $SIZE B messages, ${DURATION}s + ${WARMUP}s warmup)"
-echo
-echo "| scenario | msgs/s | p50 us | p99 us | ratio vs direct | errors |"
-echo "|---|---:|---:|---:|---:|---:|"
-for name in "${TP_ORDER[@]}"; do
-    ratio="-"
-    if [[ "${TP_RATE[$name]}" != "-" && "${TP_RATE[direct]}" != "-" && "${TP_RATE[direct]}" != 0 ]]; then
-        ratio="$(calc "'%.2f' % (${TP_RATE[$name]} / ${TP_RATE[direct]})")"
+# ================================================================================
+# idle sessions: memory and keepalive CPU
+# ================================================================================
+declare -A ID_OPEN ID_END ID_FAIL ID_DROP ID_PINGS ID_RSS0 ID_RSS1 ID_BRSS0 ID_BRSS1 ID_CLRSS ID_CPU ID_BCPU ID_LCPU ID_OTHER ID_WIN ID_RTT
+
+# run_idle NAME URL MEASURED_PID(proxy or backend) BACKEND_PID
+run_idle() {
+    local name="$1" url="$2" mpid="$3" bpid="$4" line pid lg rc=0 a b hold
+    hold="$(calc "$IDLE_SETTLE + $KA_WINDOW + 2")"
+    ID_RSS0[$name]="$(rss_kib "$mpid")"
+    ID_BRSS0[$name]="$(rss_kib "$bpid")"
+    log "idle[$name]: $IDLE_CONNS conns at $IDLE_RATE/s to $url, then ${IDLE_SETTLE}s settle + ${KA_WINDOW}s CPU window"
+    start_bg_split "$TMP/idle-$name.out" "$TMP/idle-$name.err" \
+        timeout "$(calc "int($IDLE_CONNS / $IDLE_RATE + $hold + 90)")" \
+        "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} idle --url "$url" --conns "$IDLE_CONNS" \
+        --hold "$hold" --rate "$IDLE_RATE" --label "$name"
+    pid="$LAST_PID"
+    if ! line="$(wait_for_line "$TMP/idle-$name.out" '^READY ' $((IDLE_CONNS / IDLE_RATE + 60)) "$pid")"; then
+        stop_pid "$pid"
+        cat "$TMP/idle-$name.err" >&2 || true
+        return 1
     fi
-    echo "| $name | ${TP_RATE[$name]} | ${TP_P50[$name]} | ${TP_P99[$name]} | $ratio | ${TP_ERR[$name]} |"
+    ID_OPEN[$name]="${line#READY }"
+    sleep "$IDLE_SETTLE"
+    lg="$(pgrep -P "$pid" -x loadgen | head -n1 || true)"
+    ID_RSS1[$name]="$(rss_kib "$mpid")"
+    ID_BRSS1[$name]="$(rss_kib "$bpid")"
+    ID_CLRSS[$name]="$(rss_kib "${lg:-0}")"
+    log "idle[$name]: READY ${ID_OPEN[$name]}; RSS ${ID_RSS0[$name]} -> ${ID_RSS1[$name]} KiB; CPU window ${KA_WINDOW}s"
+    a="$(cpu_snapshot "$mpid" "$bpid" "${lg:-0}")"
+    sleep "$KA_WINDOW"
+    b="$(cpu_snapshot "$mpid" "$bpid" "${lg:-0}")"
+    read -r ID_WIN[$name] ID_CPU[$name] ID_BCPU[$name] ID_LCPU[$name] ID_OTHER[$name] <<<"$(python3 - "$CLK_TCK" "$a" "$b" "$mpid" "$bpid" <<'PY'
+import sys
+hz = float(sys.argv[1])
+a = [float(x) for x in sys.argv[2].split()]
+b = [float(x) for x in sys.argv[3].split()]
+same = sys.argv[4] == sys.argv[5]
+dt = b[0] - a[0]
+d = [(y - x) / hz / dt * 100 for x, y in zip(a[1:], b[1:])]  # % of one core
+busy, m, back, lg = d
+ours = m + lg + (0 if same else back)
+print("%.2f %.2f %.2f %.2f %.2f" % (dt, m, back, lg, max(busy - ours, 0.0)))
+PY
+)"
+    ID_RTT[$name]="-"
+    if [[ "$mpid" != "$bpid" ]]; then
+        ID_RTT[$name]="$(curl -fsS "http://127.0.0.1:$WSG_ADMIN/metrics" 2>/dev/null |
+            awk '/^wsguard_ping_rtt_seconds_count/ {s += $NF} END {print s + 0}')"
+    fi
+    log "idle[$name]: %CPU over ${ID_WIN[$name]}s: measured ${ID_CPU[$name]}, backend ${ID_BCPU[$name]}, loadgen ${ID_LCPU[$name]}, other ${ID_OTHER[$name]}"
+    wait "$pid" || rc=$?
+    forget_pid "$pid"
+    grep -v '^idle: attempted=' "$TMP/idle-$name.err" >&2 || true
+    read -r ID_END[$name] ID_FAIL[$name] ID_DROP[$name] ID_PINGS[$name] \
+        <<<"$(json_field "$TMP/idle-$name.out" open_at_end failed dropped pings_received)"
+    [[ $rc -eq 0 ]] || log "idle[$name]: loadgen exited with status $rc"
+    return 0
+}
+
+IDLE_DONE=()
+for s in $IDLE_SCENARIOS; do
+    start_echo_server "echo-$s"
+    bpid="$ECHO_PID" bport="$ECHO_PORT"
+    case "$s" in
+    direct-idle)
+        sleep 1
+        run_idle "$s" "ws://127.0.0.1:$bport/" "$bpid" "$bpid" && IDLE_DONE+=("$s")
+        ;;
+    wsguard-idle | wsguard-ka-1s-1s | wsguard-ka-1s-0s)
+        case "$s" in
+        wsguard-idle) ki=0s ku=0s ;;
+        wsguard-ka-1s-1s) ki=1s ku=1s ;;
+        wsguard-ka-1s-0s) ki=1s ku=0s ;;
+        esac
+        start_wsguard "$s" "$bport" null "$ki" "$ku" none
+        sleep 1
+        run_idle "$s" "ws://127.0.0.1:$WSG_PORT/" "$WSG_PID" "$bpid" && IDLE_DONE+=("$s")
+        kill -0 "$WSG_PID" 2>/dev/null || die "wsguard died during idle test $s (see $TMP/wsguard-$s.log)"
+        stop_pid "$WSG_PID"
+        ;;
+    *) die "unknown idle scenario $s" ;;
+    esac
+    stop_pid "$bpid"
 done
+
+# ================================================================================
+# report
+# ================================================================================
+median() { python3 -c 'import statistics, sys; v = [float(x) for x in sys.argv[1:] if x != "-"]; print("%.0f" % statistics.median(v) if v else "-")' "$@"; }
+
 echo
-echo "### Idle memory ($IDLE_CONNS connections requested; RSS from /proc/PID/status VmRSS, KiB)"
+echo "## wsguard benchmark"
 echo
-echo "| scenario | process | sessions open at READY | RSS before | RSS after | KiB per session |"
-echo "|---|---|---:|---:|---:|---:|"
-for row in ${IDLE_ROWS[@]+"${IDLE_ROWS[@]}"}; do
-    echo "$row"
-done
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)); Linux $(uname -r); fd limit $(ulimit -n)"
 echo
+if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
+    echo "### Echo throughput ($CONNS conns, $SIZE B payload, ${WARMUP}s warmup + ${DURATION}s, $TP_ROUNDS_DONE round(s), median)"
+    echo
+    echo "| scenario | msgs/s | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | errors | cores: loadgen / proxy / backend / other |"
+    echo "|---|---:|---|---:|---:|---:|---|---:|---:|---|"
+    declare -A MED
+    for s in $TP_SCENARIOS; do
+        rates=()
+        for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
+            [[ -n "${TP_RATE[$s:$r]:-}" ]] && rates+=("${TP_RATE[$s:$r]}")
+        done
+        [[ ${#rates[@]} -gt 0 ]] || continue
+        MED[$s]="$(median "${rates[@]}")"
+    done
+    for s in $TP_SCENARIOS; do
+        [[ -n "${MED[$s]:-}" ]] || continue
+        rates=() p50s=() p99s=() errs=0 cpu=()
+        for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
+            k="$s:$r"
+            [[ -n "${TP_RATE[$k]:-}" ]] || continue
+            rates+=("${TP_RATE[$k]}")
+            p50s+=("${TP_P50[$k]}")
+            p99s+=("${TP_P99[$k]}")
+            [[ "${TP_ERR[$k]}" =~ ^[0-9]+$ ]] && errs=$((errs + TP_ERR[$k]))
+            cpu+=("${TP_LG[$k]}/${TP_PROXY[$k]}/${TP_BACK[$k]}/${TP_OTHER[$k]}")
+        done
+        rd="-" rb="-" base="${BASE[$s]:-}"
+        [[ -n "${MED[direct]:-}" && "${MED[direct]}" != "-" && "${MED[$s]}" != "-" ]] &&
+            rd="$(calc "'%.2f' % (${MED[$s]} / ${MED[direct]})")"
+        [[ -n "$base" && -n "${MED[$base]:-}" && "${MED[$base]}" != "-" && "${MED[$s]}" != "-" ]] &&
+            rb="$(calc "'%.2f' % (${MED[$s]} / ${MED[$base]})")"
+        echo "| $s | ${MED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $errs | ${cpu[*]} |"
+    done
+    echo
+    echo "cores: CPU cores used over the measurement window, per round (loadgen / proxy / echo backend / rest of the machine)."
+    echo
+fi
+
+if [[ ${#IDLE_DONE[@]} -gt 0 ]]; then
+    echo "### Idle sessions ($IDLE_CONNS requested at $IDLE_RATE/s; RSS = VmRSS KiB sampled ${IDLE_SETTLE}s after READY; CPU over ${KA_WINDOW}s after that)"
+    echo
+    echo "| scenario | open at READY / at end | failed / dropped | measured process | RSS before | RSS after | KiB per session | %CPU (one core) | backend RSS delta / session | backend %CPU | loadgen %CPU | other %CPU | pings answered (loadgen) | ping RTTs (wsguard) |"
+    echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for s in "${IDLE_DONE[@]}"; do
+        n="${ID_OPEN[$s]}"
+        per="-" bper="-"
+        if [[ "$n" =~ ^[0-9]+$ && "$n" -gt 0 ]]; then
+            per="$(calc "round((${ID_RSS1[$s]} - ${ID_RSS0[$s]}) / $n, 2)")"
+            bper="$(calc "round((${ID_BRSS1[$s]} - ${ID_BRSS0[$s]}) / $n, 2)")"
+        fi
+        proc=wsguard
+        [[ "$s" == direct-* ]] && proc="echo backend" bper="(same)"
+        echo "| $s | $n / ${ID_END[$s]} | ${ID_FAIL[$s]} / ${ID_DROP[$s]} | $proc | ${ID_RSS0[$s]} | ${ID_RSS1[$s]} | $per | ${ID_CPU[$s]} | $bper | ${ID_BCPU[$s]} | ${ID_LCPU[$s]} | ${ID_OTHER[$s]} | ${ID_PINGS[$s]} | ${ID_RTT[$s]} |"
+    done
+    echo
+    echo "loadgen client RSS at the sample (KiB, info): $(for s in "${IDLE_DONE[@]}"; do printf '%s=%s ' "$s" "${ID_CLRSS[$s]}"; done)"
+    echo
+fi

@@ -29,7 +29,11 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 
 fn route<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into());
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -37,7 +41,11 @@ fn route<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
             if shared.ready.load(Ordering::SeqCst) && !shared.shutdown.is_cancelled() {
                 respond(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into())
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
             }
         }
         "/metrics" => respond(

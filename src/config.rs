@@ -451,7 +451,9 @@ fn locate(text: &str, path: &str) -> Option<(u64, u64)> {
                 || rest
                     .get(..i)
                     .and_then(|b| b.chars().next_back())
-                    .is_some_and(|c| c.is_whitespace() || c == '{' || c == ',' || c == '"' || c == '\'');
+                    .is_some_and(|c| {
+                        c.is_whitespace() || c == '{' || c == ',' || c == '"' || c == '\''
+                    });
             let after = rest.get(i + key.len()..).unwrap_or("");
             let after = after.trim_start_matches(['"', '\'']);
             if before_ok && after.trim_start_matches(' ').starts_with(':') {
@@ -483,16 +485,28 @@ mod tests {
 
     #[test]
     fn unknown_key_points_at_the_key() {
-        let e = parse("listen: \"127.0.0.1:1\"\nkeepalive:\n  interval: 5s\nbogus: 1\n").unwrap_err();
+        let e =
+            parse("listen: \"127.0.0.1:1\"\nkeepalive:\n  interval: 5s\nbogus: 1\n").unwrap_err();
         assert_eq!((e.line, e.col, e.path.as_str()), (4, 1, "bogus"));
-        assert!(e.message.starts_with("unknown field `bogus`"), "{}", e.message);
+        assert!(
+            e.message.starts_with("unknown field `bogus`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn alias_bomb_is_refused() {
         let mut doc = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 0..20 {
-            doc.push_str(&format!("b{i}: &b{i} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n", p = if i == 0 { "a".to_string() } else { format!("b{}", i - 1) }));
+            doc.push_str(&format!(
+                "b{i}: &b{i} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n",
+                p = if i == 0 {
+                    "a".to_string()
+                } else {
+                    format!("b{}", i - 1)
+                }
+            ));
         }
         assert!(parse(&doc).is_err());
     }

@@ -16,14 +16,17 @@ pub const EXAMPLE_POLICY: &str = include_str!("../config.example.yaml");
 /// A conformant echo server: text and binary come back as sent.
 pub async fn echo_backend(listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let cfg = WebSocketConfig::default()
                 .read_buffer_size(4096)
                 .write_buffer_size(0)
                 .max_message_size(Some(64 << 20))
                 .max_frame_size(Some(16 << 20));
-            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(cfg)).await else {
+            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(cfg)).await
+            else {
                 return;
             };
             while let Some(Ok(msg)) = ws.next().await {
@@ -45,10 +48,13 @@ pub async fn echo_backend(listener: TcpListener) {
 /// Starts the echo backend on an ephemeral loopback port and returns the
 /// example policy pointed at it, listening on loopback.
 pub async fn prepare(listen: SocketAddr, admin: SocketAddr) -> Result<Policy, String> {
-    let backend = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let backend = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let backend_addr = backend.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(echo_backend(backend));
-    let mut policy = Policy::from_text("config.example.yaml", EXAMPLE_POLICY).map_err(|e| e.to_string())?;
+    let mut policy =
+        Policy::from_text("config.example.yaml", EXAMPLE_POLICY).map_err(|e| e.to_string())?;
     policy.listen = listen;
     policy.admin_listen = admin;
     policy.upstream.url = format!("ws://{backend_addr}");

@@ -43,7 +43,9 @@ impl Reject {
         match self {
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
-            Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Reject::Capacity { .. } | Reject::CircuitOpen { .. } | Reject::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -70,7 +70,11 @@ pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
         .trim();
     match base64::engine::general_purpose::STANDARD.decode(key) {
         Ok(raw) if raw.len() == 16 => {}
-        _ => return Err(Reject::BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")),
+        _ => {
+            return Err(Reject::BadRequest(
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            ))
+        }
     }
     let mut protocols = Vec::new();
     for v in h.get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL) {
@@ -144,7 +148,10 @@ pub struct Forwarding<'a> {
 
 /// The end-to-end headers to send upstream, in order, plus the ones wsguard
 /// adds. The handshake headers themselves are written by the dialer.
-pub fn upstream_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> Vec<(HeaderName, HeaderValue)> {
+pub fn upstream_headers(
+    client: &HeaderMap,
+    fwd: &Forwarding<'_>,
+) -> Vec<(HeaderName, HeaderValue)> {
     // Headers the client listed in Connection are hop-by-hop too.
     let listed: Vec<String> = client
         .get_all(hyper::header::CONNECTION)
@@ -208,7 +215,9 @@ pub fn redacted(path_and_query: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn req(f: impl FnOnce(hyper::http::request::Builder) -> hyper::http::request::Builder) -> Request<()> {
+    fn req(
+        f: impl FnOnce(hyper::http::request::Builder) -> hyper::http::request::Builder,
+    ) -> Request<()> {
         let b = Request::builder()
             .uri("/chat?room=1")
             .header("host", "example.com")
@@ -221,7 +230,10 @@ mod tests {
 
     #[test]
     fn valid_upgrade() {
-        let u = validate(&req(|b| b.header("sec-websocket-protocol", "chat, v2.json"))).unwrap();
+        let u = validate(&req(|b| {
+            b.header("sec-websocket-protocol", "chat, v2.json")
+        }))
+        .unwrap();
         assert_eq!(u.protocols, vec!["chat", "v2.json"]);
         assert_eq!(u.path_and_query, "/chat?room=1");
     }
@@ -229,26 +241,37 @@ mod tests {
     #[test]
     fn statuses() {
         let status = |r: Request<()>| validate(&r).map(|_| ()).unwrap_err().status().as_u16();
-        let plain = Request::builder().uri("/").header("host", "x").body(()).unwrap();
+        let plain = Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .body(())
+            .unwrap();
         assert_eq!(status(plain), 426);
         assert_eq!(status(req(|b| b.method("POST"))), 400);
         assert_eq!(status(req(|b| b.version(Version::HTTP_10))), 400);
         let mut r = req(|b| b);
-        r.headers_mut().insert("upgrade", HeaderValue::from_static("h2c"));
+        r.headers_mut()
+            .insert("upgrade", HeaderValue::from_static("h2c"));
         assert_eq!(status(r), 400);
         let mut r = req(|b| b);
-        r.headers_mut().insert("connection", HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert("connection", HeaderValue::from_static("close"));
         assert_eq!(status(r), 400);
         let mut r = req(|b| b);
-        r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("8"));
+        r.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("8"));
         assert_eq!(status(r), 426);
         let mut r = req(|b| b);
-        r.headers_mut().insert("sec-websocket-key", HeaderValue::from_static("c2hvcnQ="));
+        r.headers_mut()
+            .insert("sec-websocket-key", HeaderValue::from_static("c2hvcnQ="));
         assert_eq!(status(r), 400);
         let mut r = req(|b| b);
         r.headers_mut().remove("sec-websocket-key");
         assert_eq!(status(r), 400);
-        assert_eq!(status(req(|b| b.header("sec-websocket-protocol", "a b"))), 400);
+        assert_eq!(
+            status(req(|b| b.header("sec-websocket-protocol", "a b"))),
+            400
+        );
     }
 
     #[test]
@@ -271,7 +294,10 @@ mod tests {
         };
         let h = upstream_headers(r.headers(), &fwd);
         let get = |n: &str| -> Vec<&str> {
-            h.iter().filter(|(k, _)| k == n).map(|(_, v)| v.to_str().unwrap()).collect()
+            h.iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| v.to_str().unwrap())
+                .collect()
         };
         assert_eq!(get("x-forwarded-for"), vec!["1.2.3.4"]);
         assert_eq!(get("x-request-id"), vec!["abc"]);
@@ -286,7 +312,10 @@ mod tests {
 
     #[test]
     fn trusted_peer_list_is_extended() {
-        let r = req(|b| b.header("x-forwarded-for", "1.2.3.4").header("x-request-id", "rid-1"));
+        let r = req(|b| {
+            b.header("x-forwarded-for", "1.2.3.4")
+                .header("x-request-id", "rid-1")
+        });
         let fwd = Forwarding {
             client_ip: "1.2.3.4".parse().unwrap(),
             peer_trusted: true,
@@ -299,7 +328,9 @@ mod tests {
         assert_eq!(xff.len(), 1);
         assert_eq!(xff[0].1, "1.2.3.4, 10.0.0.1");
         assert!(h.iter().any(|(k, v)| k == "x-request-id" && v == "rid-1"));
-        assert!(h.iter().any(|(k, v)| k == "x-forwarded-proto" && v == "https"));
+        assert!(h
+            .iter()
+            .any(|(k, v)| k == "x-forwarded-proto" && v == "https"));
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl Liveness {
     /// here and never forwarded. `None`: not ours.
     pub fn on_pong(&self, payload: &[u8]) -> Option<Duration> {
         let field = |r: std::ops::Range<usize>| -> Option<u64> {
-            payload.get(r).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_be_bytes)
+            payload
+                .get(r)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map(u64::from_be_bytes)
         };
         if payload.len() != 24 || field(0..8)? != self.nonce {
             return None;
@@ -115,7 +118,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pings_then_dead_unless_answered() {
         let l = Liveness::new(2);
-        let Tick::Ping(p1) = l.on_tick() else { panic!() };
+        let Tick::Ping(p1) = l.on_tick() else {
+            panic!()
+        };
         let Tick::Ping(_) = l.on_tick() else { panic!() };
         assert_eq!(l.on_tick(), Tick::Dead);
         // An answer to an outstanding ping revives it.

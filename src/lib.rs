@@ -11,7 +11,10 @@
 //! `config` is the raw YAML, `policy` the validated form every other module
 //! reads; `runtime` holds the hot-swappable policy and process-wide state.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod admin;
 pub mod config;
@@ -73,11 +76,15 @@ impl Running {
     /// and waits up to `grace` for them to finish. Returns true when every
     /// session finished in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        self.shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .ready
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.shared.shutdown.cancel();
         let _ = self.accept.await;
         self.shared.tracker.close();
-        let clean = tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_ok();
+        let clean = tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_ok();
         self.admin.abort();
         clean
     }

@@ -1,6 +1,9 @@
 //! The `wsguard` command line (contract section 1).
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -17,7 +20,11 @@ use wsguard::policy::{parse_duration, Policy};
 use wsguard::sign::{self, Direction, Key, MsgType, SeqState};
 
 #[derive(Parser)]
-#[command(name = "wsguard", version, about = "A WebSocket hardening sidecar proxy")]
+#[command(
+    name = "wsguard",
+    version,
+    about = "A WebSocket hardening sidecar proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -97,7 +104,11 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             // --help and --version are not errors.
-            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.cmd {
@@ -110,8 +121,22 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Demo { listen, admin } => runtime(|| demo(listen, admin)),
-        Cmd::Sign { key, kid, dir, seq, ts, bind, binary } => sign_cmd(&key, &kid, dir, seq, ts, &bind, binary),
-        Cmd::Verify { key, dir, bind, binary, max_skew } => verify_cmd(&key, dir, &bind, binary, max_skew.as_deref()),
+        Cmd::Sign {
+            key,
+            kid,
+            dir,
+            seq,
+            ts,
+            bind,
+            binary,
+        } => sign_cmd(&key, &kid, dir, seq, ts, &bind, binary),
+        Cmd::Verify {
+            key,
+            dir,
+            bind,
+            binary,
+            max_skew,
+        } => verify_cmd(&key, dir, &bind, binary, max_skew.as_deref()),
         Cmd::Connect { url } => runtime(|| connect(url)),
     }
 }
@@ -121,7 +146,10 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(f()),
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -146,7 +174,9 @@ fn check(path: &Path) -> ExitCode {
 fn init_logs(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WSGUARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -214,8 +244,12 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
 
 fn read_key(k: &KeyArgs, kid: &str) -> Result<Key, String> {
     let text = match (&k.key_env, &k.key_file) {
-        (Some(env), _) => std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))?,
-        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        (Some(env), _) => {
+            std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))?
+        }
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
         (None, None) => return Err("--key-env or --key-file is required".into()),
     };
     Key::from_base64(kid, &text)
@@ -223,27 +257,53 @@ fn read_key(k: &KeyArgs, kid: &str) -> Result<Key, String> {
 
 fn stdin_bytes() -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
-    std::io::stdin().read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| e.to_string())?;
     Ok(buf)
 }
 
-fn sign_cmd(k: &KeyArgs, kid: &str, dir: Direction, seq: u64, ts: Option<u64>, bind: &str, binary: bool) -> ExitCode {
+fn sign_cmd(
+    k: &KeyArgs,
+    kid: &str,
+    dir: Direction,
+    seq: u64,
+    ts: Option<u64>,
+    bind: &str,
+    binary: bool,
+) -> ExitCode {
     let result = (|| {
         let key = read_key(k, kid)?;
         if seq == 0 {
             return Err("--seq must be above 0".to_string());
         }
         let payload = stdin_bytes()?;
-        let ty = if binary { MsgType::Binary } else { MsgType::Text };
+        let ty = if binary {
+            MsgType::Binary
+        } else {
+            MsgType::Text
+        };
         if ty == MsgType::Text && std::str::from_utf8(&payload).is_err() {
             return Err("a text payload must be UTF-8 (use --binary)".into());
         }
-        Ok(sign::sign(&key, dir, seq, ts.unwrap_or_else(sign::now_ms), bind, ty, &payload))
+        Ok(sign::sign(
+            &key,
+            dir,
+            seq,
+            ts.unwrap_or_else(sign::now_ms),
+            bind,
+            ty,
+            &payload,
+        ))
     })();
     match result {
         Ok(out) => {
             let mut stdout = std::io::stdout();
-            if stdout.write_all(&out).and_then(|()| stdout.flush()).is_err() {
+            if stdout
+                .write_all(&out)
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 return ExitCode::from(2);
             }
             ExitCode::SUCCESS
@@ -255,26 +315,51 @@ fn sign_cmd(k: &KeyArgs, kid: &str, dir: Direction, seq: u64, ts: Option<u64>, b
     }
 }
 
-fn verify_cmd(k: &KeyArgs, dir: Direction, bind: &str, binary: bool, max_skew: Option<&str>) -> ExitCode {
+fn verify_cmd(
+    k: &KeyArgs,
+    dir: Direction,
+    bind: &str,
+    binary: bool,
+    max_skew: Option<&str>,
+) -> ExitCode {
     let result = (|| {
         let msg = stdin_bytes()?;
         // The key id comes from the envelope; the key file holds one key.
-        let kid = sign::parse(&msg).map(|e| e.kid.to_string()).map_err(|f| f.label().to_string())?;
+        let kid = sign::parse(&msg)
+            .map(|e| e.kid.to_string())
+            .map_err(|f| f.label().to_string())?;
         let key = read_key(k, &kid)?;
         let skew = match max_skew {
             Some(s) => u64::try_from(parse_duration(s)?.as_millis()).unwrap_or(u64::MAX),
             None => u64::MAX,
         };
-        let ty = if binary { MsgType::Binary } else { MsgType::Text };
+        let ty = if binary {
+            MsgType::Binary
+        } else {
+            MsgType::Text
+        };
         let mut state = SeqState::default();
-        sign::verify(std::slice::from_ref(&key), dir, bind, ty, &msg, sign::now_ms(), skew, &mut state)
-            .map(<[u8]>::to_vec)
-            .map_err(|f| f.label().to_string())
+        sign::verify(
+            std::slice::from_ref(&key),
+            dir,
+            bind,
+            ty,
+            &msg,
+            sign::now_ms(),
+            skew,
+            &mut state,
+        )
+        .map(<[u8]>::to_vec)
+        .map_err(|f| f.label().to_string())
     })();
     match result {
         Ok(payload) => {
             let mut stdout = std::io::stdout();
-            if stdout.write_all(&payload).and_then(|()| stdout.flush()).is_err() {
+            if stdout
+                .write_all(&payload)
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 return ExitCode::from(2);
             }
             ExitCode::SUCCESS
@@ -287,7 +372,12 @@ fn verify_cmd(k: &KeyArgs, dir: Direction, bind: &str, binary: bool, max_skew: O
 }
 
 async fn connect(url: String) -> ExitCode {
-    let ws = match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url.as_str())).await {
+    let ws = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
             eprintln!("wsguard connect: {e}");
@@ -303,7 +393,9 @@ async fn connect(url: String) -> ExitCode {
         while let Some(Ok(m)) = rx.next().await {
             match m {
                 tokio_tungstenite::tungstenite::Message::Text(t) => println!("< {t}"),
-                tokio_tungstenite::tungstenite::Message::Binary(b) => println!("< ({} bytes)", b.len()),
+                tokio_tungstenite::tungstenite::Message::Binary(b) => {
+                    println!("< ({} bytes)", b.len())
+                }
                 tokio_tungstenite::tungstenite::Message::Close(f) => {
                     println!("< close {f:?}");
                     break;

@@ -73,9 +73,17 @@ impl Metrics {
             handshakes.clone(),
         );
         let messages = Family::<DirectionLabel, Counter>::default();
-        registry.register("messages", "Data messages relayed, by direction (c2s, s2c)", messages.clone());
+        registry.register(
+            "messages",
+            "Data messages relayed, by direction (c2s, s2c)",
+            messages.clone(),
+        );
         let bytes = Family::<DirectionLabel, Counter>::default();
-        registry.register("bytes", "Payload bytes relayed, by direction (c2s, s2c)", bytes.clone());
+        registry.register(
+            "bytes",
+            "Payload bytes relayed, by direction (c2s, s2c)",
+            bytes.clone(),
+        );
         let rejections = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "rejections",
@@ -89,8 +97,14 @@ impl Metrics {
             signature_failures.clone(),
         );
         // 100us .. ~26s
-        let ping_rtt = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10));
-        registry.register("ping_rtt_seconds", "Round-trip time of wsguard's own keepalive pings", ping_rtt.clone());
+        let ping_rtt = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.0001, 4.0, 10,
+        ));
+        registry.register(
+            "ping_rtt_seconds",
+            "Round-trip time of wsguard's own keepalive pings",
+            ping_rtt.clone(),
+        );
         let circuit_state = Family::<UpstreamLabel, Gauge>::default();
         registry.register(
             "circuit_state",
@@ -98,7 +112,11 @@ impl Metrics {
             circuit_state.clone(),
         );
         let reloads = Family::<ResultLabel, Counter>::default();
-        registry.register("reloads", "Policy reloads by result (ok, error)", reloads.clone());
+        registry.register(
+            "reloads",
+            "Policy reloads by result (ok, error)",
+            reloads.clone(),
+        );
         let policy_generation = Gauge::default();
         registry.register(
             "policy_generation",

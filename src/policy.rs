@@ -42,7 +42,11 @@ impl fmt::Display for Problems {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}:{}:{}: {}: {}", self.file, p.line, p.col, p.path, p.message)?;
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file, p.line, p.col, p.path, p.message
+            )?;
         }
         Ok(())
     }
@@ -177,7 +181,9 @@ impl Cidr {
         let ip = canonical_ip(ip);
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -287,7 +293,11 @@ impl Check {
             None => parsed.map(|(count, _)| u64::from(count.get())),
             Some(b) => match parse_size(&b.value) {
                 Ok(0) => {
-                    self.push(b.referenced, &format!("{path}.burst"), "burst must be at least 1");
+                    self.push(
+                        b.referenced,
+                        &format!("{path}.burst"),
+                        "burst must be at least 1",
+                    );
                     None
                 }
                 Ok(n) => Some(n),
@@ -301,7 +311,11 @@ impl Check {
         let burst = burst?;
         let Some(burst) = u32::try_from(burst).ok().and_then(NonZeroU32::new) else {
             let loc = r.burst.as_ref().map_or(r.rate.referenced, |b| b.referenced);
-            self.push(loc, &format!("{path}.burst"), "burst must be 1..=4294967295");
+            self.push(
+                loc,
+                &format!("{path}.burst"),
+                "burst must be 1..=4294967295",
+            );
             return None;
         };
         Some(Rate { count, per, burst })
@@ -373,7 +387,11 @@ pub fn parse_rate(s: &str, bytes: bool) -> Result<(NonZeroU32, Duration), String
         }
     };
     let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
-    let count = if bytes { size_text(n)? } else { n.trim().parse::<u64>().map_err(|_| bad())? };
+    let count = if bytes {
+        size_text(n)?
+    } else {
+        n.trim().parse::<u64>().map_err(|_| bad())?
+    };
     let per = match unit.trim() {
         "s" => Duration::from_secs(1),
         "m" => Duration::from_secs(60),
@@ -381,7 +399,9 @@ pub fn parse_rate(s: &str, bytes: bool) -> Result<(NonZeroU32, Duration), String
         _ => return Err(bad()),
     };
     if count == 0 {
-        return Err(format!("`{s}`: a rate must be above zero (use null to turn the limit off)"));
+        return Err(format!(
+            "`{s}`: a rate must be above zero (use null to turn the limit off)"
+        ));
     }
     let count = u32::try_from(count)
         .ok()
@@ -419,7 +439,10 @@ fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
         (format!("[{h}]"), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?),
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
+            ),
             None => (authority.to_string(), 80),
         }
     };
@@ -440,19 +463,31 @@ fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign
         (Some(env), None) => match std::env::var(&env.value) {
             Ok(v) => v,
             Err(_) => {
-                c.push(env.referenced, &format!("{path}.secret_env"), format!("environment variable `{}` is not set", env.value));
+                c.push(
+                    env.referenced,
+                    &format!("{path}.secret_env"),
+                    format!("environment variable `{}` is not set", env.value),
+                );
                 return None;
             }
         },
         (None, Some(file)) => match std::fs::read_to_string(&file.value) {
             Ok(v) => v,
             Err(e) => {
-                c.push(file.referenced, &format!("{path}.secret_file"), format!("cannot read `{}`: {e}", file.value));
+                c.push(
+                    file.referenced,
+                    &format!("{path}.secret_file"),
+                    format!("cannot read `{}`: {e}", file.value),
+                );
                 return None;
             }
         },
         _ => {
-            c.push(k.id.referenced, path, "exactly one of secret_env or secret_file is required");
+            c.push(
+                k.id.referenced,
+                path,
+                "exactly one of secret_env or secret_file is required",
+            );
             return None;
         }
     };
@@ -469,14 +504,24 @@ impl TryFrom<&Config> for Policy {
     type Error = Vec<Problem>;
 
     fn try_from(cfg: &Config) -> Result<Policy, Vec<Problem>> {
-        let mut c = Check { problems: Vec::new() };
+        let mut c = Check {
+            problems: Vec::new(),
+        };
         let listen = c.addr(&cfg.listen, "listen", "0.0.0.0:8080");
         if let Some(tls) = &cfg.tls {
             c.unsupported(tls.referenced, "tls");
         }
         let admin = cfg.admin.as_ref();
-        let admin_listen = c.addr(&admin.and_then(|a| a.listen.clone()), "admin.listen", "127.0.0.1:9090");
-        let shutdown_grace = c.duration(&cfg.shutdown_grace, "shutdown_grace", Duration::from_secs(10));
+        let admin_listen = c.addr(
+            &admin.and_then(|a| a.listen.clone()),
+            "admin.listen",
+            "127.0.0.1:9090",
+        );
+        let shutdown_grace = c.duration(
+            &cfg.shutdown_grace,
+            "shutdown_grace",
+            Duration::from_secs(10),
+        );
 
         let log = cfg.log.as_ref();
         let log_format = log.and_then(|l| l.format).unwrap_or_default();
@@ -485,7 +530,11 @@ impl TryFrom<&Config> for Policy {
             Some(l) => {
                 let v = l.value.to_ascii_lowercase();
                 if !["trace", "debug", "info", "warn", "error"].contains(&v.as_str()) {
-                    c.push(l.referenced, "log.level", "must be one of trace, debug, info, warn, error");
+                    c.push(
+                        l.referenced,
+                        "log.level",
+                        "must be one of trace, debug, info, warn, error",
+                    );
                 }
                 v
             }
@@ -541,7 +590,11 @@ fn upstream(c: &mut Check, u: Option<&config::UpstreamConfig>, path: &str) -> Up
         Duration::from_secs(2),
     );
     if connect_timeout.is_zero() {
-        c.push(loc, &format!("{path}.connect_timeout"), "must be above zero");
+        c.push(
+            loc,
+            &format!("{path}.connect_timeout"),
+            "must be above zero",
+        );
     }
     if let Some(tls) = u.and_then(|u| u.tls.as_ref()) {
         if tls.value.ca_file.is_some() || tls.value.server_name.is_some() {
@@ -568,22 +621,50 @@ fn breaker(c: &mut Check, b: &config::BreakerConfig, up: &str) -> BreakerPolicy 
     let path = format!("{up}.circuit_breaker");
     let consecutive_failures = b.consecutive_failures.as_ref().map_or(5, |v| v.value);
     if let Some(v) = b.consecutive_failures.as_ref().filter(|v| v.value == 0) {
-        c.push(v.referenced, &format!("{path}.consecutive_failures"), "must be at least 1 (use `circuit_breaker: null` to turn it off)");
+        c.push(
+            v.referenced,
+            &format!("{path}.consecutive_failures"),
+            "must be at least 1 (use `circuit_breaker: null` to turn it off)",
+        );
     }
     let half_open_probes = b.half_open_probes.as_ref().map_or(1, |v| v.value);
     if let Some(v) = b.half_open_probes.as_ref().filter(|v| v.value == 0) {
-        c.push(v.referenced, &format!("{path}.half_open_probes"), "must be at least 1");
+        c.push(
+            v.referenced,
+            &format!("{path}.half_open_probes"),
+            "must be at least 1",
+        );
     }
-    let open_for = c.duration(&b.open_for, &format!("{path}.open_for"), Duration::from_secs(30));
-    let max_open_for = c.duration(&b.max_open_for, &format!("{path}.max_open_for"), Duration::from_secs(300));
+    let open_for = c.duration(
+        &b.open_for,
+        &format!("{path}.open_for"),
+        Duration::from_secs(30),
+    );
+    let max_open_for = c.duration(
+        &b.max_open_for,
+        &format!("{path}.max_open_for"),
+        Duration::from_secs(300),
+    );
     if open_for.is_zero() {
         if let Some(s) = &b.open_for {
-            c.push(s.referenced, &format!("{path}.open_for"), "must be above zero");
+            c.push(
+                s.referenced,
+                &format!("{path}.open_for"),
+                "must be above zero",
+            );
         }
     }
     if max_open_for < open_for {
-        let loc = b.max_open_for.as_ref().or(b.open_for.as_ref()).map_or(Location::UNKNOWN, |s| s.referenced);
-        c.push(loc, &format!("{path}.max_open_for"), "must be at least open_for");
+        let loc = b
+            .max_open_for
+            .as_ref()
+            .or(b.open_for.as_ref())
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.max_open_for"),
+            "must be at least open_for",
+        );
     }
     BreakerPolicy {
         consecutive_failures,
@@ -615,7 +696,11 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     }
     if let Some(b) = &h.bind_claim {
         // Binding needs the JWT guard, which is not built yet.
-        c.push(b.referenced, &format!("{path}.bind_claim"), format!("{NOT_YET} (needs jwt)"));
+        c.push(
+            b.referenced,
+            &format!("{path}.bind_claim"),
+            format!("{NOT_YET} (needs jwt)"),
+        );
     }
     let mut client_keys = Vec::new();
     match &h.client_keys {
@@ -623,7 +708,11 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
             for (i, k) in keys.value.iter().enumerate() {
                 if let Some(key) = hmac_key(c, k, &format!("{path}.client_keys[{i}]")) {
                     if client_keys.iter().any(|x: &sign::Key| x.kid() == key.kid()) {
-                        c.push(k.id.referenced, &format!("{path}.client_keys[{i}].id"), "duplicate key id");
+                        c.push(
+                            k.id.referenced,
+                            &format!("{path}.client_keys[{i}].id"),
+                            "duplicate key id",
+                        );
                     }
                     client_keys.push(key);
                 }
@@ -631,17 +720,29 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
         }
         other => {
             let loc = other.as_ref().map_or(mode_loc, |k| k.referenced);
-            c.push(loc, &format!("{path}.client_keys"), "at least one key is required when hmac.mode is not off");
+            c.push(
+                loc,
+                &format!("{path}.client_keys"),
+                "at least one key is required when hmac.mode is not off",
+            );
         }
     }
     let upstream_key = match &h.upstream_key {
         Some(k) => hmac_key(c, &k.value, &format!("{path}.upstream_key")),
         None => {
-            c.push(mode_loc, &format!("{path}.upstream_key"), "required when hmac.mode is not off");
+            c.push(
+                mode_loc,
+                &format!("{path}.upstream_key"),
+                "required when hmac.mode is not off",
+            );
             None
         }
     };
-    let max_skew = c.duration(&h.max_skew, &format!("{path}.max_skew"), Duration::from_secs(30));
+    let max_skew = c.duration(
+        &h.max_skew,
+        &format!("{path}.max_skew"),
+        Duration::from_secs(30),
+    );
     let upstream_key = upstream_key?;
     if client_keys.is_empty() {
         return None;
@@ -661,22 +762,49 @@ fn keepalive(c: &mut Check, k: Option<&config::KeepaliveConfig>, path: &str) -> 
     let k = k.unwrap_or(&d);
     let max_missed = k.max_missed.as_ref().map_or(3, |v| v.value);
     if let Some(v) = k.max_missed.as_ref().filter(|v| v.value == 0) {
-        c.push(v.referenced, &format!("{path}.max_missed"), "must be at least 1 (use interval: 0s to stop pinging)");
+        c.push(
+            v.referenced,
+            &format!("{path}.max_missed"),
+            "must be at least 1 (use interval: 0s to stop pinging)",
+        );
     }
-    let interval = c.timer(&k.interval, &format!("{path}.interval"), Duration::from_secs(25));
-    let upstream_interval = c.timer(&k.upstream_interval, &format!("{path}.upstream_interval"), Duration::from_secs(25));
-    for (v, name) in [(&interval, "interval"), (&upstream_interval, "upstream_interval")] {
+    let interval = c.timer(
+        &k.interval,
+        &format!("{path}.interval"),
+        Duration::from_secs(25),
+    );
+    let upstream_interval = c.timer(
+        &k.upstream_interval,
+        &format!("{path}.upstream_interval"),
+        Duration::from_secs(25),
+    );
+    for (v, name) in [
+        (&interval, "interval"),
+        (&upstream_interval, "upstream_interval"),
+    ] {
         if v.is_some_and(|d| d < Duration::from_millis(100)) {
-            let loc = if name == "interval" { &k.interval } else { &k.upstream_interval };
+            let loc = if name == "interval" {
+                &k.interval
+            } else {
+                &k.upstream_interval
+            };
             let loc = loc.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
-            c.push(loc, &format!("{path}.{name}"), "must be 0s (off) or at least 100ms");
+            c.push(
+                loc,
+                &format!("{path}.{name}"),
+                "must be 0s (off) or at least 100ms",
+            );
         }
     }
     Keepalive {
         interval,
         max_missed,
         upstream_interval,
-        idle_timeout: c.timer(&k.idle_timeout, &format!("{path}.idle_timeout"), Duration::ZERO),
+        idle_timeout: c.timer(
+            &k.idle_timeout,
+            &format!("{path}.idle_timeout"),
+            Duration::ZERO,
+        ),
     }
 }
 
@@ -685,32 +813,73 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
     let l = l.unwrap_or(&d);
     let max_connections = l.max_connections.as_ref().map_or(10_000, |v| v.value);
     if let Some(v) = l.max_connections.as_ref().filter(|v| v.value == 0) {
-        c.push(v.referenced, &format!("{path}.max_connections"), "must be at least 1");
+        c.push(
+            v.referenced,
+            &format!("{path}.max_connections"),
+            "must be at least 1",
+        );
     }
-    let max_message = c.size(&l.max_message_size, &format!("{path}.max_message_size"), 1 << 20);
-    let max_frame = c.size(&l.max_frame_size, &format!("{path}.max_frame_size"), 256 << 10);
+    let max_message = c.size(
+        &l.max_message_size,
+        &format!("{path}.max_message_size"),
+        1 << 20,
+    );
+    let max_frame = c.size(
+        &l.max_frame_size,
+        &format!("{path}.max_frame_size"),
+        256 << 10,
+    );
     // 128 bytes is below any useful message; 1 GiB is above any sane one and
     // would let one client pin that much memory.
     const SANE: std::ops::RangeInclusive<u64> = 128..=(1 << 30);
     if !SANE.contains(&max_message) {
-        let loc = l.max_message_size.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
-        c.push(loc, &format!("{path}.max_message_size"), "must be between 128 bytes and 1GiB");
+        let loc = l
+            .max_message_size
+            .as_ref()
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.max_message_size"),
+            "must be between 128 bytes and 1GiB",
+        );
     }
     if !SANE.contains(&max_frame) {
-        let loc = l.max_frame_size.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
-        c.push(loc, &format!("{path}.max_frame_size"), "must be between 128 bytes and 1GiB");
+        let loc = l
+            .max_frame_size
+            .as_ref()
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.max_frame_size"),
+            "must be between 128 bytes and 1GiB",
+        );
     } else if max_frame > max_message {
         let loc = l
             .max_frame_size
             .as_ref()
             .or(l.max_message_size.as_ref())
             .map_or(Location::UNKNOWN, |s| s.referenced);
-        c.push(loc, &format!("{path}.max_frame_size"), format!("must not exceed max_message_size ({max_message} bytes)"));
+        c.push(
+            loc,
+            &format!("{path}.max_frame_size"),
+            format!("must not exceed max_message_size ({max_message} bytes)"),
+        );
     }
-    let handshake_timeout = c.duration(&l.handshake_timeout, &format!("{path}.handshake_timeout"), Duration::from_secs(10));
+    let handshake_timeout = c.duration(
+        &l.handshake_timeout,
+        &format!("{path}.handshake_timeout"),
+        Duration::from_secs(10),
+    );
     if handshake_timeout.is_zero() {
-        let loc = l.handshake_timeout.as_ref().map_or(Location::UNKNOWN, |s| s.referenced);
-        c.push(loc, &format!("{path}.handshake_timeout"), "must be above zero");
+        let loc = l
+            .handshake_timeout
+            .as_ref()
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.handshake_timeout"),
+            "must be above zero",
+        );
     }
     let mut trusted_proxies = Vec::new();
     for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
@@ -734,7 +903,12 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
                 Tri::Missing => Some(default_rate(5, 20)),
                 Tri::Set(r) => c.rate(r, &format!("{path}.per_ip.handshakes"), false),
             };
-            let conns = cap(c, &p.connections, 100, &format!("{path}.per_ip.connections"));
+            let conns = cap(
+                c,
+                &p.connections,
+                100,
+                &format!("{path}.per_ip.connections"),
+            );
             (hs, conns)
         }
     };
@@ -742,10 +916,18 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         // Subjects come from the JWT guard, which is not built yet: a
         // non-null per-subject limit could never be enforced.
         if let Tri::Set(v) = &s.connections {
-            c.push(v.referenced, &format!("{path}.per_subject.connections"), format!("{NOT_YET} (needs jwt; set per_subject: null)"));
+            c.push(
+                v.referenced,
+                &format!("{path}.per_subject.connections"),
+                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
+            );
         }
         if let Tri::Set(v) = &s.messages {
-            c.push(v.referenced, &format!("{path}.per_subject.messages"), format!("{NOT_YET} (needs jwt; set per_subject: null)"));
+            c.push(
+                v.referenced,
+                &format!("{path}.per_subject.messages"),
+                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
+            );
         }
     }
     let (per_connection_messages, per_connection_bytes) = match &l.per_connection {
@@ -786,7 +968,11 @@ fn cap(c: &mut Check, v: &Tri<Spanned<u32>>, default: u32, path: &str) -> Option
         Tri::Null => None,
         Tri::Missing => Some(default),
         Tri::Set(n) if n.value == 0 => {
-            c.push(n.referenced, path, "must be at least 1 (use null to turn the cap off)");
+            c.push(
+                n.referenced,
+                path,
+                "must be at least 1 (use null to turn the cap off)",
+            );
             None
         }
         Tri::Set(n) => Some(n.value),
@@ -894,12 +1080,18 @@ mod tests {
     fn frame_larger_than_message_is_refused() {
         let p = problems("limits:\n  max_message_size: 64KiB\n  max_frame_size: 1MiB\n");
         assert_eq!(p.len(), 1, "{p:?}");
-        assert_eq!((p[0].line, p[0].path.as_str()), (3, "limits.max_frame_size"));
+        assert_eq!(
+            (p[0].line, p[0].path.as_str()),
+            (3, "limits.max_frame_size")
+        );
     }
 
     #[test]
     fn unbuilt_features_are_refused_unless_off() {
-        assert!(problems("origin: { mode: off }\njwt: { mode: off }\nroutes: []\nlimits: { shared: null }\n").is_empty());
+        assert!(problems(
+            "origin: { mode: off }\njwt: { mode: off }\nroutes: []\nlimits: { shared: null }\n"
+        )
+        .is_empty());
         let p = problems("jwt:\n  mode: enforce\n");
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].message, "not supported yet");
@@ -938,6 +1130,8 @@ mod tests {
         let c = Cidr::parse("fd00::/8").unwrap();
         assert!(c.contains("fd12::1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
     }
 }

@@ -53,7 +53,12 @@ pub struct Shared {
 type BreakerKey = (u32, u128, u128, u32);
 
 fn breaker_key(b: &BreakerPolicy) -> BreakerKey {
-    (b.consecutive_failures, b.open_for.as_nanos(), b.max_open_for.as_nanos(), b.half_open_probes)
+    (
+        b.consecutive_failures,
+        b.open_for.as_nanos(),
+        b.max_open_for.as_nanos(),
+        b.half_open_probes,
+    )
 }
 
 impl Shared {
@@ -96,19 +101,27 @@ impl Shared {
                 let gauge = self
                     .metrics
                     .circuit_state
-                    .get_or_create(&UpstreamLabel { upstream: policy.upstream.url.clone() })
+                    .get_or_create(&UpstreamLabel {
+                        upstream: policy.upstream.url.clone(),
+                    })
                     .clone();
                 Arc::new(Breaker::new(b, policy.upstream.url.clone(), gauge))
             }))
         });
         let rt = Runtime {
             ws_config: ws_config(&policy.limits),
-            handshakes: policy.limits.per_ip_handshakes.as_ref().map(HandshakeLimiter::new),
+            handshakes: policy
+                .limits
+                .per_ip_handshakes
+                .as_ref()
+                .map(HandshakeLimiter::new),
             breaker,
             generation,
             policy,
         };
-        self.metrics.policy_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.metrics
+            .policy_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
         self.current.store(Arc::new(rt));
     }
 }

@@ -18,7 +18,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE};
+use hyper::header::{
+    HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -120,7 +123,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 }
 
 fn reject_response(r: &Reject) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(format!("{}\n", r.status().canonical_reason().unwrap_or("error")))));
+    let mut resp = Response::new(Full::new(Bytes::from(format!(
+        "{}\n",
+        r.status().canonical_reason().unwrap_or("error")
+    ))));
     *resp.status_mut() = r.status();
     let h = resp.headers_mut();
     h.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -142,7 +148,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
     resp
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, deadline: Instant) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    deadline: Instant,
+) -> Response<Body> {
     match upgrade(req, peer, &shared, deadline).await {
         Ok(resp) => {
             shared.metrics.handshake("ok");
@@ -159,7 +170,12 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>, d
     }
 }
 
-async fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>, deadline: Instant) -> Result<Response<Body>, Reject> {
+async fn upgrade(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    deadline: Instant,
+) -> Result<Response<Body>, Reject> {
     if shared.shutdown.is_cancelled() {
         return Err(Reject::ShuttingDown);
     }
@@ -168,13 +184,19 @@ async fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shar
     let policy = &rt.policy;
     let limits = &policy.limits;
 
-    let xff: Vec<&str> = req.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let xff: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
     let ip = client_ip(peer.ip(), &xff, &limits.trusted_proxies);
     let peer_trusted = limits.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let key = IpKey::new(ip);
 
     if let Some(l) = &rt.handshakes {
-        l.check(key).map_err(|retry_after| Reject::RateLimited { retry_after })?;
+        l.check(key)
+            .map_err(|retry_after| Reject::RateLimited { retry_after })?;
     }
     let slot = shared
         .counts
@@ -202,7 +224,15 @@ async fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shar
         },
     );
     let dial_deadline = deadline.min(Instant::now() + policy.upstream.connect_timeout);
-    let dialed = upstream::dial(&policy.upstream, &up.path_and_query, &up.protocols, &headers, rt.ws_config, dial_deadline).await;
+    let dialed = upstream::dial(
+        &policy.upstream,
+        &up.path_and_query,
+        &up.protocols,
+        &headers,
+        rt.ws_config,
+        dial_deadline,
+    )
+    .await;
     let dialed = match dialed {
         Ok(d) => {
             if let Some(p) = permit {
@@ -237,7 +267,11 @@ async fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shar
     if let Ok(v) = HeaderValue::from_str(&derive_accept_key(up.key.as_bytes())) {
         h.insert(SEC_WEBSOCKET_ACCEPT, v);
     }
-    if let Some(p) = dialed.protocol.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+    if let Some(p) = dialed
+        .protocol
+        .as_deref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p);
     }
 
@@ -256,7 +290,9 @@ async fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shar
             Ok(Ok(u)) => u,
             _ => return,
         };
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        let client =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
         session::run(client, dialed.ws, rt2, shared2, info).await;
     });
     Ok(resp)

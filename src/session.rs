@@ -115,7 +115,9 @@ fn violation(e: &WsError) -> Option<(u16, &'static str)> {
         WsError::Capacity(_) => Some((1009, "message too big")),
         WsError::Utf8(_) => Some((1007, "invalid utf-8")),
         WsError::Protocol(
-            ProtocolError::ResetWithoutClosingHandshake | ProtocolError::SendAfterClosing | ProtocolError::ReceivedAfterClosing,
+            ProtocolError::ResetWithoutClosingHandshake
+            | ProtocolError::SendAfterClosing
+            | ProtocolError::ReceivedAfterClosing,
         ) => None,
         WsError::Protocol(_) => Some((1002, "protocol error")),
         _ => None,
@@ -156,7 +158,15 @@ fn resign(
     let build = |payload: Bytes, signed: bool, out_seq: &mut u64| -> Option<Message> {
         let data = if signed {
             *out_seq += 1;
-            Bytes::from(sign::sign(sign_key, dir, *out_seq, sign::now_ms(), "", ty, &payload))
+            Bytes::from(sign::sign(
+                sign_key,
+                dir,
+                *out_seq,
+                sign::now_ms(),
+                "",
+                ty,
+                &payload,
+            ))
         } else {
             payload
         };
@@ -174,7 +184,11 @@ fn resign(
             let reason = failure.label();
             p.sig_failure(reason);
             if h.mode == Mode::Report {
-                tracing::info!(reason, direction = dir.as_str(), "signature failure (report mode, forwarded unsigned)");
+                tracing::info!(
+                    reason,
+                    direction = dir.as_str(),
+                    "signature failure (report mode, forwarded unsigned)"
+                );
                 let payload = match sign::parse(&raw) {
                     Ok(env) => raw.slice(raw.len() - env.payload.len()..),
                     Err(_) => raw,
@@ -222,7 +236,9 @@ where
         };
         let msg = match next {
             None => return End::ClientGone,
-            Some(Err(e)) => return violation(&e).map_or(End::ClientGone, |(c, r)| End::ClientViolation(c, r)),
+            Some(Err(e)) => {
+                return violation(&e).map_or(End::ClientGone, |(c, r)| End::ClientViolation(c, r))
+            }
             Some(Ok(m)) => m,
         };
         let msg = match msg {
@@ -241,7 +257,17 @@ where
                 }
                 let msg = match hmac {
                     None => msg,
-                    Some(h) => match resign(h, p, Direction::C2s, true, &h.client_keys, &h.upstream_key, &mut seq_in, &mut seq_out, msg) {
+                    Some(h) => match resign(
+                        h,
+                        p,
+                        Direction::C2s,
+                        true,
+                        &h.client_keys,
+                        &h.upstream_key,
+                        &mut seq_in,
+                        &mut seq_out,
+                        msg,
+                    ) {
                         Signed::Forward(m) => m,
                         Signed::Drop => continue,
                         Signed::Close(reason) => return End::Policy("signature failure", reason),
@@ -304,7 +330,10 @@ where
         };
         let msg = match next {
             None => return End::UpstreamGone,
-            Some(Err(e)) => return violation(&e).map_or(End::UpstreamGone, |(c, r)| End::UpstreamViolation(c, r)),
+            Some(Err(e)) => {
+                return violation(&e)
+                    .map_or(End::UpstreamGone, |(c, r)| End::UpstreamViolation(c, r))
+            }
             Some(Ok(m)) => m,
         };
         let msg = match msg {
@@ -317,10 +346,22 @@ where
                     Some(h) => {
                         let first = h.client_keys.first().unwrap_or(&h.upstream_key);
                         let keys = std::slice::from_ref(&h.upstream_key);
-                        match resign(h, p, Direction::S2c, h.verify_upstream, keys, first, &mut seq_in, &mut seq_out, msg) {
+                        match resign(
+                            h,
+                            p,
+                            Direction::S2c,
+                            h.verify_upstream,
+                            keys,
+                            first,
+                            &mut seq_in,
+                            &mut seq_out,
+                            msg,
+                        ) {
                             Signed::Forward(m) => m,
                             Signed::Drop => continue,
-                            Signed::Close(reason) => return End::Policy("backend signature failure", reason),
+                            Signed::Close(reason) => {
+                                return End::Policy("backend signature failure", reason)
+                            }
                         }
                     }
                 };
@@ -354,7 +395,8 @@ where
 }
 
 fn take_one(n: &AtomicU32) -> bool {
-    n.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1)).is_ok()
+    n.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 async fn idle_watch(p: &Pumps<'_>, timeout: Option<Duration>) {
@@ -374,15 +416,17 @@ async fn idle_watch(p: &Pumps<'_>, timeout: Option<Duration>) {
 /// Reads until the peer closes, bounded in time, so our close frame is
 /// answered and the TCP connection ends cleanly.
 async fn drain<S: AsyncRead + AsyncWrite + Unpin>(rx: &mut Rx<S>, wait: Duration) {
-    let _ = tokio::time::timeout(wait, async {
-        while let Some(Ok(_)) = rx.next().await {}
-    })
-    .await;
+    let _ = tokio::time::timeout(wait, async { while let Some(Ok(_)) = rx.next().await {} }).await;
 }
 
 /// Sends `msg` (a close frame, or nothing for a close the peer started)
 /// and waits for the peer's side of the close.
-async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(tx: &mut Tx<S>, rx: &mut Rx<S>, msg: Option<Message>, wait: Duration) {
+async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
+    tx: &mut Tx<S>,
+    rx: &mut Rx<S>,
+    msg: Option<Message>,
+    wait: Duration,
+) {
     let sent = tokio::time::timeout(wait, async {
         match msg {
             Some(m) => tx.send(m).await,
@@ -397,8 +441,13 @@ async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(tx: &mut Tx<S>, rx: &mut 
 }
 
 /// Runs a session to the end and writes its access-log line.
-pub async fn run<C, U>(client: WebSocketStream<C>, upstream: WebSocketStream<U>, rt: Arc<Runtime>, shared: Arc<Shared>, info: SessionInfo)
-where
+pub async fn run<C, U>(
+    client: WebSocketStream<C>,
+    upstream: WebSocketStream<U>,
+    rt: Arc<Runtime>,
+    shared: Arc<Shared>,
+    info: SessionInfo,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -415,7 +464,10 @@ where
         last_data_ms: AtomicU64::new(0),
         msgs: [AtomicU64::new(0), AtomicU64::new(0)],
         bytes: [AtomicU64::new(0), AtomicU64::new(0)],
-        limiter: MessageLimiter::new(limits.per_connection_messages.as_ref(), limits.per_connection_bytes.as_ref()),
+        limiter: MessageLimiter::new(
+            limits.per_connection_messages.as_ref(),
+            limits.per_connection_bytes.as_ref(),
+        ),
     };
     shared.metrics.connections_active.inc();
     let (mut ctx, mut crx) = client.split();
@@ -429,18 +481,68 @@ where
     };
 
     // (frame to client, frame to backend, who ended it, client wait)
-    let (to_client, to_upstream, side, client_wait): (Option<Message>, Option<Message>, &str, Duration) = match &end {
+    let (to_client, to_upstream, side, client_wait): (
+        Option<Message>,
+        Option<Message>,
+        &str,
+        Duration,
+    ) = match &end {
         End::ClientClosed(f) => (None, Some(Message::Close(f.clone())), "client", CLOSE_WAIT),
         End::UpstreamClosed(f) => (Some(Message::Close(f.clone())), None, "backend", CLOSE_WAIT),
-        End::ClientGone => (None, Some(close_frame(1001, "client went away")), "client", Duration::ZERO),
-        End::UpstreamGone => (Some(close_frame(BAD_GATEWAY, "backend went away")), None, "backend", CLOSE_WAIT),
-        End::ClientViolation(code, reason) => (Some(close_frame(*code, reason)), Some(close_frame(1001, "client error")), "client", CLOSE_WAIT),
-        End::UpstreamViolation(code, reason) => (Some(close_frame(BAD_GATEWAY, "backend error")), Some(close_frame(*code, reason)), "backend", CLOSE_WAIT),
-        End::Policy(what, _) => (Some(close_frame(1008, what)), Some(close_frame(1008, what)), "proxy", CLOSE_WAIT),
-        End::ClientDead => (Some(close_frame(1011, "keepalive timeout")), Some(close_frame(1001, "client keepalive timeout")), "client", DEAD_PEER_WAIT),
-        End::UpstreamDead => (Some(close_frame(BAD_GATEWAY, "backend keepalive timeout")), Some(close_frame(1001, "keepalive timeout")), "backend", CLOSE_WAIT),
-        End::Idle => (Some(close_frame(1001, "idle timeout")), Some(close_frame(1001, "idle timeout")), "proxy", CLOSE_WAIT),
-        End::Shutdown => (Some(close_frame(1001, "shutting down")), Some(close_frame(1001, "shutting down")), "proxy", CLOSE_WAIT),
+        End::ClientGone => (
+            None,
+            Some(close_frame(1001, "client went away")),
+            "client",
+            Duration::ZERO,
+        ),
+        End::UpstreamGone => (
+            Some(close_frame(BAD_GATEWAY, "backend went away")),
+            None,
+            "backend",
+            CLOSE_WAIT,
+        ),
+        End::ClientViolation(code, reason) => (
+            Some(close_frame(*code, reason)),
+            Some(close_frame(1001, "client error")),
+            "client",
+            CLOSE_WAIT,
+        ),
+        End::UpstreamViolation(code, reason) => (
+            Some(close_frame(BAD_GATEWAY, "backend error")),
+            Some(close_frame(*code, reason)),
+            "backend",
+            CLOSE_WAIT,
+        ),
+        End::Policy(what, _) => (
+            Some(close_frame(1008, what)),
+            Some(close_frame(1008, what)),
+            "proxy",
+            CLOSE_WAIT,
+        ),
+        End::ClientDead => (
+            Some(close_frame(1011, "keepalive timeout")),
+            Some(close_frame(1001, "client keepalive timeout")),
+            "client",
+            DEAD_PEER_WAIT,
+        ),
+        End::UpstreamDead => (
+            Some(close_frame(BAD_GATEWAY, "backend keepalive timeout")),
+            Some(close_frame(1001, "keepalive timeout")),
+            "backend",
+            CLOSE_WAIT,
+        ),
+        End::Idle => (
+            Some(close_frame(1001, "idle timeout")),
+            Some(close_frame(1001, "idle timeout")),
+            "proxy",
+            CLOSE_WAIT,
+        ),
+        End::Shutdown => (
+            Some(close_frame(1001, "shutting down")),
+            Some(close_frame(1001, "shutting down")),
+            "proxy",
+            CLOSE_WAIT,
+        ),
     };
     let client_code = match (&end, &to_client) {
         (End::ClientClosed(f), _) => f.as_ref().map_or(1005, |f| u16::from(f.code)),
@@ -451,7 +553,11 @@ where
         End::ClientClosed(_) | End::ClientGone => None,
         _ => to_client,
     };
-    let upstream_wait = if matches!(end, End::UpstreamDead | End::UpstreamGone) { DEAD_PEER_WAIT } else { CLOSE_WAIT };
+    let upstream_wait = if matches!(end, End::UpstreamDead | End::UpstreamGone) {
+        DEAD_PEER_WAIT
+    } else {
+        CLOSE_WAIT
+    };
     let client_done = async {
         if matches!(end, End::ClientGone) {
             return;
@@ -462,7 +568,11 @@ where
         if matches!(end, End::UpstreamGone) {
             return;
         }
-        let msg = if matches!(end, End::UpstreamClosed(_)) { None } else { to_upstream };
+        let msg = if matches!(end, End::UpstreamClosed(_)) {
+            None
+        } else {
+            to_upstream
+        };
         close_side(&mut utx, &mut urx, msg, upstream_wait).await;
     };
     tokio::join!(client_done, upstream_done);
@@ -471,7 +581,14 @@ where
     shared
         .metrics
         .closes
-        .get_or_create(&CloseLabel { side: match side { "client" => "client", "backend" => "backend", _ => "proxy" }, code: code_label(client_code) })
+        .get_or_create(&CloseLabel {
+            side: match side {
+                "client" => "client",
+                "backend" => "backend",
+                _ => "proxy",
+            },
+            code: code_label(client_code),
+        })
         .inc();
     let reason = match &end {
         End::Policy(_, r) => *r,

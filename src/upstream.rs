@@ -75,9 +75,12 @@ pub async fn dial(
     ws_config: WebSocketConfig,
     deadline: Instant,
 ) -> Result<Dialed, DialError> {
-    tokio::time::timeout_at(deadline, handshake(up, path_and_query, protocols, headers, ws_config))
-        .await
-        .map_err(|_| DialError::Timeout)?
+    tokio::time::timeout_at(
+        deadline,
+        handshake(up, path_and_query, protocols, headers, ws_config),
+    )
+    .await
+    .map_err(|_| DialError::Timeout)?
 }
 
 async fn handshake(
@@ -88,7 +91,9 @@ async fn handshake(
     ws_config: WebSocketConfig,
 ) -> Result<Dialed, DialError> {
     let host = up.host.trim_start_matches('[').trim_end_matches(']');
-    let mut stream = TcpStream::connect((host, up.port)).await.map_err(DialError::Connect)?;
+    let mut stream = TcpStream::connect((host, up.port))
+        .await
+        .map_err(DialError::Connect)?;
     let _ = stream.set_nodelay(true);
 
     let key_bytes: [u8; 16] = rand::random();
@@ -106,7 +111,11 @@ async fn handshake(
         req.extend_from_slice(b"\r\n");
     }
     if !has_host {
-        let default_port = if up.port == 80 { String::new() } else { format!(":{}", up.port) };
+        let default_port = if up.port == 80 {
+            String::new()
+        } else {
+            format!(":{}", up.port)
+        };
         req.extend_from_slice(format!("host: {}{}\r\n", up.host, default_port).as_bytes());
     }
     req.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: ");
@@ -136,13 +145,17 @@ async fn handshake(
             .await
             .map_err(DialError::Io)?;
         if n == 0 {
-            return Err(DialError::Invalid("connection closed before a response".into()));
+            return Err(DialError::Invalid(
+                "connection closed before a response".into(),
+            ));
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     };
-    let (protocol, extra) = check_response(buf.get(..head_len).unwrap_or_default(), &key, protocols)?;
+    let (protocol, extra) =
+        check_response(buf.get(..head_len).unwrap_or_default(), &key, protocols)?;
     let rest = buf.get(head_len..).unwrap_or_default().to_vec();
-    let ws = WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ws_config)).await;
+    let ws =
+        WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ws_config)).await;
     Ok(Dialed {
         ws,
         protocol,
@@ -179,7 +192,9 @@ pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Chec
     let mut resp = httparse::Response::new(&mut hdrs);
     match resp.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(DialError::Invalid("truncated response".into())),
+        Ok(httparse::Status::Partial) => {
+            return Err(DialError::Invalid("truncated response".into()))
+        }
         Err(e) => return Err(DialError::Invalid(format!("unparsable response: {e}"))),
     }
     let code = resp.code.unwrap_or(0);
@@ -217,7 +232,9 @@ pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Chec
         _ => return Err(DialError::Invalid("wrong Sec-WebSocket-Accept".into())),
     }
     if !tokens("sec-websocket-extensions").is_empty() {
-        return Err(DialError::Invalid("backend selected an extension that was not offered".into()));
+        return Err(DialError::Invalid(
+            "backend selected an extension that was not offered".into(),
+        ));
     }
     let protocol = match values("sec-websocket-protocol").as_slice() {
         [] => None,
@@ -226,7 +243,9 @@ pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Chec
                 .map_err(|_| DialError::Invalid("non-ASCII subprotocol".into()))?
                 .trim();
             if !offered.iter().any(|o| o == p) {
-                return Err(DialError::Invalid("backend selected a subprotocol that was not offered".into()));
+                return Err(DialError::Invalid(
+                    "backend selected a subprotocol that was not offered".into(),
+                ));
             }
             Some(p.to_string())
         }
@@ -238,7 +257,10 @@ pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Chec
         if HOP.contains(&lower.as_str()) {
             continue;
         }
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(lower.as_bytes()), HeaderValue::from_bytes(h.value)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(lower.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
             extra.push((n, v));
         }
     }
@@ -264,28 +286,51 @@ mod tests {
         let (p, extra) = check_response(&resp("Set-Cookie: a=b\r\n"), KEY, &[]).unwrap();
         assert_eq!(p, None);
         assert_eq!(extra.len(), 1);
-        let (p, _) = check_response(&resp("Sec-WebSocket-Protocol: chat\r\n"), KEY, &["x".into(), "chat".into()]).unwrap();
+        let (p, _) = check_response(
+            &resp("Sec-WebSocket-Protocol: chat\r\n"),
+            KEY,
+            &["x".into(), "chat".into()],
+        )
+        .unwrap();
         assert_eq!(p.as_deref(), Some("chat"));
     }
 
     #[test]
     fn bad_answers() {
-        let wrong_accept = resp("").iter().map(|b| if *b == b's' { b'S' } else { *b }).collect::<Vec<_>>();
-        assert!(matches!(check_response(&wrong_accept, KEY, &[]), Err(DialError::Invalid(_))));
+        let wrong_accept = resp("")
+            .iter()
+            .map(|b| if *b == b's' { b'S' } else { *b })
+            .collect::<Vec<_>>();
         assert!(matches!(
-            check_response(&resp("Sec-WebSocket-Extensions: permessage-deflate\r\n"), KEY, &[]),
+            check_response(&wrong_accept, KEY, &[]),
             Err(DialError::Invalid(_))
         ));
         assert!(matches!(
-            check_response(&resp("Sec-WebSocket-Protocol: evil\r\n"), KEY, &["chat".into()]),
+            check_response(
+                &resp("Sec-WebSocket-Extensions: permessage-deflate\r\n"),
+                KEY,
+                &[]
+            ),
+            Err(DialError::Invalid(_))
+        ));
+        assert!(matches!(
+            check_response(
+                &resp("Sec-WebSocket-Protocol: evil\r\n"),
+                KEY,
+                &["chat".into()]
+            ),
             Err(DialError::Invalid(_))
         ));
         let s500 = b"HTTP/1.1 500 Oops\r\n\r\n";
         let e = check_response(s500, KEY, &[]).unwrap_err();
         assert!(e.is_backend_failure());
         let s403 = b"HTTP/1.1 403 Forbidden\r\n\r\n";
-        assert!(!check_response(s403, KEY, &[]).unwrap_err().is_backend_failure());
-        let no_upgrade = format!("HTTP/1.1 101 OK\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\n\r\n");
+        assert!(!check_response(s403, KEY, &[])
+            .unwrap_err()
+            .is_backend_failure());
+        let no_upgrade = format!(
+            "HTTP/1.1 101 OK\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\n\r\n"
+        );
         assert!(check_response(no_upgrade.as_bytes(), KEY, &[]).is_err());
         assert!(check_response(b"garbage\r\n\r\n", KEY, &[]).is_err());
     }

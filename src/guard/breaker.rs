@@ -69,7 +69,10 @@ impl Breaker {
         *st = new;
         self.gauge.set(code);
         if old != std::mem::discriminant(&new) {
-            let state = ["closed", "open", "half-open"].get(code as usize).copied().unwrap_or("?");
+            let state = ["closed", "open", "half-open"]
+                .get(code as usize)
+                .copied()
+                .unwrap_or("?");
             tracing::warn!(upstream = %self.upstream, state, "circuit breaker transition");
         }
     }
@@ -80,20 +83,44 @@ impl Breaker {
         let now = Instant::now();
         let mut st = self.lock();
         match *st {
-            State::Closed { .. } => Ok(Permit { breaker: self, probe: false, reported: false }),
+            State::Closed { .. } => Ok(Permit {
+                breaker: self,
+                probe: false,
+                reported: false,
+            }),
             State::Open { until, open_for } => {
                 if now < until {
                     return Err(until - now);
                 }
-                self.set(&mut st, State::HalfOpen { in_flight: 1, open_for });
-                Ok(Permit { breaker: self, probe: true, reported: false })
+                self.set(
+                    &mut st,
+                    State::HalfOpen {
+                        in_flight: 1,
+                        open_for,
+                    },
+                );
+                Ok(Permit {
+                    breaker: self,
+                    probe: true,
+                    reported: false,
+                })
             }
-            State::HalfOpen { in_flight, open_for } => {
+            State::HalfOpen {
+                in_flight,
+                open_for,
+            } => {
                 if in_flight >= self.policy.half_open_probes {
                     return Err(Duration::from_secs(1));
                 }
-                *st = State::HalfOpen { in_flight: in_flight + 1, open_for };
-                Ok(Permit { breaker: self, probe: true, reported: false })
+                *st = State::HalfOpen {
+                    in_flight: in_flight + 1,
+                    open_for,
+                };
+                Ok(Permit {
+                    breaker: self,
+                    probe: true,
+                    reported: false,
+                })
             }
         }
     }
@@ -107,15 +134,29 @@ impl Breaker {
                 let failures = failures + 1;
                 if failures >= self.policy.consecutive_failures {
                     let open_for = self.policy.open_for;
-                    self.set(&mut st, State::Open { until: now + open_for, open_for });
+                    self.set(
+                        &mut st,
+                        State::Open {
+                            until: now + open_for,
+                            open_for,
+                        },
+                    );
                 } else {
                     *st = State::Closed { failures };
                 }
             }
-            (State::HalfOpen { .. }, true) if probe => self.set(&mut st, State::Closed { failures: 0 }),
+            (State::HalfOpen { .. }, true) if probe => {
+                self.set(&mut st, State::Closed { failures: 0 })
+            }
             (State::HalfOpen { open_for, .. }, false) if probe => {
                 let open_for = (open_for * 2).min(self.policy.max_open_for);
-                self.set(&mut st, State::Open { until: now + open_for, open_for });
+                self.set(
+                    &mut st,
+                    State::Open {
+                        until: now + open_for,
+                        open_for,
+                    },
+                );
             }
             // A verdict from a dial that started before the state changed
             // says nothing about the current probe.
@@ -125,8 +166,15 @@ impl Breaker {
 
     fn release(&self) {
         let mut st = self.lock();
-        if let State::HalfOpen { in_flight, open_for } = *st {
-            *st = State::HalfOpen { in_flight: in_flight.saturating_sub(1), open_for };
+        if let State::HalfOpen {
+            in_flight,
+            open_for,
+        } = *st
+        {
+            *st = State::HalfOpen {
+                in_flight: in_flight.saturating_sub(1),
+                open_for,
+            };
         }
     }
 

@@ -83,12 +83,7 @@ impl HandshakeLimiter {
 
 pub fn ceil_secs(d: Duration) -> u64 {
     let s = d.as_secs();
-    if d.subsec_nanos() > 0 {
-        s + 1
-    } else {
-        s
-    }
-    .max(1)
+    if d.subsec_nanos() > 0 { s + 1 } else { s }.max(1)
 }
 
 /// Per-connection message and byte buckets. Lives inside the session, so it
@@ -284,7 +279,8 @@ mod tests {
         let _b = c.acquire(k, 10, Some(2)).unwrap();
         assert_eq!(c.acquire(k, 10, Some(2)).err(), Some(SlotError::PerIp));
         assert_eq!(
-            c.acquire(IpKey::new("10.0.0.2".parse().unwrap()), 2, None).err(),
+            c.acquire(IpKey::new("10.0.0.2".parse().unwrap()), 2, None)
+                .err(),
             Some(SlotError::Global)
         );
         drop(a);

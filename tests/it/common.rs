@@ -1,3 +1,4 @@
+#![allow(clippy::result_large_err, clippy::collapsible_match)]
 //! Test harness: real backends, a raw frame-level client, and the proxy
 //! started in-process on 127.0.0.1:0. Every wait has a timeout.
 #![allow(dead_code)]
@@ -38,7 +39,8 @@ pub async fn proxy(backend: SocketAddr, extra: &str) -> Running {
 }
 
 pub async fn proxy_yaml(yaml: &str) -> Running {
-    let policy = Policy::from_text("test.yaml", yaml).unwrap_or_else(|e| panic!("bad test policy:\n{e}"));
+    let policy =
+        Policy::from_text("test.yaml", yaml).unwrap_or_else(|e| panic!("bad test policy:\n{e}"));
     wsguard::start(policy).await.expect("proxy starts")
 }
 
@@ -48,27 +50,39 @@ pub fn metric(p: &Running, series: &str) -> f64 {
         .metrics
         .encode()
         .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).map(|v| v.trim().parse().unwrap_or(0.0)))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.strip_prefix(' '))
+                .map(|v| v.trim().parse().unwrap_or(0.0))
+        })
         .unwrap_or(0.0)
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub fn client_config() -> WebSocketConfig {
-    WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20))
+    WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
 }
 
 /// A real WebSocket client through the proxy.
 pub async fn ws(addr: SocketAddr, path: &str) -> Ws {
     let url = format!("ws://{addr}{path}");
-    let (ws, _) = within("client handshake", tokio_tungstenite::connect_async_with_config(url, Some(client_config()), false))
-        .await
-        .expect("handshake succeeds");
+    let (ws, _) = within(
+        "client handshake",
+        tokio_tungstenite::connect_async_with_config(url, Some(client_config()), false),
+    )
+    .await
+    .expect("handshake succeeds");
     ws
 }
 
 pub async fn next(ws: &mut Ws) -> Message {
-    within("a message", ws.next()).await.expect("stream open").expect("no error")
+    within("a message", ws.next())
+        .await
+        .expect("stream open")
+        .expect("no error")
 }
 
 /// Sends one text message and expects it back.
@@ -91,7 +105,10 @@ pub async fn echo_backend() -> SocketAddr {
 /// What a recording backend saw.
 #[derive(Debug)]
 pub enum Seen {
-    Request { path: String, headers: Vec<(String, String)> },
+    Request {
+        path: String,
+        headers: Vec<(String, String)>,
+    },
     Msg(Message),
     /// The connection ended (after a close, an error or EOF).
     End,
@@ -115,21 +132,36 @@ pub async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) 
                     let headers = req
                         .headers()
                         .iter()
-                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                        .map(|(k, v)| {
+                            (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
+                        })
                         .collect();
-                    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+                    let path = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
                     let offered = req
                         .headers()
                         .get_all("sec-websocket-protocol")
                         .iter()
-                        .any(|v| v.to_str().unwrap_or("").split(',').any(|p| p.trim() == "chat"));
+                        .any(|v| {
+                            v.to_str()
+                                .unwrap_or("")
+                                .split(',')
+                                .any(|p| p.trim() == "chat")
+                        });
                     if offered {
-                        resp.headers_mut().insert("sec-websocket-protocol", "chat".parse().unwrap());
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", "chat".parse().unwrap());
                     }
                     let _ = tx2.send(Seen::Request { path, headers });
                     Ok(resp)
                 };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(s, cb, Some(client_config())).await else {
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_hdr_async_with_config(s, cb, Some(client_config()))
+                        .await
+                else {
                     return;
                 };
                 while let Some(Ok(m)) = ws.next().await {
@@ -137,7 +169,10 @@ pub async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) 
                     match &m {
                         Message::Text(t) if t.as_str() == "please-close" => {
                             let _ = ws
-                                .send(Message::Close(Some(CloseFrame { code: CloseCode::Library(4000), reason: "bye".into() })))
+                                .send(Message::Close(Some(CloseFrame {
+                                    code: CloseCode::Library(4000),
+                                    reason: "bye".into(),
+                                })))
                                 .await;
                         }
                         Message::Text(t) if t.as_str() == "please-abort" => {
@@ -164,7 +199,9 @@ pub async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) 
 }
 
 pub async fn seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
-    within("backend event", rx.recv()).await.expect("backend alive")
+    within("backend event", rx.recv())
+        .await
+        .expect("backend alive")
 }
 
 /// The next data/control message the backend saw (skipping the request).
@@ -185,7 +222,9 @@ pub async fn http_backend(response: String) -> SocketAddr {
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             let response = response.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -245,14 +284,21 @@ impl Head {
     pub fn header(&self, name: &str) -> Option<String> {
         self.text.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 }
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
-        Raw { s: within("tcp connect", TcpStream::connect(addr)).await.unwrap(), buf: Vec::new() }
+        Raw {
+            s: within("tcp connect", TcpStream::connect(addr))
+                .await
+                .unwrap(),
+            buf: Vec::new(),
+        }
     }
 
     /// Sends a raw request head and reads the response head.
@@ -279,7 +325,11 @@ impl Raw {
             if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head: Vec<u8> = self.buf.drain(..i + 4).collect();
                 let text = String::from_utf8_lossy(&head).to_string();
-                let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let status = text
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 return Head { status, text };
             }
             let mut b = [0u8; 4096];
@@ -320,8 +370,13 @@ impl Raw {
                 let op = self.buf[0] & 0x0f;
                 let len0 = (self.buf[1] & 0x7f) as usize;
                 let (len, off) = match len0 {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
-                    127 if self.buf.len() >= 10 => (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10),
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
                     126 | 127 => (usize::MAX, 0),
                     n => (n, 2),
                 };
@@ -343,7 +398,11 @@ impl Raw {
     pub async fn close_code(&mut self) -> Option<u16> {
         while let Some((op, p)) = self.read_frame().await {
             if op == 8 {
-                return Some(if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 });
+                return Some(if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    1005
+                });
             }
         }
         None
@@ -383,7 +442,9 @@ pub async fn mute_backend() -> SocketAddr {
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut b = [0u8; 4096];
@@ -396,9 +457,14 @@ pub async fn mute_backend() -> SocketAddr {
                 let text = String::from_utf8_lossy(&head).to_string();
                 let key = text
                     .lines()
-                    .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_string()))
+                    .find_map(|l| {
+                        l.split_once(':')
+                            .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
+                            .map(|(_, v)| v.trim().to_string())
+                    })
                     .unwrap_or_default();
-                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
                 let _ = s
                     .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
                     .await;

@@ -35,7 +35,9 @@ async fn message_at_the_limit_passes_one_byte_over_is_1009() {
     let big = vec![7u8; 1 << 20];
     c.send(Message::binary(big.clone())).await.unwrap();
     assert_eq!(next(&mut c).await, Message::binary(big));
-    c.send(Message::binary(vec![7u8; (1 << 20) + 1])).await.unwrap();
+    c.send(Message::binary(vec![7u8; (1 << 20) + 1]))
+        .await
+        .unwrap();
     let m = next(&mut c).await;
     assert_eq!(close_of(&m).map(|c| c.0), Some(1009), "{m:?}");
     assert_echo(p.addr).await;
@@ -43,7 +45,11 @@ async fn message_at_the_limit_passes_one_byte_over_is_1009() {
 
 #[tokio::test]
 async fn fragmented_message_over_the_limit_is_1009() {
-    let p = proxy(echo_backend().await, &format!("{NO_GUARDS}  max_message_size: 1KiB\n  max_frame_size: 512\n")).await;
+    let p = proxy(
+        echo_backend().await,
+        &format!("{NO_GUARDS}  max_message_size: 1KiB\n  max_frame_size: 512\n"),
+    )
+    .await;
     let (mut r, h) = Raw::upgrade(p.addr, "/", "").await;
     assert_eq!(h.status, 101);
     r.send_frame(false, 2, &[1u8; 500], true).await;
@@ -61,12 +67,23 @@ async fn fragmented_message_over_the_limit_is_1009() {
 async fn path_query_and_subprotocol_pass_through() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(b, NO_GUARDS).await;
-    let (r, h) = Raw::upgrade(p.addr, "/rooms/7?user=ann&x=1", "Sec-WebSocket-Protocol: v2, chat\r\n").await;
+    let (r, h) = Raw::upgrade(
+        p.addr,
+        "/rooms/7?user=ann&x=1",
+        "Sec-WebSocket-Protocol: v2, chat\r\n",
+    )
+    .await;
     assert_eq!(h.status, 101, "{}", h.text);
     assert_eq!(h.header("sec-websocket-protocol").as_deref(), Some("chat"));
-    let Seen::Request { path, headers } = seen(&mut rx).await else { panic!("request first") };
+    let Seen::Request { path, headers } = seen(&mut rx).await else {
+        panic!("request first")
+    };
     assert_eq!(path, "/rooms/7?user=ann&x=1");
-    let protos: Vec<_> = headers.iter().filter(|(k, _)| k == "sec-websocket-protocol").map(|(_, v)| v.as_str()).collect();
+    let protos: Vec<_> = headers
+        .iter()
+        .filter(|(k, _)| k == "sec-websocket-protocol")
+        .map(|(_, v)| v.as_str())
+        .collect();
     assert_eq!(protos, vec!["v2, chat"]);
     drop(r);
 }
@@ -92,8 +109,16 @@ async fn forwarded_headers_are_set_and_forgeries_replaced() {
     .await;
     assert_eq!(h.status, 101);
     assert_eq!(h.header("sec-websocket-extensions"), None);
-    let Seen::Request { headers, .. } = seen(&mut rx).await else { panic!() };
-    let get = |n: &str| headers.iter().filter(|(k, _)| k == n).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    let Seen::Request { headers, .. } = seen(&mut rx).await else {
+        panic!()
+    };
+    let get = |n: &str| {
+        headers
+            .iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(get("x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(get("x-forwarded-proto"), vec!["http"]);
     let rid = get("x-request-id");
@@ -111,11 +136,28 @@ async fn forwarded_headers_are_set_and_forgeries_replaced() {
 #[tokio::test]
 async fn trusted_proxy_xff_is_extended() {
     let (b, mut rx) = recording_backend().await;
-    let p = proxy(b, &format!("{NO_GUARDS}  trusted_proxies: [\"127.0.0.0/8\"]\n")).await;
-    let (_r, h) = Raw::upgrade(p.addr, "/", "X-Forwarded-For: 203.0.113.9\r\nX-Request-Id: rid-42\r\n").await;
+    let p = proxy(
+        b,
+        &format!("{NO_GUARDS}  trusted_proxies: [\"127.0.0.0/8\"]\n"),
+    )
+    .await;
+    let (_r, h) = Raw::upgrade(
+        p.addr,
+        "/",
+        "X-Forwarded-For: 203.0.113.9\r\nX-Request-Id: rid-42\r\n",
+    )
+    .await;
     assert_eq!(h.status, 101);
-    let Seen::Request { headers, .. } = seen(&mut rx).await else { panic!() };
-    let get = |n: &str| headers.iter().filter(|(k, _)| k == n).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    let Seen::Request { headers, .. } = seen(&mut rx).await else {
+        panic!()
+    };
+    let get = |n: &str| {
+        headers
+            .iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(get("x-forwarded-for"), vec!["203.0.113.9, 127.0.0.1"]);
     assert_eq!(get("x-request-id"), vec!["rid-42"]);
 }
@@ -125,7 +167,12 @@ async fn client_close_reaches_backend_with_code_and_reason() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(b, NO_GUARDS).await;
     let mut c = ws(p.addr, "/").await;
-    c.close(Some(CloseFrame { code: CloseCode::Library(4001), reason: "done".into() })).await.unwrap();
+    c.close(Some(CloseFrame {
+        code: CloseCode::Library(4001),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
     let m = seen_msg(&mut rx).await.unwrap();
     assert_eq!(close_of(&m), Some((4001, "done".into())));
     // The client's close handshake completes.
@@ -181,7 +228,10 @@ async fn bad_backend_answers_give_502() {
         let p = proxy(http_backend(answer.clone()).await, NO_GUARDS).await;
         let (_r, h) = Raw::upgrade(p.addr, "/", "").await;
         assert_eq!(h.status, 502, "backend answered {answer:?}");
-        assert_eq!(metric(&p, "wsguard_handshakes_total{result=\"bad_gateway\"}"), 1.0);
+        assert_eq!(
+            metric(&p, "wsguard_handshakes_total{result=\"bad_gateway\"}"),
+            1.0
+        );
     }
 }
 
@@ -217,7 +267,10 @@ async fn upgrade_statuses() {
     assert_eq!(Raw::request(a, &no_conn).await.1.status, 400);
     let http10 = format!("GET / HTTP/1.0\r\nHost: {a}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n");
     assert_eq!(Raw::request(a, &http10).await.1.status, 400);
-    let big = format!("GET / HTTP/1.1\r\nHost: {a}\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: {a}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
     assert_eq!(Raw::request(a, &big).await.1.status, 431);
     let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
     let (_r, h) = Raw::request(a, &format!("GET / HTTP/1.1\r\nHost: {a}\r\n{many}\r\n")).await;
@@ -227,14 +280,24 @@ async fn upgrade_statuses() {
 
 #[tokio::test]
 async fn slowloris_is_cut_while_others_connect() {
-    let p = proxy(echo_backend().await, &format!("{NO_GUARDS}  handshake_timeout: 500ms\n")).await;
+    let p = proxy(
+        echo_backend().await,
+        &format!("{NO_GUARDS}  handshake_timeout: 500ms\n"),
+    )
+    .await;
     let mut slow = Raw::connect(p.addr).await;
-    slow.s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.s
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     // A normal client is served meanwhile.
     assert_echo(p.addr).await;
     // The slow one never finishes its head and is dropped at the deadline.
     assert!(slow.eof().await);
-    assert_eq!(metric(&p, "wsguard_rejections_total{reason=\"handshake_timeout\"}"), 1.0);
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"handshake_timeout\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -254,12 +317,18 @@ async fn raw_protocol_violations_get_their_close_codes() {
         let (mut r, h) = Raw::upgrade(p.addr, "/", "").await;
         assert_eq!(h.status, 101);
         r.send_frame(fin, op, &payload, masked).await;
-        assert_eq!(r.close_code().await, Some(want), "opcode {op:#x} masked {masked}");
+        assert_eq!(
+            r.close_code().await,
+            Some(want),
+            "opcode {op:#x} masked {masked}"
+        );
         assert_echo(p.addr).await;
     }
     // RSV bits set without an extension.
     let (mut r, _) = Raw::upgrade(p.addr, "/", "").await;
-    r.s.write_all(&[0xC1, 0x80 | 2, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]).await.unwrap();
+    r.s.write_all(&[0xC1, 0x80 | 2, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2])
+        .await
+        .unwrap();
     assert_eq!(r.close_code().await, Some(1002));
     assert_echo(p.addr).await;
 }
@@ -271,7 +340,10 @@ async fn application_pings_get_exactly_one_pong_and_reach_the_backend() {
     let (mut r, _) = Raw::upgrade(p.addr, "/", "").await;
     r.send_frame(true, 9, b"app-ping", true).await;
     assert_eq!(r.read_frame().await, Some((0xA, b"app-ping".to_vec())));
-    assert_eq!(seen_msg(&mut rx).await, Some(Message::Ping("app-ping".into())));
+    assert_eq!(
+        seen_msg(&mut rx).await,
+        Some(Message::Ping("app-ping".into()))
+    );
     // A data message after it comes back next: no second pong in between.
     r.send_frame(true, 1, b"after", true).await;
     assert_eq!(r.read_frame().await, Some((1, b"after".to_vec())));
@@ -287,7 +359,11 @@ async fn application_pings_get_exactly_one_pong_and_reach_the_backend() {
 
 #[tokio::test]
 async fn max_connections_gives_503_with_retry_after() {
-    let p = proxy(echo_backend().await, &format!("{NO_GUARDS}  max_connections: 2\n")).await;
+    let p = proxy(
+        echo_backend().await,
+        &format!("{NO_GUARDS}  max_connections: 2\n"),
+    )
+    .await;
     let mut a = ws(p.addr, "/").await;
     let _b = ws(p.addr, "/").await;
     let (_r, h) = Raw::upgrade(p.addr, "/", "").await;
@@ -313,7 +389,11 @@ async fn admin_endpoints() {
     let get = |path: &'static str| {
         let a = p.admin_addr;
         async move {
-            let (mut r, h) = Raw::request(a, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+            let (mut r, h) = Raw::request(
+                a,
+                &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
             (h.status, r.body().await)
         }
     };
@@ -355,5 +435,8 @@ async fn shutdown_sends_1001_to_both_sides() {
         }
     }
     assert_eq!(backend_code, Some(1001));
-    assert!(within("drain", shutdown).await.unwrap(), "drain finished within grace");
+    assert!(
+        within("drain", shutdown).await.unwrap(),
+        "drain finished within grace"
+    );
 }

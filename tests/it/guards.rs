@@ -11,7 +11,13 @@ const NO_LIMITS: &str = "limits:\n  per_ip: null\n  per_connection: null\n";
 
 #[tokio::test]
 async fn responsive_client_stays_connected_across_many_pings() {
-    let p = proxy(echo_backend().await, &format!("keepalive: {{ interval: 100ms, max_missed: 2, upstream_interval: 0s }}\n{NO_LIMITS}")).await;
+    let p = proxy(
+        echo_backend().await,
+        &format!(
+            "keepalive: {{ interval: 100ms, max_missed: 2, upstream_interval: 0s }}\n{NO_LIMITS}"
+        ),
+    )
+    .await;
     let mut c = ws(p.addr, "/").await;
     // tungstenite answers each ping while we read: 8 intervals pass.
     let mut pings = 0;
@@ -37,7 +43,13 @@ async fn responsive_client_stays_connected_across_many_pings() {
 #[tokio::test]
 async fn silent_client_is_closed_1011_and_backend_gets_1001() {
     let (b, mut rx) = recording_backend().await;
-    let p = proxy(b, &format!("keepalive: {{ interval: 100ms, max_missed: 3, upstream_interval: 0s }}\n{NO_LIMITS}")).await;
+    let p = proxy(
+        b,
+        &format!(
+            "keepalive: {{ interval: 100ms, max_missed: 3, upstream_interval: 0s }}\n{NO_LIMITS}"
+        ),
+    )
+    .await;
     let (mut r, _) = Raw::upgrade(p.addr, "/", "").await;
     let started = tokio::time::Instant::now();
     let mut pings = 0;
@@ -53,7 +65,10 @@ async fn silent_client_is_closed_1011_and_backend_gets_1001() {
     };
     assert_eq!((pings, code), (3, 1011));
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
     // The TCP connection is shut without waiting for our close reply.
     assert!(r.eof().await);
     let mut backend_close = None;
@@ -103,7 +118,13 @@ async fn own_pongs_stay_on_their_hop() {
 
 #[tokio::test]
 async fn hung_backend_gives_client_1014() {
-    let p = proxy(mute_backend().await, &format!("keepalive: {{ interval: 0s, max_missed: 2, upstream_interval: 100ms }}\n{NO_LIMITS}")).await;
+    let p = proxy(
+        mute_backend().await,
+        &format!(
+            "keepalive: {{ interval: 0s, max_missed: 2, upstream_interval: 100ms }}\n{NO_LIMITS}"
+        ),
+    )
+    .await;
     let (mut r, h) = Raw::upgrade(p.addr, "/", "").await;
     assert_eq!(h.status, 101);
     assert_eq!(r.close_code().await, Some(1014));
@@ -127,7 +148,11 @@ async fn idle_timeout_fires_and_traffic_resets_it() {
 
 #[tokio::test]
 async fn handshake_rate_gives_429_with_retry_after() {
-    let p = proxy(echo_backend().await, "limits:\n  per_ip:\n    handshakes: { rate: 1/m, burst: 2 }\n    connections: null\n").await;
+    let p = proxy(
+        echo_backend().await,
+        "limits:\n  per_ip:\n    handshakes: { rate: 1/m, burst: 2 }\n    connections: null\n",
+    )
+    .await;
     for _ in 0..2 {
         assert_eq!(Raw::upgrade(p.addr, "/", "").await.1.status, 101);
     }
@@ -135,7 +160,10 @@ async fn handshake_rate_gives_429_with_retry_after() {
     assert_eq!(h.status, 429);
     let retry: u64 = h.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "retry-after {retry}");
-    assert_eq!(metric(&p, "wsguard_rejections_total{reason=\"handshake_rate\"}"), 1.0);
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"handshake_rate\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -146,15 +174,37 @@ async fn handshake_rate_is_keyed_by_forwarded_client_from_trusted_proxy() {
     )
     .await;
     let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
-    assert_eq!(Raw::upgrade(p.addr, "/", &xff("198.51.100.1")).await.1.status, 101);
-    assert_eq!(Raw::upgrade(p.addr, "/", &xff("198.51.100.1")).await.1.status, 429);
+    assert_eq!(
+        Raw::upgrade(p.addr, "/", &xff("198.51.100.1"))
+            .await
+            .1
+            .status,
+        101
+    );
+    assert_eq!(
+        Raw::upgrade(p.addr, "/", &xff("198.51.100.1"))
+            .await
+            .1
+            .status,
+        429
+    );
     // A different client behind the same proxy has its own bucket.
-    assert_eq!(Raw::upgrade(p.addr, "/", &xff("198.51.100.2")).await.1.status, 101);
+    assert_eq!(
+        Raw::upgrade(p.addr, "/", &xff("198.51.100.2"))
+            .await
+            .1
+            .status,
+        101
+    );
 }
 
 #[tokio::test]
 async fn per_ip_connection_cap_gives_429() {
-    let p = proxy(echo_backend().await, "limits:\n  per_ip:\n    handshakes: null\n    connections: 1\n").await;
+    let p = proxy(
+        echo_backend().await,
+        "limits:\n  per_ip:\n    handshakes: null\n    connections: 1\n",
+    )
+    .await;
     let _a = ws(p.addr, "/").await;
     let (_r, h) = Raw::upgrade(p.addr, "/", "").await;
     assert_eq!(h.status, 429);
@@ -163,7 +213,11 @@ async fn per_ip_connection_cap_gives_429() {
 
 #[tokio::test]
 async fn message_rate_closes_with_1008() {
-    let p = proxy(echo_backend().await, "limits:\n  per_ip: null\n  per_connection:\n    messages: { rate: 1/m, burst: 3 }\n").await;
+    let p = proxy(
+        echo_backend().await,
+        "limits:\n  per_ip: null\n  per_connection:\n    messages: { rate: 1/m, burst: 3 }\n",
+    )
+    .await;
     let mut c = ws(p.addr, "/").await;
     for i in 0..3 {
         c.send(Message::text(format!("{i}"))).await.unwrap();
@@ -191,7 +245,10 @@ async fn message_rate_drop_mode_keeps_the_session() {
     // The session is alive: a ping is answered, and nothing else arrives.
     c.send(Message::Ping("alive?".into())).await.unwrap();
     assert_eq!(next(&mut c).await, Message::Pong("alive?".into()));
-    assert_eq!(metric(&p, "wsguard_rejections_total{reason=\"message_rate\"}"), 2.0);
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"message_rate\"}"),
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -207,11 +264,7 @@ async fn byte_rate_refuses_a_message_above_the_burst() {
 #[tokio::test]
 async fn breaker_opens_answers_503_fast_then_recovers() {
     let dead = dead_port().await;
-    let p = proxy(
-        dead,
-        "limits: { per_ip: null, per_connection: null }\n",
-    )
-    .await;
+    let p = proxy(dead, "limits: { per_ip: null, per_connection: null }\n").await;
     // Replace the policy's breaker with a quick one through a reload.
     let policy = wsguard::policy::Policy::from_text(
         "t.yaml",
@@ -227,7 +280,11 @@ async fn breaker_opens_answers_503_fast_then_recovers() {
     let t = std::time::Instant::now();
     let (_r, h) = Raw::upgrade(p.addr, "/", "").await;
     assert_eq!(h.status, 503);
-    assert!(t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(h.header("retry-after").is_some());
     // The backend comes up on the same port; after open_for a probe closes it.
     let l = tokio::net::TcpListener::bind(dead).await.unwrap();
@@ -266,7 +323,9 @@ async fn live_sessions_survive_the_breaker_opening() {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut b = [0u8; 4096];
                 let _ = s.read(&mut b).await;
-                let _ = s.write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+                    .await;
             });
         }
     });

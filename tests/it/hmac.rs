@@ -40,13 +40,24 @@ fn key(kid: &str, k: &[u8]) -> Key {
 }
 
 fn signed_text(kid: &str, k: &[u8], dir: Direction, seq: u64, ts: u64, payload: &str) -> Message {
-    let m = sign::sign(&key(kid, k), dir, seq, ts, "", MsgType::Text, payload.as_bytes());
+    let m = sign::sign(
+        &key(kid, k),
+        dir,
+        seq,
+        ts,
+        "",
+        MsgType::Text,
+        payload.as_bytes(),
+    );
     Message::text(String::from_utf8(m).unwrap())
 }
 
 /// A backend that verifies every message with the upstream key (c2s),
 /// reports what it got, and answers with the payload signed s2c.
-async fn signing_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>) {
+async fn signing_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -55,13 +66,24 @@ async fn signing_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<
             let Ok((s, _)) = l.accept().await else { return };
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
                 let up = key("p1", &UPSTREAM);
                 let mut state = SeqState::default();
                 let mut seq = 0;
                 while let Some(Ok(m)) = ws.next().await {
                     let Message::Text(t) = m else { continue };
-                    let v = sign::verify(std::slice::from_ref(&up), Direction::C2s, "", MsgType::Text, t.as_bytes(), sign::now_ms(), 30_000, &mut state);
+                    let v = sign::verify(
+                        std::slice::from_ref(&up),
+                        Direction::C2s,
+                        "",
+                        MsgType::Text,
+                        t.as_bytes(),
+                        sign::now_ms(),
+                        30_000,
+                        &mut state,
+                    );
                     match v {
                         Ok(payload) => {
                             let payload = String::from_utf8(payload.to_vec()).unwrap();
@@ -70,7 +92,14 @@ async fn signing_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<
                             let reply = if payload == "send-unsigned" {
                                 Message::text("no envelope here")
                             } else {
-                                signed_text("p1", &UPSTREAM, Direction::S2c, seq, sign::now_ms(), &format!("echo:{payload}"))
+                                signed_text(
+                                    "p1",
+                                    &UPSTREAM,
+                                    Direction::S2c,
+                                    seq,
+                                    sign::now_ms(),
+                                    &format!("echo:{payload}"),
+                                )
                             };
                             if ws.send(reply).await.is_err() {
                                 break;
@@ -97,12 +126,36 @@ async fn signed_messages_are_verified_and_resigned_both_ways() {
     // Key rotation: both client keys are accepted.
     for (i, (kid, k)) in [("c1", &CLIENT1), ("c2", &CLIENT2)].into_iter().enumerate() {
         let seq = i as u64 + 1;
-        c.send(signed_text(kid, k, Direction::C2s, seq, sign::now_ms(), &format!("hello{seq}"))).await.unwrap();
-        assert_eq!(within("backend", rx.recv()).await.unwrap(), Ok(format!("hello{seq}")));
-        let Message::Text(reply) = next(&mut c).await else { panic!("text reply") };
+        c.send(signed_text(
+            kid,
+            k,
+            Direction::C2s,
+            seq,
+            sign::now_ms(),
+            &format!("hello{seq}"),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            within("backend", rx.recv()).await.unwrap(),
+            Ok(format!("hello{seq}"))
+        );
+        let Message::Text(reply) = next(&mut c).await else {
+            panic!("text reply")
+        };
         // Re-signed for the client with the first client key.
         assert!(reply.as_str().starts_with("wsg1.c1."), "{reply}");
-        let payload = sign::verify(&client_keys, Direction::S2c, "", MsgType::Text, reply.as_bytes(), sign::now_ms(), 30_000, &mut seen_state).unwrap();
+        let payload = sign::verify(
+            &client_keys,
+            Direction::S2c,
+            "",
+            MsgType::Text,
+            reply.as_bytes(),
+            sign::now_ms(),
+            30_000,
+            &mut seen_state,
+        )
+        .unwrap();
         assert_eq!(payload, format!("echo:hello{seq}").as_bytes());
     }
 }
@@ -118,20 +171,66 @@ async fn every_signature_failure_closes_1008_with_its_reason() {
         f(&mut v);
         Message::text(String::from_utf8_lossy(&v).to_string())
     };
-    let binary_of_text = Message::binary(sign::sign(&key("c1", &CLIENT1), Direction::C2s, 1, now, "", MsgType::Text, b"payload"));
+    let binary_of_text = Message::binary(sign::sign(
+        &key("c1", &CLIENT1),
+        Direction::C2s,
+        1,
+        now,
+        "",
+        MsgType::Text,
+        b"payload",
+    ));
     // (messages to send, expected reason label)
     let cases: Vec<(Vec<Message>, &str)> = vec![
-        (vec![tamper(good(1), &|v| *v.last_mut().unwrap() ^= 0x01)], "bad_mac"),
-        (vec![tamper(good(1), &|v| { let i = v.iter().position(|b| *b == b'\n').unwrap() - 1; v[i] = if v[i] == b'A' { b'B' } else { b'A' }; })], "bad_mac"),
+        (
+            vec![tamper(good(1), &|v| *v.last_mut().unwrap() ^= 0x01)],
+            "bad_mac",
+        ),
+        (
+            vec![tamper(good(1), &|v| {
+                let i = v.iter().position(|b| *b == b'\n').unwrap() - 1;
+                v[i] = if v[i] == b'A' { b'B' } else { b'A' };
+            })],
+            "bad_mac",
+        ),
         (vec![good(1), good(1)], "replay"),
         (vec![good(5), good(3)], "replay"),
-        (vec![signed_text("zz", &CLIENT1, Direction::C2s, 1, now, "x")], "unknown_kid"),
-        (vec![signed_text("c1", &CLIENT1, Direction::C2s, 1, now - 60_000, "x")], "skew"),
-        (vec![signed_text("c1", &CLIENT1, Direction::C2s, 1, now + 60_000, "x")], "skew"),
+        (
+            vec![signed_text("zz", &CLIENT1, Direction::C2s, 1, now, "x")],
+            "unknown_kid",
+        ),
+        (
+            vec![signed_text(
+                "c1",
+                &CLIENT1,
+                Direction::C2s,
+                1,
+                now - 60_000,
+                "x",
+            )],
+            "skew",
+        ),
+        (
+            vec![signed_text(
+                "c1",
+                &CLIENT1,
+                Direction::C2s,
+                1,
+                now + 60_000,
+                "x",
+            )],
+            "skew",
+        ),
         (vec![Message::text("no envelope")], "missing_envelope"),
-        (vec![Message::text("wsg1.c1.1.1700000000000.abc")], "malformed_envelope"),
+        (
+            vec![Message::text("wsg1.c1.1.1700000000000.abc")],
+            "malformed_envelope",
+        ),
         (vec![binary_of_text], "bad_mac"),
-        (vec![signed_text("c1", &CLIENT1, Direction::S2c, 1, now, "x")], "bad_mac"),
+        (
+            vec![signed_text("c1", &CLIENT1, Direction::S2c, 1, now, "x")],
+            "bad_mac",
+        ),
     ];
     for (msgs, reason) in cases {
         let mut c = ws(p.addr, "/").await;
@@ -143,11 +242,27 @@ async fn every_signature_failure_closes_1008_with_its_reason() {
             }
         }
         let m = next(&mut c).await;
-        assert_eq!(close_of(&m), Some((1008, "signature failure".into())), "expected {reason}");
-        assert!(metric(&p, &format!("wsguard_signature_failures_total{{reason=\"{reason}\"}}")) >= 1.0, "{reason} not counted");
+        assert_eq!(
+            close_of(&m),
+            Some((1008, "signature failure".into())),
+            "expected {reason}"
+        );
+        assert!(
+            metric(
+                &p,
+                &format!("wsguard_signature_failures_total{{reason=\"{reason}\"}}")
+            ) >= 1.0,
+            "{reason} not counted"
+        );
     }
-    assert_eq!(metric(&p, "wsguard_signature_failures_total{reason=\"replay\"}"), 2.0);
-    assert_eq!(metric(&p, "wsguard_signature_failures_total{reason=\"skew\"}"), 2.0);
+    assert_eq!(
+        metric(&p, "wsguard_signature_failures_total{reason=\"replay\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&p, "wsguard_signature_failures_total{reason=\"skew\"}"),
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -156,10 +271,28 @@ async fn drop_mode_drops_and_keeps_the_session() {
     let p = proxy(b, &policy("  on_failure: drop\n")).await;
     let mut c = ws(p.addr, "/").await;
     c.send(Message::text("unsigned")).await.unwrap();
-    c.send(signed_text("c1", &CLIENT1, Direction::C2s, 1, sign::now_ms(), "good")).await.unwrap();
-    assert_eq!(within("backend", rx.recv()).await.unwrap(), Ok("good".into()));
+    c.send(signed_text(
+        "c1",
+        &CLIENT1,
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "good",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        within("backend", rx.recv()).await.unwrap(),
+        Ok("good".into())
+    );
     assert!(matches!(next(&mut c).await, Message::Text(_)));
-    assert_eq!(metric(&p, "wsguard_signature_failures_total{reason=\"missing_envelope\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_signature_failures_total{reason=\"missing_envelope\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -168,18 +301,43 @@ async fn report_mode_forwards_failures_stripped_and_unsigned() {
     let p = proxy(b, &policy("").replace("mode: enforce", "mode: report")).await;
     let mut c = ws(p.addr, "/").await;
     // A bad MAC: stripped, forwarded without a new signature.
-    let mut bad = signed_text("c1", &CLIENT1, Direction::C2s, 1, sign::now_ms(), "tampered?").into_data().to_vec();
+    let mut bad = signed_text(
+        "c1",
+        &CLIENT1,
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "tampered?",
+    )
+    .into_data()
+    .to_vec();
     *bad.last_mut().unwrap() = b'!';
-    c.send(Message::text(String::from_utf8(bad).unwrap())).await.unwrap();
+    c.send(Message::text(String::from_utf8(bad).unwrap()))
+        .await
+        .unwrap();
     assert_eq!(seen_msg(&mut rx).await, Some(Message::text("tampered!")));
     // No envelope at all: forwarded as is.
     c.send(Message::text("plain")).await.unwrap();
     assert_eq!(seen_msg(&mut rx).await, Some(Message::text("plain")));
     // A good one is re-signed with the upstream key.
-    c.send(signed_text("c1", &CLIENT1, Direction::C2s, 2, sign::now_ms(), "fine")).await.unwrap();
-    let Some(Message::Text(t)) = seen_msg(&mut rx).await else { panic!() };
+    c.send(signed_text(
+        "c1",
+        &CLIENT1,
+        Direction::C2s,
+        2,
+        sign::now_ms(),
+        "fine",
+    ))
+    .await
+    .unwrap();
+    let Some(Message::Text(t)) = seen_msg(&mut rx).await else {
+        panic!()
+    };
     assert!(t.as_str().starts_with("wsg1.p1.1."), "{t}");
-    assert_eq!(metric(&p, "wsguard_signature_failures_total{reason=\"bad_mac\"}"), 1.0);
+    assert_eq!(
+        metric(&p, "wsguard_signature_failures_total{reason=\"bad_mac\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -187,18 +345,44 @@ async fn unsigned_backend_reply_closes_the_session() {
     let (b, mut rx) = signing_backend().await;
     let p = proxy(b, &policy("")).await;
     let mut c = ws(p.addr, "/").await;
-    c.send(signed_text("c1", &CLIENT1, Direction::C2s, 1, sign::now_ms(), "send-unsigned")).await.unwrap();
-    assert_eq!(within("backend", rx.recv()).await.unwrap(), Ok("send-unsigned".into()));
+    c.send(signed_text(
+        "c1",
+        &CLIENT1,
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "send-unsigned",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        within("backend", rx.recv()).await.unwrap(),
+        Ok("send-unsigned".into())
+    );
     let m = next(&mut c).await;
     assert_eq!(close_of(&m).map(|c| c.0), Some(1008));
-    assert_eq!(metric(&p, "wsguard_signature_failures_total{reason=\"missing_envelope\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_signature_failures_total{reason=\"missing_envelope\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn fragmented_signed_message_is_verified_after_reassembly() {
     let (b, mut rx) = signing_backend().await;
     let p = proxy(b, &policy("")).await;
-    let msg = sign::sign(&key("c1", &CLIENT1), Direction::C2s, 1, sign::now_ms(), "", MsgType::Text, "fragmented payload".as_bytes());
+    let msg = sign::sign(
+        &key("c1", &CLIENT1),
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "",
+        MsgType::Text,
+        "fragmented payload".as_bytes(),
+    );
     let (mut r, h) = Raw::upgrade(p.addr, "/", "").await;
     assert_eq!(h.status, 101);
     let (a, rest) = msg.split_at(10);
@@ -206,7 +390,10 @@ async fn fragmented_signed_message_is_verified_after_reassembly() {
     r.send_frame(false, 1, a, true).await;
     r.send_frame(false, 0, bb, true).await;
     r.send_frame(true, 0, c, true).await;
-    assert_eq!(within("backend", rx.recv()).await.unwrap(), Ok("fragmented payload".into()));
+    assert_eq!(
+        within("backend", rx.recv()).await.unwrap(),
+        Ok("fragmented payload".into())
+    );
     let (op, reply) = r.read_frame().await.unwrap();
     assert_eq!(op, 1);
     assert!(reply.starts_with(b"wsg1.c1.1."));

@@ -11,13 +11,24 @@ use crate::common::*;
 const BIN: &str = env!("CARGO_BIN_EXE_wsguard");
 
 fn check(yaml: &str) -> (i32, String) {
-    let dir = std::env::temp_dir().join(format!("wsguard-check-{}-{}", std::process::id(), rand_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "wsguard-check-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("policy.yaml");
     std::fs::write(&f, yaml).unwrap();
-    let out = Command::new(BIN).args(["check", "-c"]).arg(&f).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&f)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
 }
 
 fn rand_suffix() -> u64 {
@@ -28,8 +39,20 @@ fn rand_suffix() -> u64 {
 
 #[test]
 fn check_accepts_the_example_policy() {
-    let out = Command::new(BIN).args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml")]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new(BIN)
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 
@@ -39,18 +62,34 @@ fn check_reports_every_problem_with_its_line() {
     assert_eq!(code, 1);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[0].ends_with(":2:17: shutdown_grace: `10 secs` is not a duration (use e.g. 500ms, 25s, 10m, 1h)"), "{out}");
-    assert!(lines[1].contains(":5:") && lines[1].contains("limits.per_connection.messages.rate") && lines[1].contains("above zero"), "{out}");
+    assert!(
+        lines[0].ends_with(
+            ":2:17: shutdown_grace: `10 secs` is not a duration (use e.g. 500ms, 25s, 10m, 1h)"
+        ),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains(":5:")
+            && lines[1].contains("limits.per_connection.messages.rate")
+            && lines[1].contains("above zero"),
+        "{out}"
+    );
     let (code, out) = check("limits:\n  max_conections: 5\n");
     assert_eq!(code, 1);
-    assert!(out.contains(":2:3: limits.max_conections: unknown field"), "{out}");
+    assert!(
+        out.contains(":2:3: limits.max_conections: unknown field"),
+        "{out}"
+    );
 }
 
 #[test]
 fn check_refuses_unbuilt_features() {
     let (code, out) = check("origin:\n  mode: enforce\n  allow: [\"https://a.example\"]\n");
     assert_eq!(code, 1);
-    assert!(out.contains(":2:9: origin.mode: not supported yet"), "{out}");
+    assert!(
+        out.contains(":2:9: origin.mode: not supported yet"),
+        "{out}"
+    );
     let (code, _) = check("origin: { mode: off }\nlimits: { shared: null }\nroutes: []\n");
     assert_eq!(code, 0);
 }
@@ -68,7 +107,19 @@ fn bad_arguments_exit_1_and_version_exits_0() {
 fn sign_and_verify_round_trip_on_the_command_line() {
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes
     let mut sign = Command::new(BIN)
-        .args(["sign", "--key-env", "K", "--kid", "k1", "--dir", "c2s", "--seq", "7", "--ts", "1700000000000"])
+        .args([
+            "sign",
+            "--key-env",
+            "K",
+            "--kid",
+            "k1",
+            "--dir",
+            "c2s",
+            "--seq",
+            "7",
+            "--ts",
+            "1700000000000",
+        ])
         .env("K", key)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -120,7 +171,10 @@ impl Proc {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        Proc { child, log: tokio::io::BufReader::new(stderr).lines() }
+        Proc {
+            child,
+            log: tokio::io::BufReader::new(stderr).lines(),
+        }
     }
 
     /// Waits for a log line containing `needle`.
@@ -139,7 +193,10 @@ impl Proc {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap();
-        let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(st.success());
     }
 
@@ -151,7 +208,11 @@ impl Proc {
 use tokio::io::AsyncBufReadExt;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
@@ -184,7 +245,10 @@ async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
 async fn taken_listen_address_exits_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let f = policy_file("taken", &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n"));
+    let f = policy_file(
+        "taken",
+        &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n"),
+    );
     let mut p = Proc::spawn(&f);
     assert_eq!(p.exit_code().await, Some(2));
 }
@@ -200,7 +264,11 @@ async fn sighup_reload_keeps_live_sessions_and_counts_failures() {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = ws(addr, "/").await;
     let metrics = || async move {
-        let (mut r, _) = Raw::request(format!("127.0.0.1:{admin}").parse().unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let (mut r, _) = Raw::request(
+            format!("127.0.0.1:{admin}").parse().unwrap(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         r.body().await
     };
     // An invalid file is refused; the old policy stays.
@@ -208,7 +276,9 @@ async fn sighup_reload_keeps_live_sessions_and_counts_failures() {
     p.signal("HUP");
     let line = p.log_line("reload refused").await;
     assert!(line.contains("max_conections"), "{line}");
-    assert!(metrics().await.contains("wsguard_reloads_total{result=\"error\"} 1"));
+    assert!(metrics()
+        .await
+        .contains("wsguard_reloads_total{result=\"error\"} 1"));
     c.send(Message::text("after bad reload")).await.unwrap();
     assert_eq!(next(&mut c).await, Message::text("after bad reload"));
     // A valid one is applied; the live session keeps echoing.

@@ -438,6 +438,7 @@ run_echo() {
     sleep "$(calc "max($DURATION - 2, 1)")"
     # shellcheck disable=SC2086
     b="$(cpu_snapshot "${lg:-0}" "$bpid" $proxy_pids)"
+    log "echo[$key]: cpu snapshots (t busy loadgen($lg) backend proxy...): [$a] [$b]"
     wait "$lpid" || rc=$?
     forget_pid "$lpid"
     cat "$TMP/echo-$key.err" >&2 || true

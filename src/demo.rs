@@ -57,9 +57,10 @@ pub async fn prepare(listen: SocketAddr, admin: SocketAddr) -> Result<Policy, St
         Policy::from_text("config.example.yaml", EXAMPLE_POLICY).map_err(|e| e.to_string())?;
     policy.listen = listen;
     policy.admin_listen = admin;
-    policy.upstream.url = format!("ws://{backend_addr}");
-    policy.upstream.host = backend_addr.ip().to_string();
-    policy.upstream.port = backend_addr.port();
-    policy.upstream.base_path = String::new();
+    let up = &mut policy.default_route.upstream;
+    up.url = format!("ws://{backend_addr}");
+    up.host = backend_addr.ip().to_string();
+    up.port = backend_addr.port();
+    up.base_path = String::new();
     Ok(policy)
 }

@@ -15,6 +15,9 @@ pub enum Reject {
     /// A plain HTTP request to the proxy port.
     #[error("plain HTTP request, upgrade required")]
     NotUpgrade,
+    /// Origin not allowed (or missing, `null`, malformed).
+    #[error("origin refused: {}", .0.reason())]
+    Origin(crate::guard::origin::OriginError),
     /// Per-IP handshake rate limit.
     #[error("handshake rate limit")]
     RateLimited { retry_after: u64 },
@@ -42,6 +45,7 @@ impl Reject {
     pub fn status(&self) -> StatusCode {
         match self {
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::Origin(_) => StatusCode::FORBIDDEN,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -60,6 +64,7 @@ impl Reject {
         match self {
             Reject::BadRequest(_) => "bad_request",
             Reject::Version => "bad_version",
+            Reject::Origin(e) => e.reason(),
             Reject::NotUpgrade => "not_upgrade",
             Reject::RateLimited { .. } => "handshake_rate",
             Reject::ConnectionCap { .. } => "connection_cap",

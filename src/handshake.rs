@@ -50,8 +50,8 @@ pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
     if !has_token(h, "connection", "upgrade") {
         return Err(Reject::BadRequest("Connection must include upgrade"));
     }
-    if !h.contains_key(hyper::header::HOST) {
-        return Err(Reject::BadRequest("Host header required"));
+    if h.get_all(hyper::header::HOST).iter().count() != 1 {
+        return Err(Reject::BadRequest("exactly one Host header required"));
     }
     let mut versions = h.get_all(hyper::header::SEC_WEBSOCKET_VERSION).iter();
     match (versions.next(), versions.next()) {
@@ -182,9 +182,16 @@ pub fn upstream_headers(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.push((HeaderName::from_static("x-forwarded-for"), v));
     }
+    // A trusted TLS-terminating proxy in front knows the real scheme.
+    let proto = match client.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+        Some(b"https") if fwd.peer_trusted => "https",
+        Some(b"http") if fwd.peer_trusted => "http",
+        _ if fwd.tls => "https",
+        _ => "http",
+    };
     out.push((
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
+        HeaderValue::from_static(proto),
     ));
     if let Ok(v) = HeaderValue::from_str(fwd.request_id) {
         out.push((HeaderName::from_static("x-request-id"), v));
@@ -268,6 +275,7 @@ mod tests {
         let mut r = req(|b| b);
         r.headers_mut().remove("sec-websocket-key");
         assert_eq!(status(r), 400);
+        assert_eq!(status(req(|b| b.header("host", "evil.example"))), 400);
         assert_eq!(
             status(req(|b| b.header("sec-websocket-protocol", "a b"))),
             400
@@ -315,12 +323,13 @@ mod tests {
         let r = req(|b| {
             b.header("x-forwarded-for", "1.2.3.4")
                 .header("x-request-id", "rid-1")
+                .header("x-forwarded-proto", "https")
         });
         let fwd = Forwarding {
             client_ip: "1.2.3.4".parse().unwrap(),
             peer_trusted: true,
             peer_ip: "10.0.0.1".parse().unwrap(),
-            tls: true,
+            tls: false,
             request_id: &request_id(r.headers(), true),
         };
         let h = upstream_headers(r.headers(), &fwd);

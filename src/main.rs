@@ -228,10 +228,10 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             eprintln!("wsguard demo: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(2);
         }
     };
-    let backend = policy.upstream.url.clone();
+    let backend = policy.default_route.upstream.url.clone();
     let exe = std::env::args().next().unwrap_or_else(|| "wsguard".into());
     println!("wsguard demo: echo backend on {backend}");
     println!("wsguard demo: proxy on ws://{listen}/  (admin: http://{admin}/metrics)");

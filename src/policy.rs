@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tri};
+use crate::guard::origin::OriginPolicy;
 use crate::sign;
 
 /// One problem with the policy file.
@@ -62,10 +63,61 @@ pub struct Policy {
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Limits that only make sense for the whole process.
+    pub max_connections: u64,
+    pub handshake_timeout: Duration,
+    pub trusted_proxies: Vec<Cidr>,
+    /// The top-level sections: used when no route matches.
+    pub default_route: Route,
+    /// `routes`, longest prefix first.
+    pub routes: Vec<Route>,
+}
+
+/// What applies to the sessions of one path prefix. A route's section
+/// replaces the top-level one as a whole.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Path prefix ("" for the top level).
+    pub prefix: String,
     pub upstream: Upstream,
+    pub origin: Option<OriginPolicy>,
     pub hmac: Option<Hmac>,
     pub keepalive: Keepalive,
     pub limits: Limits,
+}
+
+impl Route {
+    /// Segment-aware prefix match: `/admin` matches `/admin` and
+    /// `/admin/x`, not `/administrator`.
+    pub fn matches(&self, path: &str) -> bool {
+        match path.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/') || self.prefix.ends_with('/'),
+            None => false,
+        }
+    }
+}
+
+impl Policy {
+    /// Index of the route for `path` (without query): 0 is the top level,
+    /// `i + 1` is `routes[i]`.
+    pub fn route_index(&self, path: &str) -> usize {
+        self.routes
+            .iter()
+            .position(|r| r.matches(path))
+            .map_or(0, |i| i + 1)
+    }
+
+    pub fn route(&self, index: usize) -> &Route {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .unwrap_or(&self.default_route)
+    }
+
+    /// Every route, the top level first.
+    pub fn all_routes(&self) -> impl Iterator<Item = &Route> {
+        std::iter::once(&self.default_route).chain(self.routes.iter())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +173,7 @@ pub struct Keepalive {
 }
 
 /// A token-bucket rate: `count` cells per `per`, with a burst capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     pub count: NonZeroU32,
     pub per: Duration,
@@ -135,13 +187,11 @@ impl Rate {
     }
 }
 
+/// The limits a route may set (the process-wide ones live on [`Policy`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    pub max_connections: u64,
     pub max_message_size: usize,
     pub max_frame_size: usize,
-    pub handshake_timeout: Duration,
-    pub trusted_proxies: Vec<Cidr>,
     pub per_ip_handshakes: Option<Rate>,
     pub per_ip_connections: Option<u32>,
     pub per_connection_messages: Option<Rate>,
@@ -318,7 +368,24 @@ impl Check {
             );
             return None;
         };
-        Some(Rate { count, per, burst })
+        let rate = Rate { count, per, burst };
+        // The limiter keeps the time a full bucket represents in u64
+        // nanoseconds; refuse what would overflow it (about 292 years).
+        if rate
+            .period()
+            .as_nanos()
+            .saturating_mul(u128::from(burst.get()))
+            >= u128::from(u64::MAX / 2)
+        {
+            let loc = r.burst.as_ref().map_or(r.rate.referenced, |b| b.referenced);
+            self.push(
+                loc,
+                &format!("{path}.burst"),
+                "burst × period is too long (refill time over a century)",
+            );
+            return None;
+        }
+        Some(rate)
     }
 
     /// A key whose feature is not built: fine while it turns the feature off.
@@ -446,6 +513,12 @@ fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
             None => (authority.to_string(), 80),
         }
     };
+    if port == 0 {
+        return Err("the upstream port must not be 0".into());
+    }
+    if !host.starts_with('[') && host.contains(':') {
+        return Err(format!("`{s}`: an IPv6 host must be in brackets"));
+    }
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("`{s}` has no valid host"));
     }
@@ -540,17 +613,66 @@ impl TryFrom<&Config> for Policy {
             }
         };
 
-        let upstream = upstream(&mut c, cfg.upstream.as_ref(), "upstream");
-        origin_off(&mut c, cfg.origin.as_ref(), "origin");
+        let global = global_limits(&mut c, cfg.limits.as_ref(), "limits");
+        let default_route = Route {
+            prefix: String::new(),
+            upstream: upstream(&mut c, cfg.upstream.as_ref(), "upstream"),
+            origin: origin(&mut c, cfg.origin.as_ref(), "origin"),
+            hmac: hmac(&mut c, cfg.hmac.as_ref(), "hmac"),
+            keepalive: keepalive(&mut c, cfg.keepalive.as_ref(), "keepalive"),
+            limits: limits(&mut c, cfg.limits.as_ref(), "limits"),
+        };
         jwt_off(&mut c, cfg.jwt.as_ref(), "jwt");
-        let hmac = hmac(&mut c, cfg.hmac.as_ref(), "hmac");
-        let keepalive = keepalive(&mut c, cfg.keepalive.as_ref(), "keepalive");
-        let limits = limits(&mut c, cfg.limits.as_ref(), "limits");
-        if let Some(routes) = &cfg.routes {
-            if !routes.value.is_empty() {
-                c.unsupported(routes.referenced, "routes");
+
+        let mut routes: Vec<Route> = Vec::new();
+        for (i, r) in cfg.routes.iter().flat_map(|r| r.value.iter()).enumerate() {
+            let path = format!("routes[{i}]");
+            let prefix = r.path.value.clone();
+            if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+                c.push(
+                    r.path.referenced,
+                    &format!("{path}.path"),
+                    "must be a path starting with `/` (no query)",
+                );
+            } else if routes.iter().any(|x| x.prefix == prefix) {
+                c.push(
+                    r.path.referenced,
+                    &format!("{path}.path"),
+                    "duplicate route path",
+                );
             }
+            if let Some(l) = &r.limits {
+                route_only_limits(&mut c, l, &format!("{path}.limits"));
+            }
+            if r.jwt.is_some() {
+                jwt_off(&mut c, r.jwt.as_ref(), &format!("{path}.jwt"));
+            }
+            routes.push(Route {
+                prefix,
+                upstream: match &r.upstream {
+                    Some(u) => upstream(&mut c, Some(u), &format!("{path}.upstream")),
+                    None => default_route.upstream.clone(),
+                },
+                origin: match &r.origin {
+                    Some(o) => origin(&mut c, Some(o), &format!("{path}.origin")),
+                    None => default_route.origin.clone(),
+                },
+                hmac: match &r.hmac {
+                    Some(h) => hmac(&mut c, Some(h), &format!("{path}.hmac")),
+                    None => default_route.hmac.clone(),
+                },
+                keepalive: match &r.keepalive {
+                    Some(k) => keepalive(&mut c, Some(k), &format!("{path}.keepalive")),
+                    None => default_route.keepalive,
+                },
+                limits: match &r.limits {
+                    Some(l) => limits(&mut c, Some(l), &format!("{path}.limits")),
+                    None => default_route.limits.clone(),
+                },
+            });
         }
+        // Longest prefix first, so the first match wins.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
         c.problems.sort_by_key(|p| (p.line, p.col));
         if c.problems.is_empty() {
@@ -560,10 +682,11 @@ impl TryFrom<&Config> for Policy {
                 shutdown_grace,
                 log_format,
                 log_level,
-                upstream,
-                hmac,
-                keepalive,
-                limits,
+                max_connections: global.0,
+                handshake_timeout: global.1,
+                trusted_proxies: global.2,
+                default_route,
+                routes,
             })
         } else {
             Err(c.problems)
@@ -674,10 +797,24 @@ fn breaker(c: &mut Check, b: &config::BreakerConfig, up: &str) -> BreakerPolicy 
     }
 }
 
-fn origin_off(c: &mut Check, o: Option<&config::OriginConfig>, path: &str) {
-    let (mode, loc) = mode_of(&o.and_then(|o| o.mode.clone()));
-    if mode != Mode::Off {
-        c.unsupported(loc, &format!("{path}.mode"));
+fn origin(c: &mut Check, o: Option<&config::OriginConfig>, path: &str) -> Option<OriginPolicy> {
+    let o = o?;
+    let (mode, _) = mode_of(&o.mode);
+    if mode == Mode::Off {
+        return None;
+    }
+    let allow: Vec<String> = o.allow.iter().flatten().map(|s| s.value.clone()).collect();
+    match OriginPolicy::new(mode, &allow, o.allow_missing.unwrap_or(false)) {
+        Ok(p) => Some(p),
+        Err((i, msg)) => {
+            let loc = o
+                .allow
+                .as_ref()
+                .and_then(|a| a.get(i))
+                .map_or(Location::UNKNOWN, |s| s.referenced);
+            c.push(loc, &format!("{path}.allow[{i}]"), msg);
+            None
+        }
     }
 }
 
@@ -808,7 +945,12 @@ fn keepalive(c: &mut Check, k: Option<&config::KeepaliveConfig>, path: &str) -> 
     }
 }
 
-fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits {
+/// The process-wide limits: only valid at the top level.
+fn global_limits(
+    c: &mut Check,
+    l: Option<&config::LimitsConfig>,
+    path: &str,
+) -> (u64, Duration, Vec<Cidr>) {
     let d = config::LimitsConfig::default();
     let l = l.unwrap_or(&d);
     let max_connections = l.max_connections.as_ref().map_or(10_000, |v| v.value);
@@ -819,6 +961,82 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
             "must be at least 1",
         );
     }
+    let handshake_timeout = c.duration(
+        &l.handshake_timeout,
+        &format!("{path}.handshake_timeout"),
+        Duration::from_secs(10),
+    );
+    if handshake_timeout.is_zero() {
+        let loc = l
+            .handshake_timeout
+            .as_ref()
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.handshake_timeout"),
+            "must be above zero",
+        );
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
+        match Cidr::parse(&s.value) {
+            Ok(cidr) if cidr.prefix == 0 => c.push(
+                s.referenced,
+                &format!("{path}.trusted_proxies[{i}]"),
+                "trusting every address would let any client forge X-Forwarded-For; list your proxies' networks",
+            ),
+            Ok(cidr) => trusted_proxies.push(cidr),
+            Err(e) => c.push(s.referenced, &format!("{path}.trusted_proxies[{i}]"), e),
+        }
+    }
+    if let Some(shared) = &l.shared {
+        c.unsupported(shared.referenced, &format!("{path}.shared"));
+    }
+    if let Tri::Set(s) = &l.per_subject {
+        // Subjects come from the JWT guard, which is not built yet: a
+        // non-null per-subject limit could never be enforced.
+        if let Tri::Set(v) = &s.connections {
+            c.push(
+                v.referenced,
+                &format!("{path}.per_subject.connections"),
+                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
+            );
+        }
+        if let Tri::Set(v) = &s.messages {
+            c.push(
+                v.referenced,
+                &format!("{path}.per_subject.messages"),
+                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
+            );
+        }
+    }
+    (max_connections, handshake_timeout, trusted_proxies)
+}
+
+/// A route's `limits` may not set the process-wide keys.
+fn route_only_limits(c: &mut Check, l: &config::LimitsConfig, path: &str) {
+    let top = "only valid in the top-level limits section";
+    if let Some(v) = &l.max_connections {
+        c.push(v.referenced, &format!("{path}.max_connections"), top);
+    }
+    if let Some(v) = &l.handshake_timeout {
+        c.push(v.referenced, &format!("{path}.handshake_timeout"), top);
+    }
+    if let Some(v) = l.trusted_proxies.as_ref().and_then(|t| t.first()) {
+        c.push(v.referenced, &format!("{path}.trusted_proxies"), top);
+    }
+    if let Some(v) = &l.shared {
+        c.push(v.referenced, &format!("{path}.shared"), top);
+    }
+    if !matches!(l.per_subject, Tri::Missing) {
+        c.push(Location::UNKNOWN, &format!("{path}.per_subject"), top);
+    }
+}
+
+/// The limits a route may set.
+fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits {
+    let d = config::LimitsConfig::default();
+    let l = l.unwrap_or(&d);
     let max_message = c.size(
         &l.max_message_size,
         &format!("{path}.max_message_size"),
@@ -865,29 +1083,6 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
             format!("must not exceed max_message_size ({max_message} bytes)"),
         );
     }
-    let handshake_timeout = c.duration(
-        &l.handshake_timeout,
-        &format!("{path}.handshake_timeout"),
-        Duration::from_secs(10),
-    );
-    if handshake_timeout.is_zero() {
-        let loc = l
-            .handshake_timeout
-            .as_ref()
-            .map_or(Location::UNKNOWN, |s| s.referenced);
-        c.push(
-            loc,
-            &format!("{path}.handshake_timeout"),
-            "must be above zero",
-        );
-    }
-    let mut trusted_proxies = Vec::new();
-    for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
-        match Cidr::parse(&s.value) {
-            Ok(cidr) => trusted_proxies.push(cidr),
-            Err(e) => c.push(s.referenced, &format!("{path}.trusted_proxies[{i}]"), e),
-        }
-    }
 
     let default_rate = |count: u32, burst: u32| Rate {
         count: NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN),
@@ -912,24 +1107,6 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
             (hs, conns)
         }
     };
-    if let Tri::Set(s) = &l.per_subject {
-        // Subjects come from the JWT guard, which is not built yet: a
-        // non-null per-subject limit could never be enforced.
-        if let Tri::Set(v) = &s.connections {
-            c.push(
-                v.referenced,
-                &format!("{path}.per_subject.connections"),
-                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
-            );
-        }
-        if let Tri::Set(v) = &s.messages {
-            c.push(
-                v.referenced,
-                &format!("{path}.per_subject.messages"),
-                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
-            );
-        }
-    }
     let (per_connection_messages, per_connection_bytes) = match &l.per_connection {
         Tri::Null => (None, None),
         Tri::Missing => (Some(default_rate(50, 100)), None),
@@ -946,15 +1123,21 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
             (m, b)
         }
     };
-    if let Some(shared) = &l.shared {
-        c.unsupported(shared.referenced, &format!("{path}.shared"));
+    if let (Some(b), Tri::Set(pc)) = (&per_connection_bytes, &l.per_connection) {
+        if u64::from(b.burst.get()) < max_message {
+            if let Tri::Set(r) = &pc.bytes {
+                let loc = r.burst.as_ref().map_or(r.rate.referenced, |b| b.referenced);
+                c.push(
+                    loc,
+                    &format!("{path}.per_connection.bytes.burst"),
+                    format!("must be at least max_message_size ({max_message} bytes), or every larger message is refused"),
+                );
+            }
+        }
     }
     Limits {
-        max_connections,
         max_message_size: usize::try_from(max_message).unwrap_or(usize::MAX),
         max_frame_size: usize::try_from(max_frame).unwrap_or(usize::MAX),
-        handshake_timeout,
-        trusted_proxies,
         per_ip_handshakes,
         per_ip_connections,
         per_connection_messages,
@@ -1014,17 +1197,75 @@ impl Policy {
 
     /// The one-line summary `check` prints.
     pub fn summary(&self) -> String {
-        let onoff = |b: bool| if b { "on" } else { "off" };
         format!(
-            "ok: listen {} -> {} (admin {}), hmac {}, keepalive {}, breaker {}, per-ip limits {}, max {} connections",
+            "ok: listen {} (admin {}), {} route(s); default: {}",
             self.listen,
-            self.upstream.url,
             self.admin_listen,
-            self.hmac.as_ref().map_or("off", |h| if h.mode == Mode::Enforce { "enforce" } else { "report" }),
-            self.keepalive.interval.map_or("off".to_string(), |d| format!("{}s", d.as_secs_f64())),
-            onoff(self.upstream.breaker.is_some()),
-            onoff(self.limits.per_ip_handshakes.is_some() || self.limits.per_ip_connections.is_some()),
-            self.limits.max_connections,
+            self.routes.len() + 1,
+            self.default_route.describe(),
+        )
+    }
+
+    /// `check --explain`: the effective policy of every route.
+    pub fn explain(&self) -> String {
+        let mut out = format!(
+            "listen {}  admin {}  max_connections {}  handshake_timeout {:?}  trusted_proxies {}  shutdown_grace {:?}\n",
+            self.listen,
+            self.admin_listen,
+            self.max_connections,
+            self.handshake_timeout,
+            self.trusted_proxies.len(),
+            self.shutdown_grace,
+        );
+        for r in self
+            .routes
+            .iter()
+            .chain(std::iter::once(&self.default_route))
+        {
+            let name = if r.prefix.is_empty() {
+                "(top level)"
+            } else {
+                r.prefix.as_str()
+            };
+            out.push_str(&format!("route {name}: {}\n", r.describe()));
+        }
+        out
+    }
+}
+
+impl Route {
+    /// One line that says what is enforced on this route.
+    pub fn describe(&self) -> String {
+        let mode = |m: Mode| match m {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+            Mode::Off => "off",
+        };
+        let rate = |r: &Option<Rate>| {
+            r.map_or("off".to_string(), |r| {
+                format!("{}/{:?} burst {}", r.count, r.per, r.burst)
+            })
+        };
+        let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| format!("{d:?}"));
+        format!(
+            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt off, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
+             max_message {} max_frame {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {} on_limit {:?}",
+            self.upstream.url,
+            self.upstream.connect_timeout,
+            self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
+            self.origin.as_ref().map_or("off", |o| mode(o.mode)),
+            self.hmac.as_ref().map_or("off", |h| mode(h.mode)),
+            timer(self.keepalive.interval),
+            timer(self.keepalive.upstream_interval),
+            timer(self.keepalive.idle_timeout),
+            self.keepalive.max_missed,
+            self.limits.max_message_size,
+            self.limits.max_frame_size,
+            rate(&self.limits.per_ip_handshakes),
+            self.limits.per_ip_connections.map_or("off".to_string(), |n| n.to_string()),
+            rate(&self.limits.per_connection_messages),
+            rate(&self.limits.per_connection_bytes),
+            self.limits.on_message_limit,
         )
     }
 }
@@ -1044,11 +1285,13 @@ mod tests {
     fn empty_policy_is_all_defaults() {
         let p = Policy::from_text("p.yaml", "{}").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.listen, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(p.limits.max_message_size, 1 << 20);
-        assert_eq!(p.limits.max_frame_size, 256 << 10);
-        assert_eq!(p.keepalive.interval, Some(Duration::from_secs(25)));
-        assert_eq!(p.upstream.breaker.map(|b| b.consecutive_failures), Some(5));
-        assert_eq!(p.limits.per_ip_handshakes.map(|r| r.burst.get()), Some(20));
+        let r = &p.default_route;
+        assert_eq!(r.limits.max_message_size, 1 << 20);
+        assert_eq!(r.limits.max_frame_size, 256 << 10);
+        assert_eq!(r.keepalive.interval, Some(Duration::from_secs(25)));
+        assert_eq!(r.upstream.breaker.map(|b| b.consecutive_failures), Some(5));
+        assert_eq!(r.limits.per_ip_handshakes.map(|r| r.burst.get()), Some(20));
+        assert_eq!(p.max_connections, 10_000);
     }
 
     #[test]
@@ -1098,6 +1341,68 @@ mod tests {
         assert_eq!(p[0].line, 2);
         let p = problems("tls:\n  cert_file: a\n  key_file: b\n");
         assert_eq!(p[0].message, "not supported yet");
+    }
+
+    #[test]
+    fn routes_replace_sections_and_match_longest_prefix() {
+        let p = Policy::from_text(
+            "p.yaml",
+            "upstream: { url: \"ws://127.0.0.1:1\" }\nkeepalive: { interval: 5s }\nroutes:\n  - path: /admin\n    upstream: { url: \"ws://127.0.0.1:2/adm\" }\n  - path: /admin/deep\n    keepalive: { interval: 0s }\n    limits: { max_message_size: 1KiB, max_frame_size: 1KiB }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.route(p.route_index("/other")).prefix, "");
+        assert_eq!(p.route(p.route_index("/administrator")).prefix, "");
+        let admin = p.route(p.route_index("/admin/x"));
+        assert_eq!((admin.prefix.as_str(), admin.upstream.port), ("/admin", 2));
+        assert_eq!(admin.keepalive.interval, Some(Duration::from_secs(5)));
+        let deep = p.route(p.route_index("/admin/deep"));
+        assert_eq!(deep.prefix, "/admin/deep");
+        assert_eq!(deep.keepalive.interval, None);
+        // An omitted section inherits the top level, not the parent route.
+        assert_eq!(deep.upstream.port, 1);
+        assert_eq!(deep.limits.max_message_size, 1024);
+        assert!(p.explain().contains("route /admin/deep:"));
+    }
+
+    #[test]
+    fn route_problems() {
+        let p = problems("routes:\n  - path: admin\n  - path: /a\n    limits: { max_connections: 5 }\n  - path: /a\n");
+        let paths: Vec<_> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "routes[0].path",
+                "routes[1].limits.max_connections",
+                "routes[2].path"
+            ]
+        );
+    }
+
+    #[test]
+    fn origin_policy_is_validated() {
+        let p = problems(
+            "origin:\n  mode: enforce\n  allow: [\"https://ok.example\", \"not an origin\"]\n",
+        );
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].line, p[0].path.as_str()), (3, "origin.allow[1]"));
+    }
+
+    #[test]
+    fn dangerous_values_are_refused() {
+        let p = problems("limits:\n  trusted_proxies: [\"0.0.0.0/0\"]\n  per_ip:\n    handshakes: { rate: 1/h, burst: 4000000000 }\nupstream: { url: \"ws://a:b:80\" }\n");
+        let paths: Vec<_> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "limits.trusted_proxies[0]",
+                "limits.per_ip.handshakes.burst",
+                "upstream.url"
+            ]
+        );
+        let p = problems("limits:\n  max_message_size: 1MiB\n  per_connection:\n    bytes: { rate: 1MiB/s, burst: 64KiB }\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].path, "limits.per_connection.bytes.burst");
+        assert!(problems("upstream: { url: \"ws://127.0.0.1:0\" }\n").len() == 1);
     }
 
     #[test]

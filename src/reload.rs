@@ -19,7 +19,18 @@ pub fn reload(shared: &Shared, path: &Path) -> bool {
                     "listen or admin.listen changed: that needs a restart; the old addresses stay in use"
                 );
             }
+            if new.shutdown_grace != old.policy.shutdown_grace
+                || new.log_format != old.policy.log_format
+                || new.log_level != old.policy.log_level
+            {
+                tracing::warn!(
+                    "shutdown_grace and log.* changes need a restart; the old values stay in use"
+                );
+            }
             let mut new = new;
+            new.shutdown_grace = old.policy.shutdown_grace;
+            new.log_format = old.policy.log_format;
+            new.log_level = old.policy.log_level.clone();
             new.listen = old.policy.listen;
             new.admin_listen = old.policy.admin_listen;
             shared.install(new);

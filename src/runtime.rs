@@ -13,16 +13,32 @@ use tokio_util::task::TaskTracker;
 use crate::guard::breaker::Breaker;
 use crate::guard::limits::{ConnCounts, HandshakeLimiter};
 use crate::metrics::{Metrics, UpstreamLabel};
-use crate::policy::{BreakerPolicy, Limits, Policy};
+use crate::policy::{BreakerPolicy, Limits, Policy, Rate, Route};
 
 /// One policy generation plus what is derived from it. New handshakes load
 /// the current one; a live session keeps the one it started with.
 pub struct Runtime {
     pub policy: Policy,
     pub generation: u64,
-    pub handshakes: Option<HandshakeLimiter>,
+    /// Aligned with [`Policy::route`]: 0 is the top level.
+    pub routes: Vec<RouteRuntime>,
+}
+
+/// What a route derives from its policy.
+pub struct RouteRuntime {
+    pub handshakes: Option<Arc<HandshakeLimiter>>,
     pub breaker: Option<Arc<Breaker>>,
+    /// Toward the client: the policy's frame and message limits.
     pub ws_config: WebSocketConfig,
+    /// Toward the backend: no frame limit (backends send messages as one
+    /// frame), the message limit plus room for a signature envelope.
+    pub upstream_ws_config: WebSocketConfig,
+}
+
+impl Runtime {
+    pub fn route(&self, index: usize) -> (&Route, Option<&RouteRuntime>) {
+        (self.policy.route(index), self.routes.get(index))
+    }
 }
 
 /// The explicit per-connection WebSocket configuration. tungstenite's
@@ -38,15 +54,27 @@ pub fn ws_config(l: &Limits) -> WebSocketConfig {
         .accept_unmasked_frames(false)
 }
 
+/// See [`RouteRuntime::upstream_ws_config`].
+pub fn upstream_ws_config(l: &Limits) -> WebSocketConfig {
+    ws_config(l)
+        .max_frame_size(None)
+        .max_message_size(Some(l.max_message_size.saturating_add(1024)))
+}
+
 pub struct Shared {
     current: ArcSwap<Runtime>,
     pub metrics: Metrics,
     pub counts: Arc<ConnCounts>,
+    /// Connections still in the handshake, per peer address.
+    pub pending: Arc<ConnCounts>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Breakers survive reloads while the upstream and its breaker settings
     /// are unchanged, so a reload cannot be used to reset an open circuit.
     breakers: Mutex<HashMap<(String, BreakerKey), Arc<Breaker>>>,
+    /// Per-IP handshake limiters by (route prefix, rate), kept across
+    /// reloads for the same reason.
+    limiters: Mutex<HashMap<(String, Rate), Arc<HandshakeLimiter>>>,
     pub ready: std::sync::atomic::AtomicBool,
 }
 
@@ -65,9 +93,7 @@ impl Shared {
     pub fn new(policy: Policy) -> Arc<Shared> {
         let metrics = Metrics::new();
         let placeholder = Runtime {
-            ws_config: ws_config(&policy.limits),
-            handshakes: None,
-            breaker: None,
+            routes: Vec::new(),
             generation: 0,
             policy: policy.clone(),
         };
@@ -75,9 +101,11 @@ impl Shared {
             current: ArcSwap::from_pointee(placeholder),
             metrics,
             counts: Arc::new(ConnCounts::default()),
+            pending: Arc::new(ConnCounts::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             breakers: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
         });
         shared.install(policy);
@@ -92,36 +120,66 @@ impl Shared {
     /// Swaps in a new policy atomically. Live sessions keep theirs.
     pub fn install(&self, policy: Policy) {
         let generation = self.current.load().generation + 1;
-        let breaker = policy.upstream.breaker.map(|b| {
-            let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
-            let key = (policy.upstream.url.clone(), breaker_key(&b));
-            // Forget breakers of upstreams that are no longer configured.
-            map.retain(|(url, k), _| url != &key.0 || *k == key.1);
-            Arc::clone(map.entry(key).or_insert_with(|| {
-                let gauge = self
-                    .metrics
-                    .circuit_state
-                    .get_or_create(&UpstreamLabel {
-                        upstream: policy.upstream.url.clone(),
-                    })
-                    .clone();
-                Arc::new(Breaker::new(b, policy.upstream.url.clone(), gauge))
-            }))
-        });
-        let rt = Runtime {
-            ws_config: ws_config(&policy.limits),
-            handshakes: policy
-                .limits
-                .per_ip_handshakes
-                .as_ref()
-                .map(HandshakeLimiter::new),
-            breaker,
-            generation,
-            policy,
-        };
+        let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted_limiters: Vec<(String, Rate)> = policy
+            .all_routes()
+            .filter_map(|r| {
+                r.limits
+                    .per_ip_handshakes
+                    .map(|rate| (r.prefix.clone(), rate))
+            })
+            .collect();
+        limiters.retain(|k, _| wanted_limiters.contains(k));
+        let wanted: Vec<(String, BreakerKey)> = policy
+            .all_routes()
+            .filter_map(|r| {
+                r.upstream
+                    .breaker
+                    .map(|b| (r.upstream.url.clone(), breaker_key(&b)))
+            })
+            .collect();
+        // Forget breakers of upstreams that are no longer configured.
+        map.retain(|k, _| wanted.contains(k));
+        let routes = policy
+            .all_routes()
+            .map(|r| RouteRuntime {
+                ws_config: ws_config(&r.limits),
+                upstream_ws_config: upstream_ws_config(&r.limits),
+                handshakes: r.limits.per_ip_handshakes.map(|rate| {
+                    // Reuse the limiter while the route and rate are unchanged:
+                    // a reload must not hand every client a fresh burst.
+                    let key = (r.prefix.clone(), rate);
+                    Arc::clone(
+                        limiters
+                            .entry(key)
+                            .or_insert_with(|| Arc::new(HandshakeLimiter::new(&rate))),
+                    )
+                }),
+                breaker: r.upstream.breaker.map(|b| {
+                    let key = (r.upstream.url.clone(), breaker_key(&b));
+                    Arc::clone(map.entry(key).or_insert_with(|| {
+                        let gauge = self
+                            .metrics
+                            .circuit_state
+                            .get_or_create(&UpstreamLabel {
+                                upstream: r.upstream.url.clone(),
+                            })
+                            .clone();
+                        Arc::new(Breaker::new(b, r.upstream.url.clone(), gauge))
+                    }))
+                }),
+            })
+            .collect();
+        drop(map);
+        drop(limiters);
         self.metrics
             .policy_generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
-        self.current.store(Arc::new(rt));
+        self.current.store(Arc::new(Runtime {
+            policy,
+            generation,
+            routes,
+        }));
     }
 }

@@ -32,6 +32,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::config::Mode;
 use crate::error::Reject;
 use crate::guard::limits::{client_ip, IpKey, SlotError};
 use crate::handshake::{self, Forwarding};
@@ -44,6 +45,16 @@ type Body = Full<Bytes>;
 /// hyper's read buffer bound: a request head larger than this is 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
+/// Connections from one peer address that may sit in the handshake at
+/// once. Counted before a byte is read, so a flood of idle sockets from one
+/// host cannot exhaust file descriptors for everyone.
+const MAX_PENDING_PER_IP: u32 = 64;
+
+/// Refuses a connection before reading it: one non-blocking write of a
+/// 503 and a close. Never waits on the peer.
+fn refuse_now(stream: &TcpStream) {
+    let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+}
 
 /// Accepts until shutdown. Every connection, handshake and session runs on
 /// `shared.tracker`, so shutdown can wait for them all.
@@ -57,8 +68,24 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Pending handshakes are capped like sessions: globally by
+                // max_connections and per peer address.
+                let cap = shared.runtime().policy.max_connections;
+                let Ok(pending) =
+                    shared
+                        .pending
+                        .acquire(IpKey::new(peer.ip()), cap, Some(MAX_PENDING_PER_IP))
+                else {
+                    shared.metrics.handshake("pending_limit");
+                    shared.metrics.reject("pending_limit");
+                    refuse_now(&stream);
+                    continue;
+                };
                 let shared2 = Arc::clone(&shared);
-                shared.tracker.spawn(connection(stream, peer, shared2));
+                shared.tracker.spawn(async move {
+                    connection(stream, peer, shared2).await;
+                    drop(pending);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -76,8 +103,10 @@ async fn sweep(shared: Arc<Shared>) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         every.tick().await;
-        if let Some(l) = &shared.runtime().handshakes {
-            l.sweep();
+        for r in &shared.runtime().routes {
+            if let Some(l) = &r.handshakes {
+                l.sweep();
+            }
         }
     }
 }
@@ -85,7 +114,7 @@ async fn sweep(shared: Arc<Shared>) {
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let rt = shared.runtime();
-    let deadline = Instant::now() + rt.policy.limits.handshake_timeout;
+    let deadline = Instant::now() + rt.policy.handshake_timeout;
     drop(rt);
     let started = Arc::new(AtomicBool::new(false));
     let svc = {
@@ -182,7 +211,9 @@ async fn upgrade(
     let up = handshake::validate(&req)?;
     let rt = shared.runtime();
     let policy = &rt.policy;
-    let limits = &policy.limits;
+    let route_index = policy.route_index(handshake::redacted(&up.path_and_query));
+    let (route, derived) = rt.route(route_index);
+    let derived = derived.ok_or(Reject::ShuttingDown)?;
 
     let xff: Vec<&str> = req
         .headers()
@@ -190,22 +221,37 @@ async fn upgrade(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let ip = client_ip(peer.ip(), &xff, &limits.trusted_proxies);
-    let peer_trusted = limits.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+    let ip = client_ip(peer.ip(), &xff, &policy.trusted_proxies);
+    let peer_trusted = policy.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let key = IpKey::new(ip);
 
-    if let Some(l) = &rt.handshakes {
+    if let Some(origin) = &route.origin {
+        let values: Vec<&[u8]> = req
+            .headers()
+            .get_all(hyper::header::ORIGIN)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if let Err(e) = origin.check(&values) {
+            if origin.mode == Mode::Enforce {
+                return Err(Reject::Origin(e));
+            }
+            shared.metrics.reject("origin_report");
+            tracing::info!(client = %peer, reason = e.reason(), "origin would be refused (report mode)");
+        }
+    }
+    if let Some(l) = &derived.handshakes {
         l.check(key)
             .map_err(|retry_after| Reject::RateLimited { retry_after })?;
     }
     let slot = shared
         .counts
-        .acquire(key, limits.max_connections, limits.per_ip_connections)
+        .acquire(key, policy.max_connections, route.limits.per_ip_connections)
         .map_err(|e| match e {
             SlotError::Global => Reject::Capacity { retry_after: 1 },
             SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
         })?;
-    let permit = match &rt.breaker {
+    let permit = match &derived.breaker {
         None => None,
         Some(b) => Some(b.try_acquire().map_err(|wait| Reject::CircuitOpen {
             retry_after: crate::guard::limits::ceil_secs(wait),
@@ -223,13 +269,17 @@ async fn upgrade(
             request_id: &request_id,
         },
     );
-    let dial_deadline = deadline.min(Instant::now() + policy.upstream.connect_timeout);
+    let connect_deadline = Instant::now() + route.upstream.connect_timeout;
+    // When the client's handshake budget, not connect_timeout, is what runs
+    // out, a timeout says nothing about the backend.
+    let backend_bound = connect_deadline <= deadline;
+    let dial_deadline = deadline.min(connect_deadline);
     let dialed = upstream::dial(
-        &policy.upstream,
+        &route.upstream,
         &up.path_and_query,
         &up.protocols,
         &headers,
-        rt.ws_config,
+        derived.upstream_ws_config,
         dial_deadline,
     )
     .await;
@@ -242,13 +292,13 @@ async fn upgrade(
         }
         Err(e) => {
             if let Some(p) = permit {
-                if e.is_backend_failure() {
-                    p.failure();
-                } else {
-                    p.success();
+                match (&e, backend_bound) {
+                    (DialError::Timeout, false) => drop(p),
+                    _ if e.is_backend_failure() => p.failure(),
+                    _ => p.success(),
                 }
             }
-            tracing::warn!(client = %peer, upstream = %policy.upstream.url, error = %e, "upstream handshake failed");
+            tracing::warn!(client = %peer, upstream = %route.upstream.url, error = %e, "upstream handshake failed");
             return Err(match e {
                 DialError::Timeout => Reject::GatewayTimeout,
                 other => Reject::BadGateway(other.to_string()),
@@ -277,6 +327,7 @@ async fn upgrade(
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let info = SessionInfo {
+        route: route_index,
         peer,
         path: handshake::redacted(&up.path_and_query).to_string(),
         request_id,
@@ -284,7 +335,7 @@ async fn upgrade(
     };
     let shared2 = Arc::clone(shared);
     let rt2 = Arc::clone(&rt);
-    let ws_config = rt.ws_config;
+    let ws_config = derived.ws_config;
     shared.tracker.spawn(async move {
         let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
             Ok(Ok(u)) => u,

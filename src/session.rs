@@ -9,7 +9,7 @@
 //! other is dropped and [`finish`] closes both sides with the right codes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use crate::config::{Mode, OnFailure};
 use crate::guard::limits::{ConnSlot, MessageLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
-use crate::policy::Hmac;
+use crate::policy::{Hmac, Route};
 use crate::runtime::{Runtime, Shared};
 use crate::sign::{self, Direction, MsgType, SeqState};
 
@@ -43,6 +43,8 @@ const BAD_GATEWAY: u16 = 1014;
 
 /// Everything a session needs from the handshake.
 pub struct SessionInfo {
+    /// Index of the route in the session's policy generation.
+    pub route: usize,
     pub peer: SocketAddr,
     pub path: String,
     pub request_id: String,
@@ -71,7 +73,7 @@ enum End {
 /// State the two pumps share. Atomics, because both pumps live in one
 /// task but must be `Send`.
 struct Pumps<'a> {
-    rt: &'a Runtime,
+    route: &'a Route,
     shared: &'a Shared,
     start: Instant,
     client_live: Liveness,
@@ -82,6 +84,11 @@ struct Pumps<'a> {
     client_pings: AtomicU32,
     upstream_pings: AtomicU32,
     last_data_ms: AtomicU64,
+    /// True while a pump waits for its peer to take a message. A side we
+    /// are not reading from cannot prove liveness, so its keepalive verdict
+    /// is suspended; the stalled write has its own deadline instead.
+    c2u_blocked: AtomicBool,
+    u2c_blocked: AtomicBool,
     msgs: [AtomicU64; 2],
     bytes: [AtomicU64; 2],
     limiter: Option<MessageLimiter>,
@@ -213,21 +220,30 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut ticker = keepalive::ticker(p.rt.policy.keepalive.upstream_interval);
-    let hmac = p.rt.policy.hmac.as_ref();
+    let ka = &p.route.keepalive;
+    let mut ticker = keepalive::ticker(ka.upstream_interval);
+    let stall = stall_limit(ka.upstream_interval, ka.max_missed);
+    let hmac = p.route.hmac.as_ref();
     let mut seq_in = SeqState::default();
     let mut seq_out = 0u64;
-    let on_limit = p.rt.policy.limits.on_message_limit;
+    let on_limit = p.route.limits.on_message_limit;
+    let fail = |e: SendError| match e {
+        SendError::Closed => End::UpstreamGone,
+        SendError::Stalled => End::UpstreamDead,
+    };
     loop {
         let next = tokio::select! {
             m = crx.next() => m,
             () = keepalive::tick(&mut ticker) => {
+                if p.u2c_blocked.load(Relaxed) {
+                    continue;
+                }
                 match p.upstream_live.on_tick() {
                     Tick::Skip => continue,
                     Tick::Dead => return End::UpstreamDead,
                     Tick::Ping(payload) => {
-                        if utx.send(Message::Ping(payload)).await.is_err() {
-                            return End::UpstreamGone;
+                        if let Err(e) = send_within(utx, Message::Ping(payload), stall, &p.c2u_blocked).await {
+                            return fail(e);
                         }
                         continue;
                     }
@@ -241,20 +257,25 @@ where
             }
             Some(Ok(m)) => m,
         };
+        // Every frame from the client counts against its message limits,
+        // pings and pongs included: they are forwarded too.
+        if let (Some(l), false) = (
+            &p.limiter,
+            matches!(msg, Message::Close(_) | Message::Frame(_)),
+        ) {
+            if !l.allow(msg.len()) {
+                p.shared.metrics.reject("message_rate");
+                match on_limit {
+                    OnFailure::Close => return End::Policy("rate limit", "rate limit"),
+                    OnFailure::Drop => continue,
+                }
+            }
+        }
         let msg = match msg {
             Message::Text(_) | Message::Binary(_) => {
                 p.client_live.on_data();
                 p.touch();
                 let len = msg.len();
-                if let Some(l) = &p.limiter {
-                    if !l.allow(len) {
-                        p.shared.metrics.reject("message_rate");
-                        match on_limit {
-                            OnFailure::Close => return End::Policy("rate limit", "rate limit"),
-                            OnFailure::Drop => continue,
-                        }
-                    }
-                }
                 let msg = match hmac {
                     None => msg,
                     Some(h) => match resign(
@@ -296,8 +317,8 @@ where
             Message::Close(f) => return End::ClientClosed(f),
             Message::Frame(_) => continue,
         };
-        if utx.send(msg).await.is_err() {
-            return End::UpstreamGone;
+        if let Err(e) = send_within(utx, msg, stall, &p.c2u_blocked).await {
+            return fail(e);
         }
     }
 }
@@ -308,20 +329,29 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut ticker = keepalive::ticker(p.rt.policy.keepalive.interval);
-    let hmac = p.rt.policy.hmac.as_ref();
+    let ka = &p.route.keepalive;
+    let mut ticker = keepalive::ticker(ka.interval);
+    let stall = stall_limit(ka.interval, ka.max_missed);
+    let hmac = p.route.hmac.as_ref();
     let mut seq_in = SeqState::default();
     let mut seq_out = 0u64;
+    let fail = |e: SendError| match e {
+        SendError::Closed => End::ClientGone,
+        SendError::Stalled => End::ClientDead,
+    };
     loop {
         let next = tokio::select! {
             m = urx.next() => m,
             () = keepalive::tick(&mut ticker) => {
+                if p.c2u_blocked.load(Relaxed) {
+                    continue;
+                }
                 match p.client_live.on_tick() {
                     Tick::Skip => continue,
                     Tick::Dead => return End::ClientDead,
                     Tick::Ping(payload) => {
-                        if ctx.send(Message::Ping(payload)).await.is_err() {
-                            return End::ClientGone;
+                        if let Err(e) = send_within(ctx, Message::Ping(payload), stall, &p.u2c_blocked).await {
+                            return fail(e);
                         }
                         continue;
                     }
@@ -388,10 +418,44 @@ where
             Message::Close(f) => return End::UpstreamClosed(f),
             Message::Frame(_) => continue,
         };
-        if ctx.send(msg).await.is_err() {
-            return End::ClientGone;
+        if let Err(e) = send_within(ctx, msg, stall, &p.u2c_blocked).await {
+            return fail(e);
         }
     }
+}
+
+/// How long a write to a peer may stall before the peer counts as dead:
+/// the same budget keepalive gives it (`interval × max_missed`). With
+/// keepalive off on that hop, writes wait as long as the peer holds them
+/// (backpressure), bounded by the other timers.
+fn stall_limit(interval: Option<Duration>, max_missed: u32) -> Option<Duration> {
+    interval.map(|i| i.saturating_mul(max_missed.max(1)))
+}
+
+enum SendError {
+    Closed,
+    Stalled,
+}
+
+async fn send_within<S>(
+    tx: &mut Tx<S>,
+    msg: Message,
+    limit: Option<Duration>,
+    blocked: &AtomicBool,
+) -> Result<(), SendError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    blocked.store(true, Relaxed);
+    let r = match limit {
+        None => tx.send(msg).await.map_err(|_| SendError::Closed),
+        Some(l) => match tokio::time::timeout(l, tx.send(msg)).await {
+            Ok(r) => r.map_err(|_| SendError::Closed),
+            Err(_) => Err(SendError::Stalled),
+        },
+    };
+    blocked.store(false, Relaxed);
+    r
 }
 
 fn take_one(n: &AtomicU32) -> bool {
@@ -451,17 +515,19 @@ pub async fn run<C, U>(
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let policy = &rt.policy;
-    let limits = &policy.limits;
+    let route = rt.policy.route(info.route);
+    let limits = &route.limits;
     let p = Pumps {
-        rt: &rt,
+        route,
         shared: &shared,
         start: Instant::now(),
-        client_live: Liveness::new(policy.keepalive.max_missed),
-        upstream_live: Liveness::new(policy.keepalive.max_missed),
+        client_live: Liveness::new(route.keepalive.max_missed),
+        upstream_live: Liveness::new(route.keepalive.max_missed),
         client_pings: AtomicU32::new(0),
         upstream_pings: AtomicU32::new(0),
         last_data_ms: AtomicU64::new(0),
+        c2u_blocked: AtomicBool::new(false),
+        u2c_blocked: AtomicBool::new(false),
         msgs: [AtomicU64::new(0), AtomicU64::new(0)],
         bytes: [AtomicU64::new(0), AtomicU64::new(0)],
         limiter: MessageLimiter::new(
@@ -477,7 +543,7 @@ pub async fn run<C, U>(
         e = client_to_upstream(&p, &mut crx, &mut utx) => e,
         e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
         () = shared.shutdown.cancelled() => End::Shutdown,
-        () = idle_watch(&p, policy.keepalive.idle_timeout) => End::Idle,
+        () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
     };
 
     // (frame to client, frame to backend, who ended it, client wait)
@@ -575,9 +641,7 @@ pub async fn run<C, U>(
         };
         close_side(&mut utx, &mut urx, msg, upstream_wait).await;
     };
-    tokio::join!(client_done, upstream_done);
-
-    shared.metrics.connections_active.dec();
+    // Counted when decided, not after the (bounded) close handshake.
     shared
         .metrics
         .closes
@@ -590,6 +654,9 @@ pub async fn run<C, U>(
             code: code_label(client_code),
         })
         .inc();
+    tokio::join!(client_done, upstream_done);
+
+    shared.metrics.connections_active.dec();
     let reason = match &end {
         End::Policy(_, r) => *r,
         _ => "",

@@ -43,7 +43,15 @@ impl DialError {
     /// Whether the circuit breaker counts this against the backend: 4xx
     /// answers are the backend working as designed.
     pub fn is_backend_failure(&self) -> bool {
-        !matches!(self, DialError::Status { status } if (400..500).contains(status))
+        match self {
+            // Only 5xx answers say the backend is failing; 1xx-4xx are the
+            // backend answering as designed (and give the client a 502).
+            DialError::Status { status } => (500..600).contains(status),
+            // Out of file descriptors here (EMFILE/ENFILE) says nothing
+            // about the backend: never let local exhaustion open the circuit.
+            DialError::Connect(e) => !matches!(e.raw_os_error(), Some(23 | 24)),
+            DialError::Timeout | DialError::Invalid(_) | DialError::Io(_) => true,
+        }
     }
 }
 
@@ -324,6 +332,10 @@ mod tests {
         let s500 = b"HTTP/1.1 500 Oops\r\n\r\n";
         let e = check_response(s500, KEY, &[]).unwrap_err();
         assert!(e.is_backend_failure());
+        let s200 = b"HTTP/1.1 200 OK\r\n\r\n";
+        assert!(!check_response(s200, KEY, &[])
+            .unwrap_err()
+            .is_backend_failure());
         let s403 = b"HTTP/1.1 403 Forbidden\r\n\r\n";
         assert!(!check_response(s403, KEY, &[])
             .unwrap_err()

@@ -19,14 +19,25 @@ use crate::policy::BreakerPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant, open_for: Duration },
-    HalfOpen { in_flight: u32, open_for: Duration },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        open_for: Duration,
+    },
+    /// `cycle` tells probes of this half-open period from stale ones.
+    HalfOpen {
+        in_flight: u32,
+        open_for: Duration,
+        cycle: u64,
+    },
 }
 
 pub struct Breaker {
     policy: BreakerPolicy,
     state: Mutex<State>,
+    cycles: std::sync::atomic::AtomicU64,
     gauge: Gauge,
     upstream: String,
 }
@@ -36,7 +47,8 @@ pub struct Breaker {
 /// mid-handshake) frees a half-open probe slot without a verdict.
 pub struct Permit<'a> {
     breaker: &'a Breaker,
-    probe: bool,
+    /// The half-open cycle this probe belongs to; None for a normal dial.
+    probe: Option<u64>,
     reported: bool,
 }
 
@@ -46,6 +58,7 @@ impl Breaker {
         Breaker {
             policy,
             state: Mutex::new(State::Closed { failures: 0 }),
+            cycles: std::sync::atomic::AtomicU64::new(0),
             gauge,
             upstream,
         }
@@ -82,32 +95,35 @@ impl Breaker {
     pub fn try_acquire(&self) -> Result<Permit<'_>, Duration> {
         let now = Instant::now();
         let mut st = self.lock();
+        let permit = |probe| Permit {
+            breaker: self,
+            probe,
+            reported: false,
+        };
         match *st {
-            State::Closed { .. } => Ok(Permit {
-                breaker: self,
-                probe: false,
-                reported: false,
-            }),
+            State::Closed { .. } => Ok(permit(None)),
             State::Open { until, open_for } => {
                 if now < until {
                     return Err(until - now);
                 }
+                let cycle = self
+                    .cycles
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
                 self.set(
                     &mut st,
                     State::HalfOpen {
                         in_flight: 1,
                         open_for,
+                        cycle,
                     },
                 );
-                Ok(Permit {
-                    breaker: self,
-                    probe: true,
-                    reported: false,
-                })
+                Ok(permit(Some(cycle)))
             }
             State::HalfOpen {
                 in_flight,
                 open_for,
+                cycle,
             } => {
                 if in_flight >= self.policy.half_open_probes {
                     return Err(Duration::from_secs(1));
@@ -115,17 +131,14 @@ impl Breaker {
                 *st = State::HalfOpen {
                     in_flight: in_flight + 1,
                     open_for,
+                    cycle,
                 };
-                Ok(Permit {
-                    breaker: self,
-                    probe: true,
-                    reported: false,
-                })
+                Ok(permit(Some(cycle)))
             }
         }
     }
 
-    fn record(&self, probe: bool, ok: bool) {
+    fn record(&self, probe: Option<u64>, ok: bool) {
         let now = Instant::now();
         let mut st = self.lock();
         match (*st, ok) {
@@ -145,10 +158,15 @@ impl Breaker {
                     *st = State::Closed { failures };
                 }
             }
-            (State::HalfOpen { .. }, true) if probe => {
+            (State::HalfOpen { cycle, .. }, true) if probe == Some(cycle) => {
                 self.set(&mut st, State::Closed { failures: 0 })
             }
-            (State::HalfOpen { open_for, .. }, false) if probe => {
+            (
+                State::HalfOpen {
+                    open_for, cycle, ..
+                },
+                false,
+            ) if probe == Some(cycle) => {
                 let open_for = (open_for * 2).min(self.policy.max_open_for);
                 self.set(
                     &mut st,
@@ -164,17 +182,21 @@ impl Breaker {
         }
     }
 
-    fn release(&self) {
+    fn release(&self, probe: u64) {
         let mut st = self.lock();
         if let State::HalfOpen {
             in_flight,
             open_for,
+            cycle,
         } = *st
         {
-            *st = State::HalfOpen {
-                in_flight: in_flight.saturating_sub(1),
-                open_for,
-            };
+            if cycle == probe {
+                *st = State::HalfOpen {
+                    in_flight: in_flight.saturating_sub(1),
+                    open_for,
+                    cycle,
+                };
+            }
         }
     }
 
@@ -201,8 +223,8 @@ impl Permit<'_> {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if !self.reported && self.probe {
-            self.breaker.release();
+        if let (false, Some(cycle)) = (self.reported, self.probe) {
+            self.breaker.release(cycle);
         }
     }
 }
@@ -262,6 +284,32 @@ mod tests {
         b.try_acquire().unwrap().failure();
         // 40s capped at max_open_for = 25s.
         assert_eq!(b.try_acquire().err(), Some(Duration::from_secs(25)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_probe_verdicts_are_ignored() {
+        let b = breaker();
+        for _ in 0..3 {
+            b.try_acquire().unwrap().failure();
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let stale = b.try_acquire().unwrap();
+        // Another probe of the same cycle fails and reopens the circuit.
+        *b.lock() = State::Open {
+            until: Instant::now(),
+            open_for: Duration::from_secs(10),
+        };
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let fresh = b.try_acquire().unwrap();
+        assert_eq!(b.state_code(), 2);
+        // The stale probe's release or verdict must not touch the new cycle.
+        drop(stale);
+        assert!(
+            b.try_acquire().is_err(),
+            "a stale release freed a slot of the new cycle"
+        );
+        fresh.success();
+        assert_eq!(b.state_code(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,3 +3,4 @@
 
 pub mod breaker;
 pub mod limits;
+pub mod origin;

@@ -85,6 +85,14 @@ pub async fn next(ws: &mut Ws) -> Message {
         .expect("no error")
 }
 
+/// Like [`assert_echo`], with extra request header lines.
+pub async fn assert_echo_with(addr: SocketAddr, extra: &str) {
+    let (mut r, h) = Raw::upgrade(addr, "/echo-check", extra).await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    r.send_frame(true, 1, b"still alive", true).await;
+    assert_eq!(r.read_frame().await, Some((1, b"still alive".to_vec())));
+}
+
 /// Sends one text message and expects it back.
 pub async fn assert_echo(addr: SocketAddr) {
     let mut c = ws(addr, "/echo-check").await;
@@ -202,6 +210,15 @@ pub async fn seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
     within("backend event", rx.recv())
         .await
         .expect("backend alive")
+}
+
+/// The next request a backend saw, skipping frames and ends of others.
+pub async fn seen_request(rx: &mut mpsc::UnboundedReceiver<Seen>) -> String {
+    loop {
+        if let Seen::Request { path, .. } = seen(rx).await {
+            return path;
+        }
+    }
 }
 
 /// The next data/control message the backend saw (skipping the request).
@@ -438,6 +455,15 @@ pub fn close_of(m: &Message) -> Option<(u16, String)> {
 /// A backend that completes the WebSocket handshake and then never writes
 /// again (not even pongs): a hung backend.
 pub async fn mute_backend() -> SocketAddr {
+    hung_backend(true).await
+}
+
+/// Like [`mute_backend`], but it does not even read: its TCP window fills.
+pub async fn stuck_backend() -> SocketAddr {
+    hung_backend(false).await
+}
+
+async fn hung_backend(reads: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -468,6 +494,9 @@ pub async fn mute_backend() -> SocketAddr {
                 let _ = s
                     .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
                     .await;
+                if !reads {
+                    std::future::pending::<()>().await;
+                }
                 while let Ok(n) = s.read(&mut b).await {
                     if n == 0 {
                         return;

@@ -245,20 +245,30 @@ async fn message_rate_drop_mode_keeps_the_session() {
     // The session is alive: a ping is answered, and nothing else arrives.
     c.send(Message::Ping("alive?".into())).await.unwrap();
     assert_eq!(next(&mut c).await, Message::Pong("alive?".into()));
+    // The ping counted against the empty bucket too: it was not forwarded,
+    // though the client hop's pong had already been sent.
     assert_eq!(
         metric(&p, "wsguard_rejections_total{reason=\"message_rate\"}"),
-        2.0
+        3.0
     );
 }
 
 #[tokio::test]
-async fn byte_rate_refuses_a_message_above_the_burst() {
-    let p = proxy(echo_backend().await, "limits:\n  per_ip: null\n  per_connection:\n    messages: null\n    bytes: { rate: 1KiB/s, burst: 100 }\n").await;
+async fn byte_rate_closes_when_the_bucket_is_empty() {
+    let p = proxy(
+        echo_backend().await,
+        "limits:\n  max_message_size: 200\n  max_frame_size: 200\n  per_ip: null\n  per_connection:\n    messages: null\n    bytes: { rate: 200/h, burst: 300 }\n",
+    )
+    .await;
     let mut c = ws(p.addr, "/").await;
-    c.send(Message::binary(vec![1u8; 100])).await.unwrap();
-    assert_eq!(next(&mut c).await, Message::binary(vec![1u8; 100]));
-    c.send(Message::binary(vec![1u8; 101])).await.unwrap();
-    assert_eq!(close_of(&next(&mut c).await).map(|c| c.0), Some(1008));
+    c.send(Message::binary(vec![1u8; 200])).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::binary(vec![1u8; 200]));
+    // 100 bytes left in the bucket: a 150-byte message is refused, not delayed.
+    c.send(Message::binary(vec![1u8; 150])).await.unwrap();
+    assert_eq!(
+        close_of(&next(&mut c).await),
+        Some((1008, "rate limit".into()))
+    );
 }
 
 #[tokio::test]

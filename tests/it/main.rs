@@ -2,6 +2,7 @@
 //! backends, driven by real WebSocket clients and raw sockets. One binary
 //! with modules keeps link time down.
 
+mod access;
 mod common;
 mod core;
 mod guards;

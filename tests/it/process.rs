@@ -84,13 +84,10 @@ fn check_reports_every_problem_with_its_line() {
 
 #[test]
 fn check_refuses_unbuilt_features() {
-    let (code, out) = check("origin:\n  mode: enforce\n  allow: [\"https://a.example\"]\n");
+    let (code, out) = check("jwt:\n  mode: enforce\n  keys: []\n");
     assert_eq!(code, 1);
-    assert!(
-        out.contains(":2:9: origin.mode: not supported yet"),
-        "{out}"
-    );
-    let (code, _) = check("origin: { mode: off }\nlimits: { shared: null }\nroutes: []\n");
+    assert!(out.contains(":2:9: jwt.mode: not supported yet"), "{out}");
+    let (code, _) = check("jwt: { mode: off }\nlimits: { shared: null }\nroutes: []\n");
     assert_eq!(code, 0);
 }
 

@@ -177,24 +177,43 @@ wait_for_line() { # wait_for_line FILE ERE TIMEOUT_S PID -> prints the first mat
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-# cpu_snapshot PID...: "<monotonic s> <busy ticks, all CPUs> <ticks of PID1> <ticks of PID2> ..."
-# (ticks = utime+stime; a vanished PID counts 0)
+# cpu_snapshot PID...: "<epoch s> <busy ticks, all CPUs> <ticks of PID1> <ticks of PID2> ..."
+# (ticks = utime+stime from /proc/PID/stat; -1 for a PID that is gone). Pure bash, so
+# it is quick and its timing does not depend on how loaded the machine is.
 cpu_snapshot() {
+    local t="$EPOCHREALTIME" f g s pid out
+    read -r -a f </proc/stat # cpu user nice system idle iowait irq softirq steal
+    out="$t $((f[1] + f[2] + f[3] + f[6] + f[7] + f[8]))"
+    for pid in "$@"; do
+        if [[ "$pid" =~ ^[0-9]+$ && "$pid" != 0 ]] && s="$(<"/proc/$pid/stat")" 2>/dev/null; then
+            read -r -a g <<<"${s##*) }"
+            out+=" $((g[11] + g[12]))"
+        else
+            out+=" -1"
+        fi
+    done
+    echo "$out"
+}
+
+# sleep_until EPOCH_S: sleep until that wall-clock time (no-op if it has passed)
+sleep_until() {
+    local d
+    d="$(awk -v t="$1" -v n="$EPOCHREALTIME" 'BEGIN { d = t - n; printf "%.3f", (d > 0 ? d : 0) }')"
+    sleep "$d"
+}
+
+# cpu_delta HZ SNAP_A SNAP_B SCALE: per-field usage between two snapshots, as
+# (ticks/HZ/seconds)*SCALE, "-" where a PID was missing; first field is the interval
+cpu_delta() {
     python3 - "$@" <<'PY'
-import sys, time
-t = time.monotonic()
-with open("/proc/stat") as f:
-    v = [int(x) for x in f.readline().split()[1:]]
-busy = sum(v[:8]) - v[3] - v[4]  # user nice system idle iowait irq softirq steal
-out = ["%.3f" % t, str(busy)]
-for pid in sys.argv[1:]:
-    try:
-        with open("/proc/%s/stat" % pid) as f:
-            s = f.read()
-        fields = s[s.rindex(")") + 2:].split()
-        out.append(str(int(fields[11]) + int(fields[12])))
-    except (OSError, ValueError, IndexError):
-        out.append("0")
+import sys
+hz = float(sys.argv[1]); scale = float(sys.argv[4])
+a = [float(x) for x in sys.argv[2].split()]
+b = [float(x) for x in sys.argv[3].split()]
+dt = b[0] - a[0]
+out = ["%.2f" % dt]
+for x, y in zip(a[1:], b[1:]):
+    out.append("-" if x < 0 or y < 0 else "%.2f" % ((y - x) / hz / dt * scale))
 print(" ".join(out))
 PY
 }
@@ -430,15 +449,16 @@ run_echo() {
         ${sign_args[@]+"${sign_args[@]}"} >"$TMP/echo-$key.json" 2>"$TMP/echo-$key.err" &
     lpid=$!
     PIDS+=("$lpid")
-    # CPU window: from ~1 s after the warmup to ~the end of the measurement.
-    sleep "$(calc "$WARMUP + 1")"
+    # CPU window: from 1 s after the warmup (connecting takes well under a second) to
+    # 0.5 s before the measurement would end if connecting took no time at all.
+    t0="$EPOCHREALTIME"
+    sleep_until "$(awk -v t="$t0" -v w="$WARMUP" 'BEGIN { printf "%.3f", t + w + 1 }')"
     lg="$(pgrep -P "$lpid" -x loadgen | head -n1 || true)"
     # shellcheck disable=SC2086
     a="$(cpu_snapshot "${lg:-0}" "$bpid" $proxy_pids)"
-    sleep "$(calc "max($DURATION - 2, 1)")"
+    sleep_until "$(awk -v t="$t0" -v w="$WARMUP" -v d="$DURATION" 'BEGIN { printf "%.3f", t + w + d - 0.5 }')"
     # shellcheck disable=SC2086
     b="$(cpu_snapshot "${lg:-0}" "$bpid" $proxy_pids)"
-    log "echo[$key]: cpu snapshots (t busy loadgen($lg) backend proxy...): [$a] [$b]"
     wait "$lpid" || rc=$?
     forget_pid "$lpid"
     cat "$TMP/echo-$key.err" >&2 || true
@@ -446,15 +466,15 @@ run_echo() {
     read -r TP_RATE[$key] TP_P50[$key] TP_P99[$key] TP_ERR[$key] \
         <<<"$(json_field "$TMP/echo-$key.json" msgs_per_sec p50_us p99_us errors)"
     # cores used over the window: loadgen, proxy (sum of its processes), backend, everything else
-    read -r TP_LG[$key] TP_BACK[$key] TP_PROXY[$key] TP_OTHER[$key] <<<"$(python3 - "$CLK_TCK" "$a" "$b" <<'PY'
+    read -r TP_LG[$key] TP_BACK[$key] TP_PROXY[$key] TP_OTHER[$key] <<<"$(python3 - "$(cpu_delta "$CLK_TCK" "$a" "$b" 1)" <<'PY'
 import sys
-hz = float(sys.argv[1])
-a = [float(x) for x in sys.argv[2].split()]
-b = [float(x) for x in sys.argv[3].split()]
-dt = b[0] - a[0]
-d = [(y - x) / hz / dt for x, y in zip(a[1:], b[1:])]
-busy, lg, back, proxy = d[0], d[1], d[2], sum(d[3:])
-print("%.2f %.2f %.2f %.2f" % (lg, back, proxy, max(busy - lg - back - proxy, 0.0)))
+v = sys.argv[1].split()[1:]  # busy, loadgen, backend, proxy processes...
+if "-" in v:
+    print("- - - -")
+else:
+    busy, lg, back = float(v[0]), float(v[1]), float(v[2])
+    proxy = sum(float(x) for x in v[3:])
+    print("%.2f %.2f %.2f %.2f" % (lg, back, proxy, max(busy - lg - back - proxy, 0.0)))
 PY
 )"
     log "echo[$key]: cores used: loadgen ${TP_LG[$key]}, proxy ${TP_PROXY[$key]}, backend ${TP_BACK[$key]}, other ${TP_OTHER[$key]}"
@@ -540,17 +560,17 @@ run_idle() {
     a="$(cpu_snapshot "$mpid" "$bpid" "${lg:-0}")"
     sleep "$KA_WINDOW"
     b="$(cpu_snapshot "$mpid" "$bpid" "${lg:-0}")"
-    read -r ID_WIN[$name] ID_CPU[$name] ID_BCPU[$name] ID_LCPU[$name] ID_OTHER[$name] <<<"$(python3 - "$CLK_TCK" "$a" "$b" "$mpid" "$bpid" <<'PY'
+    log "idle[$name]: cpu snapshots (t busy measured backend loadgen): [$a] [$b]"
+    read -r ID_WIN[$name] ID_CPU[$name] ID_BCPU[$name] ID_LCPU[$name] ID_OTHER[$name] <<<"$(python3 - "$(cpu_delta "$CLK_TCK" "$a" "$b" 100)" "$mpid" "$bpid" <<'PY'
 import sys
-hz = float(sys.argv[1])
-a = [float(x) for x in sys.argv[2].split()]
-b = [float(x) for x in sys.argv[3].split()]
-same = sys.argv[4] == sys.argv[5]
-dt = b[0] - a[0]
-d = [(y - x) / hz / dt * 100 for x, y in zip(a[1:], b[1:])]  # % of one core
-busy, m, back, lg = d
-ours = m + lg + (0 if same else back)
-print("%.2f %.2f %.2f %.2f %.2f" % (dt, m, back, lg, max(busy - ours, 0.0)))
+v = sys.argv[1].split()  # interval, busy, measured, backend, loadgen (% of one core)
+same = sys.argv[2] == sys.argv[3]
+if "-" in v:
+    print(v[0], " ".join(v[2:5]), "-")
+else:
+    dt, busy, m, back, lg = (float(x) for x in v)
+    ours = m + lg + (0 if same else back)
+    print("%.2f %.2f %.2f %.2f %.2f" % (dt, m, back, lg, max(busy - ours, 0.0)))
 PY
 )"
     ID_RTT[$name]="-"

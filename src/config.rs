@@ -86,6 +86,8 @@ pub struct Config {
     #[serde(default)]
     pub shutdown_grace: Option<Str>,
     #[serde(default)]
+    pub shutdown_delay: Option<Str>,
+    #[serde(default)]
     pub log: Option<LogConfig>,
     #[serde(default)]
     pub upstream: Option<UpstreamConfig>,

@@ -41,6 +41,9 @@ enum Cmd {
     Check {
         #[arg(short, long)]
         config: PathBuf,
+        /// Also print the effective policy of every route.
+        #[arg(long)]
+        explain: bool,
     },
     /// Start a built-in echo backend with wsguard in front of it.
     Demo {
@@ -112,7 +115,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Check { config } => check(&config),
+        Cmd::Check { config, explain } => check(&config, explain),
         Cmd::Run { config } => match Policy::load(&config) {
             Ok(p) => runtime(|| run(p, Some(config))),
             Err(problems) => {
@@ -158,10 +161,13 @@ where
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, explain: bool) -> ExitCode {
     match Policy::load(path) {
         Ok(p) => {
             println!("{}: {}", path.display(), p.summary());
+            if explain {
+                print!("{}", p.explain());
+            }
             ExitCode::SUCCESS
         }
         Err(problems) => {
@@ -215,6 +221,24 @@ async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+    }
+    // /readyz turns 503 first; the listener keeps accepting for
+    // shutdown_delay so load balancers stop sending before it closes.
+    running
+        .shared
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let delay = running.shared.runtime().policy.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "not ready; draining new connections before closing the listener"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
     }
     tracing::info!(live = running.shared.counts.total(), "shutting down");

@@ -61,6 +61,9 @@ pub struct Policy {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
+    /// Time between `/readyz` turning 503 and the listener closing on
+    /// SIGTERM (an addition to the contract; default 0s).
+    pub shutdown_delay: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Limits that only make sense for the whole process.
@@ -595,6 +598,7 @@ impl TryFrom<&Config> for Policy {
             "shutdown_grace",
             Duration::from_secs(10),
         );
+        let shutdown_delay = c.duration(&cfg.shutdown_delay, "shutdown_delay", Duration::ZERO);
 
         let log = cfg.log.as_ref();
         let log_format = log.and_then(|l| l.format).unwrap_or_default();
@@ -680,6 +684,7 @@ impl TryFrom<&Config> for Policy {
                 listen,
                 admin_listen,
                 shutdown_grace,
+                shutdown_delay,
                 log_format,
                 log_level,
                 max_connections: global.0,

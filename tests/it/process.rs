@@ -293,3 +293,37 @@ async fn sighup_reload_keeps_live_sessions_and_counts_failures() {
     drop(c);
     assert_eq!(p.exit_code().await, Some(0));
 }
+
+#[tokio::test]
+async fn shutdown_delay_turns_readyz_503_before_the_listener_closes() {
+    let backend = echo_backend().await;
+    let (port, admin) = (free_port(), free_port());
+    let f = policy_file(
+        "delay",
+        &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nshutdown_delay: 2s\n"),
+    );
+    let mut p = Proc::spawn(&f);
+    p.log_line("wsguard listening").await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let ready = || async move {
+        Raw::request(
+            admin_addr,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .1
+        .status
+    };
+    assert_eq!(ready().await, 200);
+    let mut c = ws(addr, "/").await;
+    p.signal("TERM");
+    p.log_line("not ready").await;
+    assert_eq!(ready().await, 503);
+    // Still accepting during the delay.
+    assert_echo(addr).await;
+    // Then live sessions get 1001 and the process exits 0.
+    assert_eq!(close_of(&next(&mut c).await).map(|c| c.0), Some(1001));
+    drop(c);
+    assert_eq!(p.exit_code().await, Some(0));
+}

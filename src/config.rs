@@ -112,6 +112,10 @@ pub struct TlsConfig {
     pub key_file: Option<Str>,
     #[serde(default)]
     pub client_ca_file: Option<Str>,
+    /// (wsguard addition) Send the verified client certificate's subject
+    /// upstream in this header (mTLS only).
+    #[serde(default)]
+    pub client_subject_header: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

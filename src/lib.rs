@@ -31,6 +31,7 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod sign;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -55,6 +56,7 @@ pub struct Running {
 /// Binds the proxy and admin listeners of `policy` and starts serving.
 /// Tests pass `127.0.0.1:0` addresses and read the real ones back.
 pub async fn start(policy: Policy) -> std::io::Result<Running> {
+    tls::install_provider();
     let listener = TcpListener::bind(policy.listen).await?;
     let admin_listener = TcpListener::bind(policy.admin_listen).await?;
     let addr = listener.local_addr()?;

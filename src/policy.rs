@@ -20,6 +20,7 @@ use serde_saphyr::{Location, Spanned};
 use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tri};
 use crate::guard::origin::OriginPolicy;
 use crate::sign;
+use std::sync::Arc;
 
 /// One problem with the policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +65,8 @@ pub struct Policy {
     /// Time between `/readyz` turning 503 and the listener closing on
     /// SIGTERM (an addition to the contract; default 0s).
     pub shutdown_delay: Duration,
+    /// TLS termination; None for plain ws://.
+    pub tls: Option<TlsPolicy>,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Limits that only make sense for the whole process.
@@ -74,6 +77,22 @@ pub struct Policy {
     pub default_route: Route,
     /// `routes`, longest prefix first.
     pub routes: Vec<Route>,
+}
+
+/// TLS termination material, loaded and checked at policy load (so `check`
+/// and a SIGHUP reload catch bad files).
+#[derive(Debug, Clone)]
+pub struct TlsPolicy {
+    pub server: Arc<rustls::ServerConfig>,
+    pub mtls: bool,
+    pub client_subject_header: Option<hyper::header::HeaderName>,
+}
+
+/// TLS toward a wss:// upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub client: Arc<rustls::ClientConfig>,
+    pub server_name: rustls_pki_types::ServerName<'static>,
 }
 
 /// What applies to the sessions of one path prefix. A route's section
@@ -123,7 +142,7 @@ impl Policy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Upstream {
     /// The URL as written, used as the metric label and breaker identity.
     pub url: String,
@@ -133,6 +152,8 @@ pub struct Upstream {
     pub base_path: String,
     pub connect_timeout: Duration,
     pub breaker: Option<BreakerPolicy>,
+    /// Set for wss:// upstreams.
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,15 +501,16 @@ pub fn parse_rate(s: &str, bytes: bool) -> Result<(NonZeroU32, Duration), String
     Ok((count, per))
 }
 
-/// Parses `ws://host[:port][/path]`.
-fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
-    let rest = if let Some(r) = s.strip_prefix("ws://") {
-        r
-    } else if s.starts_with("wss://") {
-        return Err(format!("wss:// upstreams: {NOT_YET}"));
+/// Parses `ws[s]://host[:port][/path]` into (host, port, base path, tls).
+fn parse_upstream_url(s: &str) -> Result<(String, u16, String, bool), String> {
+    let (rest, tls) = if let Some(r) = s.strip_prefix("ws://") {
+        (r, false)
+    } else if let Some(r) = s.strip_prefix("wss://") {
+        (r, true)
     } else {
-        return Err(format!("`{s}` must start with ws://"));
+        return Err(format!("`{s}` must start with ws:// or wss://"));
     };
+    let default_port = if tls { 443 } else { 80 };
     let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -503,7 +525,7 @@ fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
         let (h, after) = v6.split_once(']').ok_or("unterminated IPv6 address")?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
-            None if after.is_empty() => 80,
+            None if after.is_empty() => default_port,
             None => return Err(format!("`{s}` is not a valid URL")),
         };
         (format!("[{h}]"), port)
@@ -513,7 +535,7 @@ fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
                 h.to_string(),
                 p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
             ),
-            None => (authority.to_string(), 80),
+            None => (authority.to_string(), default_port),
         }
     };
     if port == 0 {
@@ -525,7 +547,7 @@ fn parse_upstream_url(s: &str) -> Result<(String, u16, String), String> {
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("`{s}` has no valid host"));
     }
-    Ok((host, port, path.trim_end_matches('/').to_string()))
+    Ok((host, port, path.trim_end_matches('/').to_string(), tls))
 }
 
 fn mode_of(m: &Option<Spanned<Mode>>) -> (Mode, Location) {
@@ -584,9 +606,7 @@ impl TryFrom<&Config> for Policy {
             problems: Vec::new(),
         };
         let listen = c.addr(&cfg.listen, "listen", "0.0.0.0:8080");
-        if let Some(tls) = &cfg.tls {
-            c.unsupported(tls.referenced, "tls");
-        }
+        let tls = cfg.tls.as_ref().and_then(|t| server_tls(&mut c, t));
         let admin = cfg.admin.as_ref();
         let admin_listen = c.addr(
             &admin.and_then(|a| a.listen.clone()),
@@ -685,6 +705,7 @@ impl TryFrom<&Config> for Policy {
                 admin_listen,
                 shutdown_grace,
                 shutdown_delay,
+                tls,
                 log_format,
                 log_level,
                 max_connections: global.0,
@@ -705,11 +726,11 @@ fn upstream(c: &mut Check, u: Option<&config::UpstreamConfig>, path: &str) -> Up
         Some(s) => (s.value.clone(), s.referenced),
         None => (default_url.to_string(), Location::UNKNOWN),
     };
-    let (host, port, base_path) = match parse_upstream_url(&url) {
+    let (host, port, base_path, is_tls) = match parse_upstream_url(&url) {
         Ok(v) => v,
         Err(e) => {
             c.push(loc, &format!("{path}.url"), e);
-            (String::new(), 0, String::new())
+            (String::new(), 0, String::new(), false)
         }
     };
     let connect_timeout = c.duration(
@@ -724,11 +745,38 @@ fn upstream(c: &mut Check, u: Option<&config::UpstreamConfig>, path: &str) -> Up
             "must be above zero",
         );
     }
-    if let Some(tls) = u.and_then(|u| u.tls.as_ref()) {
-        if tls.value.ca_file.is_some() || tls.value.server_name.is_some() {
-            c.unsupported(tls.referenced, &format!("{path}.tls"));
+    let tls_cfg = u.and_then(|u| u.tls.as_ref());
+    let ca_file = tls_cfg.and_then(|t| t.value.ca_file.as_ref());
+    let sni = tls_cfg.and_then(|t| t.value.server_name.as_ref());
+    let tls = if is_tls {
+        let client = crate::tls::client_config(ca_file.map(|f| std::path::Path::new(&f.value)));
+        let name = crate::tls::server_name(&host, sni.map(|s| s.value.as_str()));
+        match (client, name) {
+            (Ok(client), Ok(server_name)) => Some(UpstreamTls {
+                client,
+                server_name,
+            }),
+            (Err(e), _) => {
+                let l = ca_file.map_or(loc, |f| f.referenced);
+                c.push(l, &format!("{path}.tls.ca_file"), e.to_string());
+                None
+            }
+            (_, Err(e)) => {
+                let l = sni.map_or(loc, |s| s.referenced);
+                c.push(l, &format!("{path}.tls.server_name"), e.to_string());
+                None
+            }
         }
-    }
+    } else {
+        if let Some(t) = ca_file.or(sni) {
+            c.push(
+                t.referenced,
+                &format!("{path}.tls"),
+                "only used with a wss:// url",
+            );
+        }
+        None
+    };
     let default_breaker = config::BreakerConfig::default();
     let breaker = match u.map_or(&Tri::Missing, |u| &u.circuit_breaker) {
         Tri::Null => None,
@@ -742,6 +790,56 @@ fn upstream(c: &mut Check, u: Option<&config::UpstreamConfig>, path: &str) -> Up
         base_path,
         connect_timeout,
         breaker,
+        tls,
+    }
+}
+
+fn server_tls(c: &mut Check, t: &Spanned<config::TlsConfig>) -> Option<TlsPolicy> {
+    let (Some(cert), Some(key)) = (&t.value.cert_file, &t.value.key_file) else {
+        c.push(
+            t.referenced,
+            "tls",
+            "cert_file and key_file are both required (omit `tls` for plain ws://)",
+        );
+        return None;
+    };
+    let ca = t.value.client_ca_file.as_ref();
+    let header = match &t.value.client_subject_header {
+        None => None,
+        Some(h) if ca.is_none() => {
+            c.push(
+                h.referenced,
+                "tls.client_subject_header",
+                "needs client_ca_file (mTLS)",
+            );
+            None
+        }
+        Some(h) => match hyper::header::HeaderName::from_bytes(h.value.as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                c.push(
+                    h.referenced,
+                    "tls.client_subject_header",
+                    "not a valid header name",
+                );
+                None
+            }
+        },
+    };
+    match crate::tls::server_config(
+        std::path::Path::new(&cert.value),
+        std::path::Path::new(&key.value),
+        ca.map(|f| std::path::Path::new(&f.value)),
+    ) {
+        Ok(server) => Some(TlsPolicy {
+            server,
+            mtls: ca.is_some(),
+            client_subject_header: header,
+        }),
+        Err(e) => {
+            c.push(cert.referenced, "tls", e.to_string());
+            None
+        }
     }
 }
 
@@ -1426,7 +1524,7 @@ mod tests {
         assert!(parse_rate("5", false).is_err());
         assert_eq!(
             parse_upstream_url("ws://127.0.0.1:9000/base/"),
-            Ok(("127.0.0.1".into(), 9000, "/base".into()))
+            Ok(("127.0.0.1".into(), 9000, "/base".into(), false))
         );
         assert!(parse_upstream_url("http://x").is_err());
     }

@@ -111,11 +111,61 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
+/// What the accept step learned about a connection.
+#[derive(Clone)]
+struct Conn {
+    peer: SocketAddr,
+    tls: bool,
+    /// The verified client certificate's subject (mTLS).
+    client_subject: Option<String>,
+}
+
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let rt = shared.runtime();
     let deadline = Instant::now() + rt.policy.handshake_timeout;
+    let tls = rt.policy.tls.as_ref().map(|t| Arc::clone(&t.server));
     drop(rt);
+    let Some(server) = tls else {
+        let conn = Conn {
+            peer,
+            tls: false,
+            client_subject: None,
+        };
+        return serve(TokioIo::new(stream), conn, shared, deadline).await;
+    };
+    // The TLS handshake counts toward handshake_timeout.
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(server).accept(stream)) => r,
+        () = shared.shutdown.cancelled() => return,
+    };
+    match accepted {
+        Ok(Ok(tls_stream)) => {
+            let client_subject =
+                crate::tls::client_identity(tls_stream.get_ref().1).map(|i| i.subject);
+            let conn = Conn {
+                peer,
+                tls: true,
+                client_subject,
+            };
+            serve(TokioIo::new(tls_stream), conn, shared, deadline).await;
+        }
+        Ok(Err(e)) => {
+            shared.metrics.handshake("tls_error");
+            shared.metrics.reject("tls_error");
+            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.handshake("timeout");
+            shared.metrics.reject("handshake_timeout");
+        }
+    }
+}
+
+async fn serve<I>(io: I, conn: Conn, shared: Arc<Shared>, deadline: Instant)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let started = Arc::new(AtomicBool::new(false));
     let svc = {
         let shared = Arc::clone(&shared);
@@ -123,7 +173,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         service_fn(move |req| {
             started.store(true, Ordering::SeqCst);
             let shared = Arc::clone(&shared);
-            async move { Ok::<_, Infallible>(handle(req, peer, shared, deadline).await) }
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(req, conn, shared, deadline).await) }
         })
     };
     // Keep-alive stays on: with it off hyper rewrites the 101's Connection
@@ -132,7 +183,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let conn = http1::Builder::new()
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(io, svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -179,11 +230,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
 
 async fn handle(
     req: Request<Incoming>,
-    peer: SocketAddr,
+    conn: Conn,
     shared: Arc<Shared>,
     deadline: Instant,
 ) -> Response<Body> {
-    match upgrade(req, peer, &shared, deadline).await {
+    let peer = conn.peer;
+    match upgrade(req, &conn, &shared, deadline).await {
         Ok(resp) => {
             shared.metrics.handshake("ok");
             resp
@@ -201,10 +253,11 @@ async fn handle(
 
 async fn upgrade(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    conn: &Conn,
     shared: &Arc<Shared>,
     deadline: Instant,
 ) -> Result<Response<Body>, Reject> {
+    let peer = conn.peer;
     if shared.shutdown.is_cancelled() {
         return Err(Reject::ShuttingDown);
     }
@@ -265,10 +318,27 @@ async fn upgrade(
             client_ip: ip,
             peer_trusted,
             peer_ip: peer.ip(),
-            tls: false,
+            tls: conn.tls,
             request_id: &request_id,
         },
     );
+    let mut headers = headers;
+    if let Some(name) = rt
+        .policy
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_subject_header.as_ref())
+    {
+        // Only wsguard may say who the client certificate belongs to.
+        headers.retain(|(n, _)| n != name);
+        if let Some(v) = conn
+            .client_subject
+            .as_deref()
+            .and_then(|s| HeaderValue::from_str(s).ok())
+        {
+            headers.push((name.clone(), v));
+        }
+    }
     let connect_deadline = Instant::now() + route.upstream.connect_timeout;
     // When the client's handshake budget, not connect_timeout, is what runs
     // out, a timeout says nothing about the backend.

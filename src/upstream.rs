@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::header::{HeaderName, HeaderValue};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -55,8 +58,54 @@ impl DialError {
     }
 }
 
+/// The backend connection: plain TCP or TLS (wss://).
+pub enum UpStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 pub struct Dialed {
-    pub ws: WebSocketStream<TcpStream>,
+    pub ws: WebSocketStream<UpStream>,
     /// The subprotocol the backend selected, if any.
     pub protocol: Option<String>,
     /// End-to-end headers of the backend's 101 (e.g. Set-Cookie), returned
@@ -99,10 +148,21 @@ async fn handshake(
     ws_config: WebSocketConfig,
 ) -> Result<Dialed, DialError> {
     let host = up.host.trim_start_matches('[').trim_end_matches(']');
-    let mut stream = TcpStream::connect((host, up.port))
+    let tcp = TcpStream::connect((host, up.port))
         .await
         .map_err(DialError::Connect)?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match &up.tls {
+        None => UpStream::Plain(tcp),
+        Some(t) => {
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&t.client));
+            let tls = connector
+                .connect(t.server_name.clone(), tcp)
+                .await
+                .map_err(|e| DialError::Invalid(format!("TLS to the backend failed: {e}")))?;
+            UpStream::Tls(Box::new(tls))
+        }
+    };
 
     let key_bytes: [u8; 16] = rand::random();
     let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);

@@ -8,3 +8,4 @@ mod core;
 mod guards;
 mod hmac;
 mod process;
+mod tls;

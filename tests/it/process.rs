@@ -152,13 +152,13 @@ fn sign_and_verify_round_trip_on_the_command_line() {
 
 /// The spawned proxy with its log lines; killed on drop so a failing test
 /// leaves nothing behind.
-struct Proc {
+pub(crate) struct Proc {
     child: tokio::process::Child,
     log: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
 }
 
 impl Proc {
-    fn spawn(config: &std::path::Path) -> Proc {
+    pub(crate) fn spawn(config: &std::path::Path) -> Proc {
         let mut child = tokio::process::Command::new(BIN)
             .args(["run", "-c"])
             .arg(config)
@@ -175,7 +175,7 @@ impl Proc {
     }
 
     /// Waits for a log line containing `needle`.
-    async fn log_line(&mut self, needle: &str) -> String {
+    pub(crate) async fn log_line(&mut self, needle: &str) -> String {
         within(needle, async {
             loop {
                 match self.log.next_line().await {
@@ -188,7 +188,7 @@ impl Proc {
         .await
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap();
         let st = Command::new("kill")
             .args([&format!("-{sig}"), &pid.to_string()])
@@ -197,14 +197,14 @@ impl Proc {
         assert!(st.success());
     }
 
-    async fn exit_code(&mut self) -> Option<i32> {
+    pub(crate) async fn exit_code(&mut self) -> Option<i32> {
         within("exit", self.child.wait()).await.unwrap().code()
     }
 }
 
 use tokio::io::AsyncBufReadExt;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -212,7 +212,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
+pub(crate) fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("wsguard-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("p.yaml");

@@ -18,6 +18,9 @@ pub enum Reject {
     /// Origin not allowed (or missing, `null`, malformed).
     #[error("origin refused: {}", .0.reason())]
     Origin(crate::guard::origin::OriginError),
+    /// Token missing, invalid or expired.
+    #[error("token refused: {0}")]
+    Unauthorized(crate::guard::jwt::JwtError),
     /// Per-IP handshake rate limit.
     #[error("handshake rate limit")]
     RateLimited { retry_after: u64 },
@@ -46,6 +49,7 @@ impl Reject {
         match self {
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::Origin(_) => StatusCode::FORBIDDEN,
+            Reject::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -65,6 +69,7 @@ impl Reject {
             Reject::BadRequest(_) => "bad_request",
             Reject::Version => "bad_version",
             Reject::Origin(e) => e.reason(),
+            Reject::Unauthorized(e) => e.reason(),
             Reject::NotUpgrade => "not_upgrade",
             Reject::RateLimited { .. } => "handshake_rate",
             Reject::ConnectionCap { .. } => "connection_cap",

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tri};
+use crate::guard::jwt::{self, Jwt};
 use crate::guard::origin::OriginPolicy;
 use crate::sign;
 use std::sync::Arc;
@@ -73,6 +74,10 @@ pub struct Policy {
     pub max_connections: u64,
     pub handshake_timeout: Duration,
     pub trusted_proxies: Vec<Cidr>,
+    /// Per JWT subject (`sub`), across all routes: concurrent sessions and
+    /// client-to-backend messages.
+    pub per_subject_connections: Option<u32>,
+    pub per_subject_messages: Option<Rate>,
     /// The top-level sections: used when no route matches.
     pub default_route: Route,
     /// `routes`, longest prefix first.
@@ -103,6 +108,7 @@ pub struct Route {
     pub prefix: String,
     pub upstream: Upstream,
     pub origin: Option<OriginPolicy>,
+    pub jwt: Option<Arc<Jwt>>,
     pub hmac: Option<Hmac>,
     pub keepalive: Keepalive,
     pub limits: Limits,
@@ -167,6 +173,8 @@ pub struct BreakerPolicy {
 #[derive(Clone)]
 pub struct Hmac {
     pub mode: Mode,
+    /// JWT claim whose string value is bound into every signature.
+    pub bind_claim: Option<String>,
     pub client_keys: Vec<sign::Key>,
     pub upstream_key: sign::Key,
     pub verify_upstream: bool,
@@ -642,11 +650,12 @@ impl TryFrom<&Config> for Policy {
             prefix: String::new(),
             upstream: upstream(&mut c, cfg.upstream.as_ref(), "upstream"),
             origin: origin(&mut c, cfg.origin.as_ref(), "origin"),
+            jwt: jwt(&mut c, cfg.jwt.as_ref(), "jwt"),
             hmac: hmac(&mut c, cfg.hmac.as_ref(), "hmac"),
             keepalive: keepalive(&mut c, cfg.keepalive.as_ref(), "keepalive"),
             limits: limits(&mut c, cfg.limits.as_ref(), "limits"),
         };
-        jwt_off(&mut c, cfg.jwt.as_ref(), "jwt");
+        check_bind(&mut c, cfg.hmac.as_ref(), &default_route, "hmac");
 
         let mut routes: Vec<Route> = Vec::new();
         for (i, r) in cfg.routes.iter().flat_map(|r| r.value.iter()).enumerate() {
@@ -668,10 +677,7 @@ impl TryFrom<&Config> for Policy {
             if let Some(l) = &r.limits {
                 route_only_limits(&mut c, l, &format!("{path}.limits"));
             }
-            if r.jwt.is_some() {
-                jwt_off(&mut c, r.jwt.as_ref(), &format!("{path}.jwt"));
-            }
-            routes.push(Route {
+            let route = Route {
                 prefix,
                 upstream: match &r.upstream {
                     Some(u) => upstream(&mut c, Some(u), &format!("{path}.upstream")),
@@ -680,6 +686,10 @@ impl TryFrom<&Config> for Policy {
                 origin: match &r.origin {
                     Some(o) => origin(&mut c, Some(o), &format!("{path}.origin")),
                     None => default_route.origin.clone(),
+                },
+                jwt: match &r.jwt {
+                    Some(j) => jwt(&mut c, Some(j), &format!("{path}.jwt")),
+                    None => default_route.jwt.clone(),
                 },
                 hmac: match &r.hmac {
                     Some(h) => hmac(&mut c, Some(h), &format!("{path}.hmac")),
@@ -693,7 +703,14 @@ impl TryFrom<&Config> for Policy {
                     Some(l) => limits(&mut c, Some(l), &format!("{path}.limits")),
                     None => default_route.limits.clone(),
                 },
-            });
+            };
+            check_bind(
+                &mut c,
+                r.hmac.as_ref().or(cfg.hmac.as_ref()),
+                &route,
+                &format!("{path}.hmac"),
+            );
+            routes.push(route);
         }
         // Longest prefix first, so the first match wins.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -708,9 +725,11 @@ impl TryFrom<&Config> for Policy {
                 tls,
                 log_format,
                 log_level,
-                max_connections: global.0,
-                handshake_timeout: global.1,
-                trusted_proxies: global.2,
+                max_connections: global.max_connections,
+                handshake_timeout: global.handshake_timeout,
+                trusted_proxies: global.trusted_proxies,
+                per_subject_connections: global.per_subject_connections,
+                per_subject_messages: global.per_subject_messages,
                 default_route,
                 routes,
             })
@@ -921,10 +940,29 @@ fn origin(c: &mut Check, o: Option<&config::OriginConfig>, path: &str) -> Option
     }
 }
 
-fn jwt_off(c: &mut Check, j: Option<&config::JwtConfig>, path: &str) {
-    let (mode, loc) = mode_of(&j.and_then(|j| j.mode.clone()));
-    if mode != Mode::Off {
-        c.unsupported(loc, &format!("{path}.mode"));
+fn jwt(c: &mut Check, j: Option<&config::JwtConfig>, path: &str) -> Option<Arc<Jwt>> {
+    match jwt::build(j?, path) {
+        Ok(v) => v.map(Arc::new),
+        Err(problems) => {
+            for (loc, p, msg) in problems {
+                c.push(loc, &p, msg);
+            }
+            None
+        }
+    }
+}
+
+/// `hmac.bind_claim` needs a JWT on the same route to take the claim from.
+fn check_bind(c: &mut Check, h: Option<&config::HmacConfig>, route: &Route, path: &str) {
+    let Some(b) = h.and_then(|h| h.bind_claim.as_ref()) else {
+        return;
+    };
+    if route.hmac.is_some() && route.jwt.is_none() {
+        c.push(
+            b.referenced,
+            &format!("{path}.bind_claim"),
+            "needs jwt (mode enforce or report) on the same route",
+        );
     }
 }
 
@@ -933,14 +971,6 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     let (mode, mode_loc) = mode_of(&h.mode);
     if mode == Mode::Off {
         return None;
-    }
-    if let Some(b) = &h.bind_claim {
-        // Binding needs the JWT guard, which is not built yet.
-        c.push(
-            b.referenced,
-            &format!("{path}.bind_claim"),
-            format!("{NOT_YET} (needs jwt)"),
-        );
     }
     let mut client_keys = Vec::new();
     match &h.client_keys {
@@ -992,6 +1022,7 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
         client_keys,
         upstream_key,
         verify_upstream: h.verify_upstream.unwrap_or(true),
+        bind_claim: h.bind_claim.as_ref().map(|b| b.value.clone()),
         max_skew,
         on_failure: h.on_failure.unwrap_or_default(),
     })
@@ -1049,11 +1080,7 @@ fn keepalive(c: &mut Check, k: Option<&config::KeepaliveConfig>, path: &str) -> 
 }
 
 /// The process-wide limits: only valid at the top level.
-fn global_limits(
-    c: &mut Check,
-    l: Option<&config::LimitsConfig>,
-    path: &str,
-) -> (u64, Duration, Vec<Cidr>) {
+fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Global {
     let d = config::LimitsConfig::default();
     let l = l.unwrap_or(&d);
     let max_connections = l.max_connections.as_ref().map_or(10_000, |v| v.value);
@@ -1095,25 +1122,39 @@ fn global_limits(
     if let Some(shared) = &l.shared {
         c.unsupported(shared.referenced, &format!("{path}.shared"));
     }
-    if let Tri::Set(s) = &l.per_subject {
-        // Subjects come from the JWT guard, which is not built yet: a
-        // non-null per-subject limit could never be enforced.
-        if let Tri::Set(v) = &s.connections {
-            c.push(
-                v.referenced,
+    // Keyed by the JWT `sub` claim; sessions without a subject (no JWT on
+    // their route) are not counted.
+    let (per_subject_connections, per_subject_messages) = match &l.per_subject {
+        Tri::Null => (None, None),
+        Tri::Missing => (Some(20), None),
+        Tri::Set(s) => (
+            cap(
+                c,
+                &s.connections,
+                20,
                 &format!("{path}.per_subject.connections"),
-                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
-            );
-        }
-        if let Tri::Set(v) = &s.messages {
-            c.push(
-                v.referenced,
-                &format!("{path}.per_subject.messages"),
-                format!("{NOT_YET} (needs jwt; set per_subject: null)"),
-            );
-        }
+            ),
+            match &s.messages {
+                Tri::Null | Tri::Missing => None,
+                Tri::Set(r) => c.rate(&r.value, &format!("{path}.per_subject.messages"), false),
+            },
+        ),
+    };
+    Global {
+        max_connections,
+        handshake_timeout,
+        trusted_proxies,
+        per_subject_connections,
+        per_subject_messages,
     }
-    (max_connections, handshake_timeout, trusted_proxies)
+}
+
+struct Global {
+    max_connections: u64,
+    handshake_timeout: Duration,
+    trusted_proxies: Vec<Cidr>,
+    per_subject_connections: Option<u32>,
+    per_subject_messages: Option<Rate>,
 }
 
 /// A route's `limits` may not set the process-wide keys.
@@ -1351,12 +1392,13 @@ impl Route {
         };
         let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| format!("{d:?}"));
         format!(
-            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt off, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
+            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt {}, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
              max_message {} max_frame {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {} on_limit {:?}",
             self.upstream.url,
             self.upstream.connect_timeout,
             self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
             self.origin.as_ref().map_or("off", |o| mode(o.mode)),
+            self.jwt.as_ref().map_or("off", |j| mode(j.mode)),
             self.hmac.as_ref().map_or("off", |h| mode(h.mode)),
             timer(self.keepalive.interval),
             timer(self.keepalive.upstream_interval),
@@ -1438,12 +1480,13 @@ mod tests {
             "origin: { mode: off }\njwt: { mode: off }\nroutes: []\nlimits: { shared: null }\n"
         )
         .is_empty());
-        let p = problems("jwt:\n  mode: enforce\n");
+        let p = problems("limits:\n  shared:\n    redis_url: redis://127.0.0.1:1\n");
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].message, "not supported yet");
-        assert_eq!(p[0].line, 2);
-        let p = problems("tls:\n  cert_file: a\n  key_file: b\n");
-        assert_eq!(p[0].message, "not supported yet");
+        assert_eq!(p[0].line, 3);
+        // Built features with bad material report the file instead.
+        let p = problems("tls:\n  cert_file: /nonexistent/a\n  key_file: /nonexistent/b\n");
+        assert!(p[0].message.contains("/nonexistent/a"), "{p:?}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::guard::breaker::Breaker;
-use crate::guard::limits::{ConnCounts, HandshakeLimiter};
+use crate::guard::jwt::Verifier;
+use crate::guard::limits::{ConnCounts, HandshakeLimiter, SubjectLimiter};
 use crate::metrics::{Metrics, UpstreamLabel};
 use crate::policy::{BreakerPolicy, Limits, Policy, Rate, Route};
 
@@ -22,11 +23,15 @@ pub struct Runtime {
     pub generation: u64,
     /// Aligned with [`Policy::route`]: 0 is the top level.
     pub routes: Vec<RouteRuntime>,
+    /// `limits.per_subject.messages`, shared by every route.
+    pub subject_messages: Option<Arc<SubjectLimiter>>,
 }
 
 /// What a route derives from its policy.
 pub struct RouteRuntime {
     pub handshakes: Option<Arc<HandshakeLimiter>>,
+    /// Token verification with this route's keys (and JWKS cache).
+    pub jwt: Option<Verifier>,
     pub breaker: Option<Arc<Breaker>>,
     /// Toward the client: the policy's frame and message limits.
     pub ws_config: WebSocketConfig,
@@ -67,6 +72,8 @@ pub struct Shared {
     pub counts: Arc<ConnCounts>,
     /// Connections still in the handshake, per peer address.
     pub pending: Arc<ConnCounts>,
+    /// Live sessions per JWT subject.
+    pub subjects: Arc<ConnCounts<String>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Breakers survive reloads while the upstream and its breaker settings
@@ -94,6 +101,7 @@ impl Shared {
         let metrics = Metrics::new();
         let placeholder = Runtime {
             routes: Vec::new(),
+            subject_messages: None,
             generation: 0,
             policy: policy.clone(),
         };
@@ -102,6 +110,7 @@ impl Shared {
             metrics,
             counts: Arc::new(ConnCounts::default()),
             pending: Arc::new(ConnCounts::default()),
+            subjects: Arc::new(ConnCounts::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             breakers: Mutex::new(HashMap::new()),
@@ -146,6 +155,18 @@ impl Shared {
             .map(|r| RouteRuntime {
                 ws_config: ws_config(&r.limits),
                 upstream_ws_config: upstream_ws_config(&r.limits),
+                jwt: r.jwt.as_ref().map(|j| {
+                    let v = Verifier::new(Arc::clone(j));
+                    // Initial JWKS fetch and periodic refresh, off the
+                    // handshake path. An unknown kid also triggers a fetch.
+                    if j.jwks_url.is_some() {
+                        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                            let (v2, stop) = (v.clone(), self.shutdown.clone());
+                            handle.spawn(async move { v2.start(stop).await });
+                        }
+                    }
+                    v
+                }),
                 handshakes: r.limits.per_ip_handshakes.map(|rate| {
                     // Reuse the limiter while the route and rate are unchanged:
                     // a reload must not hand every client a fresh burst.
@@ -176,10 +197,19 @@ impl Shared {
         self.metrics
             .policy_generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let subject_messages = policy.per_subject_messages.map(|r| {
+            let old = self.current.load();
+            match (&old.subject_messages, old.policy.per_subject_messages) {
+                // Same rate: keep the buckets, so a reload is no fresh burst.
+                (Some(l), Some(prev)) if prev == r => Arc::clone(l),
+                _ => Arc::new(SubjectLimiter::keyed(crate::guard::limits::quota(&r))),
+            }
+        });
         self.current.store(Arc::new(Runtime {
             policy,
             generation,
             routes,
+            subject_messages,
         }));
     }
 }

@@ -34,6 +34,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::config::Mode;
 use crate::error::Reject;
+use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip, IpKey, SlotError};
 use crate::handshake::{self, Forwarding};
 use crate::runtime::Shared;
@@ -103,10 +104,15 @@ async fn sweep(shared: Arc<Shared>) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         every.tick().await;
-        for r in &shared.runtime().routes {
+        let rt = shared.runtime();
+        for r in &rt.routes {
             if let Some(l) = &r.handshakes {
                 l.sweep();
             }
+        }
+        if let Some(l) = &rt.subject_messages {
+            l.retain_recent();
+            l.shrink_to_fit();
         }
     }
 }
@@ -220,6 +226,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
         }
         _ => {}
     }
+    if let Reject::Unauthorized(e) = r {
+        h.insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(e.www_authenticate()),
+        );
+    }
     if let Some(secs) = r.retry_after() {
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             h.insert(RETRY_AFTER, v);
@@ -297,6 +309,16 @@ async fn upgrade(
         l.check(key)
             .map_err(|retry_after| Reject::RateLimited { retry_after })?;
     }
+    let auth = authenticate(&req, &up, route, derived, shared, peer, deadline).await?;
+    let subject_slot = match (&auth.subject, policy.per_subject_connections) {
+        (Some(sub), Some(cap)) => Some(
+            shared
+                .subjects
+                .acquire(sub.clone(), u64::MAX, Some(cap))
+                .map_err(|_| Reject::ConnectionCap { retry_after: 1 })?,
+        ),
+        _ => None,
+    };
     let slot = shared
         .counts
         .acquire(key, policy.max_connections, route.limits.per_ip_connections)
@@ -313,7 +335,7 @@ async fn upgrade(
 
     let request_id = handshake::request_id(req.headers(), peer_trusted);
     let headers = handshake::upstream_headers(
-        req.headers(),
+        &auth.headers,
         &Forwarding {
             client_ip: ip,
             peer_trusted,
@@ -346,8 +368,8 @@ async fn upgrade(
     let dial_deadline = deadline.min(connect_deadline);
     let dialed = upstream::dial(
         &route.upstream,
-        &up.path_and_query,
-        &up.protocols,
+        &auth.path_and_query,
+        &auth.protocols,
         &headers,
         derived.upstream_ws_config,
         dial_deadline,
@@ -398,6 +420,10 @@ async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let info = SessionInfo {
         route: route_index,
+        subject: auth.subject,
+        bind: auth.bind,
+        expires: auth.expires,
+        subject_slot,
         peer,
         path: handshake::redacted(&up.path_and_query).to_string(),
         request_id,
@@ -417,4 +443,130 @@ async fn upgrade(
         session::run(client, dialed.ws, rt2, shared2, info).await;
     });
     Ok(resp)
+}
+
+/// What the JWT step decided, and the request as it travels upstream.
+struct Auth {
+    /// The client's headers minus the consumed token and forged claim
+    /// headers, plus the `forward_claims` headers.
+    headers: hyper::HeaderMap,
+    path_and_query: String,
+    protocols: Vec<String>,
+    subject: Option<String>,
+    /// The `hmac.bind_claim` value ("" when not bound).
+    bind: String,
+    /// When `close_on_expiry` ends the session.
+    expires: Option<Instant>,
+}
+
+/// The JWT guard: find the token in the configured sources, verify it,
+/// remove it before forwarding (unless `forward_token`), and turn claims
+/// into headers, the subject, the HMAC bind value and the expiry.
+async fn authenticate<B>(
+    req: &Request<B>,
+    up: &handshake::Upgrade,
+    route: &crate::policy::Route,
+    derived: &crate::runtime::RouteRuntime,
+    shared: &Shared,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Result<Auth, Reject> {
+    let mut auth = Auth {
+        headers: req.headers().clone(),
+        path_and_query: up.path_and_query.clone(),
+        protocols: up.protocols.clone(),
+        subject: None,
+        bind: String::new(),
+        expires: None,
+    };
+    let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
+        return Ok(auth);
+    };
+    let found = jwt::extract(
+        &j.token_sources,
+        req.headers(),
+        &up.path_and_query,
+        &up.protocols,
+    );
+    let verdict = match &found {
+        None => Err(JwtError::Missing),
+        Some(f) => tokio::time::timeout_at(deadline, verifier.verify(&f.token))
+            .await
+            .unwrap_or(Err(JwtError::UnknownKey)),
+    };
+    let claims = match verdict {
+        Ok(c) => Some(c),
+        Err(e) if j.mode == Mode::Enforce => return Err(Reject::Unauthorized(e)),
+        Err(e) => {
+            shared.metrics.reject("jwt_report");
+            tracing::info!(client = %peer, reason = e.reason(), "token would be refused (report mode)");
+            None
+        }
+    };
+    if let (Some(f), false) = (&found, j.forward_token) {
+        match j.token_sources.get(f.source) {
+            Some(TokenSource::Header) => jwt::strip_header(&mut auth.headers),
+            Some(TokenSource::Query(name)) => {
+                auth.path_and_query = jwt::strip_query(&auth.path_and_query, name)
+            }
+            Some(TokenSource::Cookie(name)) => {
+                let values: Vec<String> = auth
+                    .headers
+                    .get_all(hyper::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok().map(str::to_string))
+                    .collect();
+                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                let rest = jwt::strip_cookie(&refs, name);
+                auth.headers.remove(hyper::header::COOKIE);
+                if let Some(v) = rest.and_then(|r| HeaderValue::from_str(&r).ok()) {
+                    auth.headers.insert(hyper::header::COOKIE, v);
+                }
+            }
+            Some(TokenSource::Subprotocol(prefix)) => {
+                auth.protocols = jwt::strip_subprotocol(&auth.protocols, prefix)
+            }
+            None => {}
+        }
+    }
+    for (claim, header) in &j.forward_claims {
+        // Only wsguard may assert a claim: drop any client copy first.
+        auth.headers.remove(header);
+        if let Some(v) = claims
+            .as_ref()
+            .and_then(|c| c.get(claim))
+            .and_then(jwt::claim_header_value)
+        {
+            auth.headers.insert(header.clone(), v);
+        }
+    }
+    let Some(claims) = claims else {
+        return Ok(auth);
+    };
+    auth.subject = claims
+        .get("sub")
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+    if let Some(h) = &route.hmac {
+        if let Some(name) = &h.bind_claim {
+            match claims.get(name).and_then(|v| v.as_str()) {
+                // A newline would let the bind value run into the next
+                // canonical field.
+                Some(v) if !v.contains('\n') => auth.bind = v.to_string(),
+                _ if h.mode == Mode::Enforce => {
+                    return Err(Reject::Unauthorized(JwtError::MissingClaim(name.clone())))
+                }
+                _ => {}
+            }
+        }
+    }
+    if j.close_on_expiry {
+        auth.expires = j.session_deadline(&claims).map(|at| {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            Instant::now() + left
+        });
+    }
+    Ok(auth)
 }

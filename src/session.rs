@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{Mode, OnFailure};
-use crate::guard::limits::{ConnSlot, MessageLimiter};
+use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
 use crate::policy::{Hmac, Route};
@@ -45,6 +45,13 @@ const BAD_GATEWAY: u16 = 1014;
 pub struct SessionInfo {
     /// Index of the route in the session's policy generation.
     pub route: usize,
+    /// JWT `sub`, for per-subject message limits.
+    pub subject: Option<String>,
+    /// The `hmac.bind_claim` value bound into every signature ("" if none).
+    pub bind: String,
+    /// `close_on_expiry`: when the token's exp (plus leeway) passes.
+    pub expires: Option<Instant>,
+    pub subject_slot: Option<ConnSlot<String>>,
     pub peer: SocketAddr,
     pub path: String,
     pub request_id: String,
@@ -74,6 +81,8 @@ enum End {
 /// task but must be `Send`.
 struct Pumps<'a> {
     route: &'a Route,
+    bind: &'a str,
+    subject: Option<(&'a str, &'a SubjectLimiter)>,
     shared: &'a Shared,
     start: Instant,
     client_live: Liveness,
@@ -157,7 +166,17 @@ fn resign(
     };
     let skew = u64::try_from(h.max_skew.as_millis()).unwrap_or(u64::MAX);
     let outcome = if verify {
-        sign::verify(verify_keys, dir, "", ty, &raw, sign::now_ms(), skew, state).map(|pl| pl.len())
+        sign::verify(
+            verify_keys,
+            dir,
+            p.bind,
+            ty,
+            &raw,
+            sign::now_ms(),
+            skew,
+            state,
+        )
+        .map(|pl| pl.len())
     } else {
         // Trusted backend: strip its envelope without checking it.
         sign::parse(&raw).map(|env| env.payload.len())
@@ -170,7 +189,7 @@ fn resign(
                 dir,
                 *out_seq,
                 sign::now_ms(),
-                "",
+                p.bind,
                 ty,
                 &payload,
             ))
@@ -265,6 +284,15 @@ where
         ) {
             if !l.allow(msg.len()) {
                 p.shared.metrics.reject("message_rate");
+                match on_limit {
+                    OnFailure::Close => return End::Policy("rate limit", "rate limit"),
+                    OnFailure::Drop => continue,
+                }
+            }
+        }
+        if let (Some((sub, l)), true) = (p.subject, msg.is_text() || msg.is_binary()) {
+            if l.check_key(&sub.to_string()).is_err() {
+                p.shared.metrics.reject("subject_message_rate");
                 match on_limit {
                     OnFailure::Close => return End::Policy("rate limit", "rate limit"),
                     OnFailure::Drop => continue,
@@ -463,6 +491,14 @@ fn take_one(n: &AtomicU32) -> bool {
         .is_ok()
 }
 
+/// `close_on_expiry`: one timer per session, no polling.
+async fn expiry(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn idle_watch(p: &Pumps<'_>, timeout: Option<Duration>) {
     let Some(t) = timeout else {
         return std::future::pending().await;
@@ -519,6 +555,8 @@ pub async fn run<C, U>(
     let limits = &route.limits;
     let p = Pumps {
         route,
+        bind: &info.bind,
+        subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
         shared: &shared,
         start: Instant::now(),
         client_live: Liveness::new(route.keepalive.max_missed),
@@ -544,6 +582,7 @@ pub async fn run<C, U>(
         e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
         () = shared.shutdown.cancelled() => End::Shutdown,
         () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
+        () = expiry(info.expires) => End::Policy("token expired", "token expired"),
     };
 
     // (frame to client, frame to backend, who ended it, client wait)

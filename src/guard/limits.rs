@@ -44,6 +44,8 @@ pub fn quota(rate: &Rate) -> Quota {
 }
 
 pub type KeyedLimiter = RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, DefaultClock>;
+/// Per-subject message buckets (JWT `sub`).
+pub type SubjectLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 pub type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 
 /// Per-IP handshake rate.
@@ -124,15 +126,24 @@ impl MessageLimiter {
 
 /// Live-session counts: global and per client IP. Shared by every policy
 /// generation, because a reload must not forget who is connected.
-#[derive(Default)]
-pub struct ConnCounts {
-    inner: Mutex<CountsInner>,
+pub struct ConnCounts<K = IpKey> {
+    inner: Mutex<CountsInner<K>>,
 }
 
-#[derive(Default)]
-struct CountsInner {
+impl<K> Default for ConnCounts<K> {
+    fn default() -> Self {
+        ConnCounts {
+            inner: Mutex::new(CountsInner {
+                total: 0,
+                per_ip: HashMap::new(),
+            }),
+        }
+    }
+}
+
+struct CountsInner<K> {
     total: u64,
-    per_ip: HashMap<IpKey, u32>,
+    per_ip: HashMap<K, u32>,
 }
 
 /// Why a connection slot was refused.
@@ -142,14 +153,14 @@ pub enum SlotError {
     PerIp,
 }
 
-impl ConnCounts {
+impl<K: std::hash::Hash + Eq + Clone> ConnCounts<K> {
     /// Takes a slot for `key`, released when the returned guard drops.
     pub fn acquire(
         self: &Arc<Self>,
-        key: IpKey,
+        key: K,
         max_total: u64,
         per_ip: Option<u32>,
-    ) -> Result<ConnSlot, SlotError> {
+    ) -> Result<ConnSlot<K>, SlotError> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if g.total >= max_total {
             return Err(SlotError::Global);
@@ -159,7 +170,7 @@ impl ConnCounts {
             return Err(SlotError::PerIp);
         }
         g.total += 1;
-        g.per_ip.insert(key, n + 1);
+        g.per_ip.insert(key.clone(), n + 1);
         Ok(ConnSlot {
             counts: Arc::clone(self),
             key,
@@ -176,12 +187,12 @@ impl ConnCounts {
 }
 
 /// One live session's place in [`ConnCounts`].
-pub struct ConnSlot {
-    counts: Arc<ConnCounts>,
-    key: IpKey,
+pub struct ConnSlot<K: std::hash::Hash + Eq = IpKey> {
+    counts: Arc<ConnCounts<K>>,
+    key: K,
 }
 
-impl Drop for ConnSlot {
+impl<K: std::hash::Hash + Eq> Drop for ConnSlot<K> {
     fn drop(&mut self) {
         let mut g = self.counts.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.total = g.total.saturating_sub(1);

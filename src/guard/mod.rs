@@ -2,5 +2,6 @@
 //! on every message). Each guard is small and synchronous on the hot path.
 
 pub mod breaker;
+pub mod jwt;
 pub mod limits;
 pub mod origin;

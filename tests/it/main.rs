@@ -7,5 +7,6 @@ mod common;
 mod core;
 mod guards;
 mod hmac;
+mod jwt;
 mod process;
 mod tls;

@@ -1633,8 +1633,12 @@ mod tests {
     }
 
     /// A file in the temp dir holding `content`; returns its path.
+    /// A fresh file per call: tests run in parallel, and rewriting a shared
+    /// path while another test reads it gives it a truncated secret.
     fn temp_file(name: &str, content: &str) -> String {
-        let p = std::env::temp_dir().join(format!("wsguard-jwt-{}-{name}", std::process::id()));
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("wsguard-jwt-{}-{n}-{name}", std::process::id()));
         std::fs::write(&p, content).unwrap();
         p.to_string_lossy().into_owned()
     }

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The whole wsguard test suite, on a fresh machine with only Rust installed.
-# It first installs anything the tests need that the machine lacks (today:
-# nothing beyond Rust and the crates; tests start their own backends on
-# 127.0.0.1), then runs unit, integration, process and corpus-replay tests.
+# It first installs what the tests need that the machine lacks (redis-server
+# for the shared-limit tests, which start their own on a free port), then
+# runs unit, integration, process and corpus-replay tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server (needed by the shared-limit tests)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
 cargo test --locked --no-fail-fast "$@"

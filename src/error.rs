@@ -39,6 +39,9 @@ pub enum Reject {
     /// Backend did not answer within `connect_timeout`.
     #[error("backend did not answer in time")]
     GatewayTimeout,
+    /// Shared limits unavailable (Redis down) with `on_error: deny`.
+    #[error("shared limits unavailable")]
+    SharedUnavailable,
     /// The proxy is shutting down.
     #[error("shutting down")]
     ShuttingDown,
@@ -54,9 +57,10 @@ impl Reject {
             Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Reject::Capacity { .. } | Reject::CircuitOpen { .. } | Reject::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Reject::Capacity { .. }
+            | Reject::CircuitOpen { .. }
+            | Reject::ShuttingDown
+            | Reject::SharedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -78,6 +82,7 @@ impl Reject {
             Reject::BadGateway(_) => "bad_gateway",
             Reject::GatewayTimeout => "gateway_timeout",
             Reject::ShuttingDown => "shutting_down",
+            Reject::SharedUnavailable => "shared_unavailable",
         }
     }
 
@@ -87,7 +92,7 @@ impl Reject {
             | Reject::ConnectionCap { retry_after }
             | Reject::Capacity { retry_after }
             | Reject::CircuitOpen { retry_after } => Some((*retry_after).max(1)),
-            Reject::ShuttingDown => Some(1),
+            Reject::ShuttingDown | Reject::SharedUnavailable => Some(1),
             _ => None,
         }
     }

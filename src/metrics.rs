@@ -33,6 +33,17 @@ pub struct UpstreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResultLabel {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabel {
     pub side: &'static str,
     pub code: &'static str,
@@ -51,6 +62,12 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub policy_generation: Gauge,
     pub closes: Family<CloseLabel, Counter>,
+    /// Per-route views (the route label is a configured path prefix, "/"
+    /// for the top level, so its cardinality is the operator's).
+    pub route_connections_active: Family<RouteLabel, Gauge>,
+    pub route_handshakes: Family<RouteResultLabel, Counter>,
+    /// Shared-limit checks that found Redis slow or down.
+    pub shared_unavailable: Counter,
     pub messages_c2s: Counter,
     pub messages_s2c: Counter,
     pub bytes_c2s: Counter,
@@ -129,6 +146,24 @@ impl Metrics {
             "Ended sessions by the side that ended them and the close code sent to the client",
             closes.clone(),
         );
+        let route_connections_active = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "route_connections_active",
+            "Live proxied sessions per route",
+            route_connections_active.clone(),
+        );
+        let route_handshakes = Family::<RouteResultLabel, Counter>::default();
+        registry.register(
+            "route_handshakes",
+            "Upgrade requests per route by outcome",
+            route_handshakes.clone(),
+        );
+        let shared_unavailable = Counter::default();
+        registry.register(
+            "shared_limiter_unavailable",
+            "Shared-limit checks that found Redis slow or down (on_error applied)",
+            shared_unavailable.clone(),
+        );
         let dir = |d| DirectionLabel { direction: d };
         let messages_c2s = messages.get_or_create(&dir("c2s")).clone();
         let messages_s2c = messages.get_or_create(&dir("s2c")).clone();
@@ -151,11 +186,31 @@ impl Metrics {
             reloads,
             policy_generation,
             closes,
+            route_connections_active,
+            route_handshakes,
+            shared_unavailable,
         }
     }
 
     pub fn handshake(&self, result: &'static str) {
         self.handshakes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn route_handshake(&self, route: &str, result: &'static str) {
+        self.route_handshakes
+            .get_or_create(&RouteResultLabel {
+                route: route_name(route),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn route_active(&self, route: &str) -> Gauge {
+        self.route_connections_active
+            .get_or_create(&RouteLabel {
+                route: route_name(route),
+            })
+            .clone()
     }
 
     pub fn reject(&self, reason: &'static str) {
@@ -179,5 +234,14 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The label for a route prefix: "/" for the top level.
+fn route_name(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "/".to_string()
+    } else {
+        prefix.to_string()
     }
 }

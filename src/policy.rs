@@ -78,6 +78,9 @@ pub struct Policy {
     /// client-to-backend messages.
     pub per_subject_connections: Option<u32>,
     pub per_subject_messages: Option<Rate>,
+    /// `limits.shared`: per-IP handshake rates and per-subject connection
+    /// caps across every replica sharing the prefix.
+    pub shared: Option<crate::guard::shared::SharedSettings>,
     /// The top-level sections: used when no route matches.
     pub default_route: Route,
     /// `routes`, longest prefix first.
@@ -301,8 +304,6 @@ fn at(loc: Location) -> (u64, u64) {
     }
 }
 
-const NOT_YET: &str = "not supported yet";
-
 impl Check {
     fn push(&mut self, loc: Location, path: &str, message: impl Into<String>) {
         let (line, col) = at(loc);
@@ -418,11 +419,6 @@ impl Check {
             return None;
         }
         Some(rate)
-    }
-
-    /// A key whose feature is not built: fine while it turns the feature off.
-    fn unsupported(&mut self, loc: Location, path: &str) {
-        self.push(loc, path, NOT_YET);
     }
 }
 
@@ -730,6 +726,7 @@ impl TryFrom<&Config> for Policy {
                 trusted_proxies: global.trusted_proxies,
                 per_subject_connections: global.per_subject_connections,
                 per_subject_messages: global.per_subject_messages,
+                shared: global.shared,
                 default_route,
                 routes,
             })
@@ -1119,9 +1116,48 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
             Err(e) => c.push(s.referenced, &format!("{path}.trusted_proxies[{i}]"), e),
         }
     }
-    if let Some(shared) = &l.shared {
-        c.unsupported(shared.referenced, &format!("{path}.shared"));
-    }
+    let shared = l.shared.as_ref().and_then(|sh| {
+        let v = &sh.value;
+        let Some(url) = &v.redis_url else {
+            c.push(
+                sh.referenced,
+                &format!("{path}.shared.redis_url"),
+                "required",
+            );
+            return None;
+        };
+        if let Err(e) = crate::guard::shared::validate_url(&url.value) {
+            c.push(url.referenced, &format!("{path}.shared.redis_url"), e);
+            return None;
+        }
+        let timeout = c.duration(
+            &v.timeout,
+            &format!("{path}.shared.timeout"),
+            Duration::from_millis(50),
+        );
+        if timeout.is_zero() {
+            let loc = v.timeout.as_ref().map_or(sh.referenced, |t| t.referenced);
+            c.push(loc, &format!("{path}.shared.timeout"), "must be above zero");
+        }
+        let prefix = v
+            .prefix
+            .as_ref()
+            .map_or_else(|| "wsguard".to_string(), |p| p.value.clone());
+        if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+            let loc = v.prefix.as_ref().map_or(sh.referenced, |p| p.referenced);
+            c.push(
+                loc,
+                &format!("{path}.shared.prefix"),
+                "must be a non-empty word",
+            );
+        }
+        Some(crate::guard::shared::SharedSettings {
+            redis_url: url.value.clone(),
+            prefix,
+            timeout,
+            on_error: v.on_error.unwrap_or_default(),
+        })
+    });
     // Keyed by the JWT `sub` claim; sessions without a subject (no JWT on
     // their route) are not counted.
     let (per_subject_connections, per_subject_messages) = match &l.per_subject {
@@ -1146,6 +1182,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
         trusted_proxies,
         per_subject_connections,
         per_subject_messages,
+        shared,
     }
 }
 
@@ -1155,6 +1192,7 @@ struct Global {
     trusted_proxies: Vec<Cidr>,
     per_subject_connections: Option<u32>,
     per_subject_messages: Option<Rate>,
+    shared: Option<crate::guard::shared::SharedSettings>,
 }
 
 /// A route's `limits` may not set the process-wide keys.
@@ -1475,15 +1513,17 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_features_are_refused_unless_off() {
+    fn off_values_and_bad_feature_material() {
         assert!(problems(
             "origin: { mode: off }\njwt: { mode: off }\nroutes: []\nlimits: { shared: null }\n"
         )
         .is_empty());
-        let p = problems("limits:\n  shared:\n    redis_url: redis://127.0.0.1:1\n");
+        let p = problems("limits:\n  shared:\n    redis_url: http://127.0.0.1:1\n");
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].message, "not supported yet");
-        assert_eq!(p[0].line, 3);
+        assert_eq!(
+            (p[0].line, p[0].path.as_str()),
+            (3, "limits.shared.redis_url")
+        );
         // Built features with bad material report the file instead.
         let p = problems("tls:\n  cert_file: /nonexistent/a\n  key_file: /nonexistent/b\n");
         assert!(p[0].message.contains("/nonexistent/a"), "{p:?}");

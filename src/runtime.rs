@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::guard::breaker::Breaker;
 use crate::guard::jwt::Verifier;
 use crate::guard::limits::{ConnCounts, HandshakeLimiter, SubjectLimiter};
+use crate::guard::shared::{SharedLimiter, SharedSettings};
 use crate::metrics::{Metrics, UpstreamLabel};
 use crate::policy::{BreakerPolicy, Limits, Policy, Rate, Route};
 
@@ -25,6 +26,8 @@ pub struct Runtime {
     pub routes: Vec<RouteRuntime>,
     /// `limits.per_subject.messages`, shared by every route.
     pub subject_messages: Option<Arc<SubjectLimiter>>,
+    /// `limits.shared`: the Redis limiter.
+    pub shared_limiter: Option<Arc<SharedLimiter>>,
 }
 
 /// What a route derives from its policy.
@@ -82,6 +85,9 @@ pub struct Shared {
     /// Per-IP handshake limiters by (route prefix, rate), kept across
     /// reloads for the same reason.
     limiters: Mutex<HashMap<(String, Rate), Arc<HandshakeLimiter>>>,
+    /// The Redis limiter, kept while its settings are unchanged (its
+    /// connection and outage state survive reloads).
+    shared_limiter: Mutex<Option<(SharedSettings, Arc<SharedLimiter>)>>,
     pub ready: std::sync::atomic::AtomicBool,
 }
 
@@ -102,6 +108,7 @@ impl Shared {
         let placeholder = Runtime {
             routes: Vec::new(),
             subject_messages: None,
+            shared_limiter: None,
             generation: 0,
             policy: policy.clone(),
         };
@@ -115,6 +122,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             breakers: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
+            shared_limiter: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
         });
         shared.install(policy);
@@ -205,11 +213,39 @@ impl Shared {
                 _ => Arc::new(SubjectLimiter::keyed(crate::guard::limits::quota(&r))),
             }
         });
+        let shared_limiter = {
+            let mut slot = self
+                .shared_limiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match &policy.shared {
+                None => {
+                    *slot = None;
+                    None
+                }
+                Some(settings) => match slot.as_ref() {
+                    Some((old, l)) if old == settings => Some(Arc::clone(l)),
+                    _ => match SharedLimiter::new(settings.clone()) {
+                        Ok(l) => {
+                            let l = Arc::new(l);
+                            *slot = Some((settings.clone(), Arc::clone(&l)));
+                            Some(l)
+                        }
+                        // Validated at load; unreachable in practice.
+                        Err(e) => {
+                            tracing::error!(error = %e, "shared limits disabled");
+                            None
+                        }
+                    },
+                },
+            }
+        };
         self.current.store(Arc::new(Runtime {
             policy,
             generation,
             routes,
             subject_messages,
+            shared_limiter,
         }));
     }
 }

@@ -33,9 +33,11 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::config::Mode;
+use crate::config::OnError;
 use crate::error::Reject;
 use crate::guard::jwt::{self, JwtError, TokenSource};
-use crate::guard::limits::{client_ip, IpKey, SlotError};
+use crate::guard::limits::{client_ip, ConnSlot, IpKey, SlotError};
+use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
 use crate::runtime::Shared;
 use crate::session::{self, SessionInfo};
@@ -247,13 +249,22 @@ async fn handle(
     deadline: Instant,
 ) -> Response<Body> {
     let peer = conn.peer;
+    let route = {
+        let rt = shared.runtime();
+        rt.policy
+            .route(rt.policy.route_index(req.uri().path()))
+            .prefix
+            .clone()
+    };
     match upgrade(req, &conn, &shared, deadline).await {
         Ok(resp) => {
             shared.metrics.handshake("ok");
+            shared.metrics.route_handshake(&route, "ok");
             resp
         }
         Err(r) => {
             shared.metrics.handshake(r.label());
+            shared.metrics.route_handshake(&route, r.label());
             if !matches!(r, Reject::NotUpgrade) {
                 shared.metrics.reject(r.label());
             }
@@ -305,20 +316,9 @@ async fn upgrade(
             tracing::info!(client = %peer, reason = e.reason(), "origin would be refused (report mode)");
         }
     }
-    if let Some(l) = &derived.handshakes {
-        l.check(key)
-            .map_err(|retry_after| Reject::RateLimited { retry_after })?;
-    }
+    handshake_rate(shared, &rt, route, derived, key).await?;
     let auth = authenticate(&req, &up, route, derived, shared, peer, deadline).await?;
-    let subject_slot = match (&auth.subject, policy.per_subject_connections) {
-        (Some(sub), Some(cap)) => Some(
-            shared
-                .subjects
-                .acquire(sub.clone(), u64::MAX, Some(cap))
-                .map_err(|_| Reject::ConnectionCap { retry_after: 1 })?,
-        ),
-        _ => None,
-    };
+    let (subject_slot, shared_slot) = subject_slots(shared, &rt, auth.subject.as_deref()).await?;
     let slot = shared
         .counts
         .acquire(key, policy.max_connections, route.limits.per_ip_connections)
@@ -424,6 +424,7 @@ async fn upgrade(
         bind: auth.bind,
         expires: auth.expires,
         subject_slot,
+        shared_slot,
         peer,
         path: handshake::redacted(&up.path_and_query).to_string(),
         request_id,
@@ -569,4 +570,75 @@ async fn authenticate<B>(
         });
     }
     Ok(auth)
+}
+
+/// The per-IP handshake rate: in Redis across replicas when `limits.shared`
+/// is set (with `on_error` deciding what an outage means), else local.
+async fn handshake_rate(
+    shared: &Shared,
+    rt: &crate::runtime::Runtime,
+    route: &crate::policy::Route,
+    derived: &crate::runtime::RouteRuntime,
+    key: IpKey,
+) -> Result<(), Reject> {
+    let Some(rate) = route.limits.per_ip_handshakes else {
+        return Ok(());
+    };
+    let local = || derived.handshakes.as_ref().map_or(Ok(()), |l| l.check(key));
+    let Some(limiter) = &rt.shared_limiter else {
+        return local().map_err(|retry_after| Reject::RateLimited { retry_after });
+    };
+    let name = if route.prefix.is_empty() {
+        "/"
+    } else {
+        route.prefix.as_str()
+    };
+    let decision = limiter.check(&format!("hs:{name}:{key}"), &rate).await;
+    if decision == Decision::Unavailable {
+        shared.metrics.shared_unavailable.inc();
+    }
+    match verdict(decision, limiter.on_error(), local) {
+        Verdict::Allow => Ok(()),
+        Verdict::Limited { retry_after_secs } => Err(Reject::RateLimited {
+            retry_after: retry_after_secs,
+        }),
+        Verdict::Unavailable => Err(Reject::SharedUnavailable),
+    }
+}
+
+/// Per-subject connection slots: fleet-wide in Redis when `limits.shared`
+/// is set, else in this replica.
+async fn subject_slots(
+    shared: &Shared,
+    rt: &crate::runtime::Runtime,
+    subject: Option<&str>,
+) -> Result<(Option<ConnSlot<String>>, Option<SharedSlot>), Reject> {
+    let (Some(sub), Some(cap)) = (subject, rt.policy.per_subject_connections) else {
+        return Ok((None, None));
+    };
+    let local = || {
+        shared
+            .subjects
+            .acquire(sub.to_string(), u64::MAX, Some(cap))
+            .map(|s| (Some(s), None))
+            .map_err(|_| Reject::ConnectionCap { retry_after: 1 })
+    };
+    let Some(limiter) = &rt.shared_limiter else {
+        return local();
+    };
+    match limiter
+        .acquire_slot_guard(&format!("conn:sub:{sub}"), cap)
+        .await
+    {
+        Ok(slot) => Ok((None, Some(slot))),
+        Err(Decision::Unavailable) => {
+            shared.metrics.shared_unavailable.inc();
+            match limiter.on_error() {
+                OnError::Local => local(),
+                OnError::Allow => Ok((None, None)),
+                OnError::Deny => Err(Reject::SharedUnavailable),
+            }
+        }
+        Err(_) => Err(Reject::ConnectionCap { retry_after: 1 }),
+    }
 }

@@ -52,6 +52,8 @@ pub struct SessionInfo {
     /// `close_on_expiry`: when the token's exp (plus leeway) passes.
     pub expires: Option<Instant>,
     pub subject_slot: Option<ConnSlot<String>>,
+    /// A fleet-wide per-subject slot in Redis; released on drop.
+    pub shared_slot: Option<crate::guard::shared::SharedSlot>,
     pub peer: SocketAddr,
     pub path: String,
     pub request_id: String,
@@ -574,6 +576,8 @@ pub async fn run<C, U>(
         ),
     };
     shared.metrics.connections_active.inc();
+    let route_active = shared.metrics.route_active(&route.prefix);
+    route_active.inc();
     let (mut ctx, mut crx) = client.split();
     let (mut utx, mut urx) = upstream.split();
 
@@ -696,6 +700,7 @@ pub async fn run<C, U>(
     tokio::join!(client_done, upstream_done);
 
     shared.metrics.connections_active.dec();
+    route_active.dec();
     let reason = match &end {
         End::Policy(_, r) => *r,
         _ => "",

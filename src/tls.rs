@@ -751,7 +751,7 @@ mod name {
             0x14 => Some(v.value.iter().map(|&b| char::from(b)).collect()),
             // BMPString: UTF-16BE
             0x1e => {
-                if v.value.len() % 2 != 0 {
+                if !v.value.len().is_multiple_of(2) {
                     return None;
                 }
                 let units: Vec<u16> = v
@@ -763,7 +763,7 @@ mod name {
             }
             // UniversalString: UTF-32BE
             0x1c => {
-                if v.value.len() % 4 != 0 {
+                if !v.value.len().is_multiple_of(4) {
                     return None;
                 }
                 v.value

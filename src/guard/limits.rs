@@ -24,6 +24,12 @@ use crate::policy::{canonical_ip, Cidr, Rate};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IpKey(IpAddr);
 
+impl std::fmt::Display for IpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl IpKey {
     pub fn new(ip: IpAddr) -> IpKey {
         match canonical_ip(ip) {

@@ -5,3 +5,4 @@ pub mod breaker;
 pub mod jwt;
 pub mod limits;
 pub mod origin;
+pub mod shared;

@@ -148,6 +148,20 @@ async fn routes_pick_upstream_and_policy_by_longest_prefix() {
     .await;
     assert_eq!(h.status, 101);
     assert_eq!(seen_request(&mut main_rx).await, "/public/feed");
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_route_handshakes_total{route=\"/admin\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_route_handshakes_total{route=\"/admin\",result=\"origin_not_allowed\"}"
+        ),
+        1.0
+    );
     assert_eq!(seen_request(&mut main_rx).await, "/administrator");
 }
 

@@ -9,4 +9,6 @@ mod guards;
 mod hmac;
 mod jwt;
 mod process;
+mod redis;
+mod soak;
 mod tls;

@@ -83,13 +83,13 @@ fn check_reports_every_problem_with_its_line() {
 }
 
 #[test]
-fn check_refuses_unbuilt_features() {
-    let (code, out) = check("limits:\n  shared:\n    redis_url: redis://127.0.0.1:6379\n");
+fn check_validates_feature_material() {
+    let (code, out) = check("limits:\n  shared:\n    redis_url: http://127.0.0.1:6379\n");
     assert_eq!(code, 1);
-    assert!(
-        out.contains(":3:5: limits.shared: not supported yet"),
-        "{out}"
-    );
+    assert!(out.contains(":3:16: limits.shared.redis_url:"), "{out}");
+    let (code, out) = check("jwt:\n  mode: enforce\n  keys: []\n");
+    assert_eq!(code, 1);
+    assert!(out.contains("jwt.keys"), "{out}");
     let (code, _) = check("jwt: { mode: off }\nlimits: { shared: null }\nroutes: []\n");
     assert_eq!(code, 0);
 }

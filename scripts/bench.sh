@@ -11,12 +11,12 @@
 # Environment knobs (defaults in brackets):
 #   CONNS [100] SIZE [64] DURATION [10] WARMUP [2]   echo throughput test
 #   ROUNDS [1]          rounds over all throughput scenarios (interleaved); medians are reported
-#   TP_SCENARIOS        throughput scenarios, any of (default: all, in this order):
+#   TP_SCENARIOS        throughput scenarios ("" = none), any of (default: all, in this order):
 #                         direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac
 #   IDLE_CONNS [5000] IDLE_RATE [2000]                idle tests (need ~2*IDLE_CONNS fds in wsguard)
 #   IDLE_SETTLE [3]     seconds between READY and the RSS sample / the start of the CPU window
 #   KA_WINDOW [30]      seconds over which CPU time is measured while the sessions are idle
-#   IDLE_SCENARIOS      idle scenarios, any of (default: all, in this order):
+#   IDLE_SCENARIOS      idle scenarios ("" = none), any of (default: all, in this order):
 #                         wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle
 #   SKIP_BUILD [0]      1 = do not run cargo build (use existing binaries)
 #   DIRECT_ONLY [0]     1 = only the scenarios that need no wsguard
@@ -25,6 +25,8 @@
 #                       target/release/...; `nginx` in PATH)
 #   LOADGEN_THREADS     worker threads for the load-generating client (default: all CPUs)
 #   KEEP_TMP [0]        1 = keep the temp dir (configs, logs, JSON results) on success
+#   QUIET_BELOW [0]     > 0: before each measurement wait (up to QUIET_MAX [900] s) until the
+#                       machine used less than this many cores over 3 s (e.g. 0.3 on a shared box)
 #
 # Scenarios (all wsguard configs: per_ip null, max_connections 100000, log level warn):
 #   direct            loadgen -> echo-server
@@ -38,6 +40,7 @@
 #   wsguard-idle      IDLE_CONNS idle sessions through wsguard, keepalive 0s/0s
 #   wsguard-ka-1s-1s  same, keepalive { interval: 1s, upstream_interval: 1s }
 #   wsguard-ka-1s-0s  same, keepalive { interval: 1s, upstream_interval: 0s }
+#   wsguard-ka-I-U    any other pair, e.g. wsguard-ka-25s-25s (the defaults), wsguard-ka-500ms-0s
 #   direct-idle       IDLE_CONNS idle sessions straight to an echo-server
 #
 # CPU figures come from /proc/PID/stat (utime+stime) and /proc/stat, sampled by this
@@ -54,16 +57,18 @@ SIZE="${SIZE:-64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 ROUNDS="${ROUNDS:-1}"
-TP_SCENARIOS="${TP_SCENARIOS:-direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac}"
+TP_SCENARIOS="${TP_SCENARIOS-direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac}"
 IDLE_CONNS="${IDLE_CONNS:-5000}"
 IDLE_RATE="${IDLE_RATE:-2000}"
 IDLE_SETTLE="${IDLE_SETTLE:-3}"
 KA_WINDOW="${KA_WINDOW:-30}"
-IDLE_SCENARIOS="${IDLE_SCENARIOS:-wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle}"
+IDLE_SCENARIOS="${IDLE_SCENARIOS-wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 DIRECT_ONLY="${DIRECT_ONLY:-0}"
 NO_NGINX="${NO_NGINX:-0}"
 KEEP_TMP="${KEEP_TMP:-0}"
+QUIET_BELOW="${QUIET_BELOW:-0}"
+QUIET_MAX="${QUIET_MAX:-900}"
 # cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in ($ROOT here).
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 [[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
@@ -193,6 +198,42 @@ cpu_snapshot() {
         fi
     done
     echo "$out"
+}
+
+# ctx_switches PID: context switches (voluntary + involuntary) of all its threads so far
+ctx_switches() {
+    local c=0 k v f
+    for f in /proc/"$1"/task/*/status; do
+        while read -r k v; do
+            case "$k" in
+            voluntary_ctxt_switches: | nonvoluntary_ctxt_switches:) c=$((c + v)) ;;
+            esac
+        done <"$f" 2>/dev/null || true
+    done
+    echo "$c"
+}
+
+# wait_quiet: with QUIET_BELOW > 0, wait until the whole machine used fewer than
+# QUIET_BELOW cores over 3 s (other people's builds), at most QUIET_MAX s.
+wait_quiet() {
+    [[ "$QUIET_BELOW" != 0 ]] || return 0
+    local a b busy start=$SECONDS said=0
+    while :; do
+        read -r -a a </proc/stat
+        sleep 3
+        read -r -a b </proc/stat
+        busy="$(awk -v x=$(((b[1] + b[2] + b[3] + b[6] + b[7] + b[8]) - (a[1] + a[2] + a[3] + a[6] + a[7] + a[8]))) \
+            -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", x / hz / 3 }')"
+        awk -v x="$busy" -v q="$QUIET_BELOW" 'BEGIN { exit !(x < q) }' && return 0
+        if ((SECONDS - start >= QUIET_MAX)); then
+            log "machine still busy ($busy cores) after ${QUIET_MAX}s; measuring anyway"
+            return 0
+        fi
+        if [[ $said == 0 ]]; then
+            log "waiting for the machine to go quiet (busy $busy cores >= $QUIET_BELOW)"
+            said=1
+        fi
+    done
 }
 
 # sleep_until EPOCH_S: sleep until that wall-clock time (no-op if it has passed)
@@ -443,6 +484,7 @@ run_echo() {
     local key="$1" url="$2" sign="$3" proxy_pids="$4" bpid="$5" rc=0 lpid lg a b
     local sign_args=()
     [[ "$sign" == 1 ]] && sign_args=(--sign-key-file "$TMP/client.key" --kid c1)
+    wait_quiet
     log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)')"
     timeout $((DURATION + WARMUP + 120)) "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
         --conns "$CONNS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --label "$key" \
@@ -531,12 +573,13 @@ fi
 # ================================================================================
 # idle sessions: memory and keepalive CPU
 # ================================================================================
-declare -A ID_OPEN ID_END ID_FAIL ID_DROP ID_PINGS ID_RSS0 ID_RSS1 ID_BRSS0 ID_BRSS1 ID_CLRSS ID_CPU ID_BCPU ID_LCPU ID_OTHER ID_WIN ID_RTT
+declare -A ID_CSW ID_OPEN ID_END ID_FAIL ID_DROP ID_PINGS ID_RSS0 ID_RSS1 ID_BRSS0 ID_BRSS1 ID_CLRSS ID_CPU ID_BCPU ID_LCPU ID_OTHER ID_WIN ID_RTT
 
 # run_idle NAME URL MEASURED_PID(proxy or backend) BACKEND_PID
 run_idle() {
     local name="$1" url="$2" mpid="$3" bpid="$4" line pid lg rc=0 a b hold
     hold="$(calc "$IDLE_SETTLE + $KA_WINDOW + 2")"
+    wait_quiet
     ID_RSS0[$name]="$(rss_kib "$mpid")"
     ID_BRSS0[$name]="$(rss_kib "$bpid")"
     log "idle[$name]: $IDLE_CONNS conns at $IDLE_RATE/s to $url, then ${IDLE_SETTLE}s settle + ${KA_WINDOW}s CPU window"
@@ -557,9 +600,13 @@ run_idle() {
     ID_BRSS1[$name]="$(rss_kib "$bpid")"
     ID_CLRSS[$name]="$(rss_kib "${lg:-0}")"
     log "idle[$name]: READY ${ID_OPEN[$name]}; RSS ${ID_RSS0[$name]} -> ${ID_RSS1[$name]} KiB; CPU window ${KA_WINDOW}s"
+    local c0 c1
+    c0="$(ctx_switches "$mpid")"
     a="$(cpu_snapshot "$mpid" "$bpid" "${lg:-0}")"
     sleep "$KA_WINDOW"
     b="$(cpu_snapshot "$mpid" "$bpid" "${lg:-0}")"
+    c1="$(ctx_switches "$mpid")"
+    ID_CSW[$name]="$(awk -v a="$c0" -v b="$c1" -v t="$KA_WINDOW" 'BEGIN { printf "%.0f", (b - a) / t }')"
     log "idle[$name]: cpu snapshots (t busy measured backend loadgen): [$a] [$b]"
     read -r ID_WIN[$name] ID_CPU[$name] ID_BCPU[$name] ID_LCPU[$name] ID_OTHER[$name] <<<"$(python3 - "$(cpu_delta "$CLK_TCK" "$a" "$b" 100)" "$mpid" "$bpid" <<'PY'
 import sys
@@ -578,7 +625,7 @@ PY
         ID_RTT[$name]="$(curl -fsS "http://127.0.0.1:$WSG_ADMIN/metrics" 2>/dev/null |
             awk '/^wsguard_ping_rtt_seconds_count/ {s += $NF} END {print s + 0}')"
     fi
-    log "idle[$name]: %CPU over ${ID_WIN[$name]}s: measured ${ID_CPU[$name]}, backend ${ID_BCPU[$name]}, loadgen ${ID_LCPU[$name]}, other ${ID_OTHER[$name]}"
+    log "idle[$name]: %CPU over ${ID_WIN[$name]}s: measured ${ID_CPU[$name]}, backend ${ID_BCPU[$name]}, loadgen ${ID_LCPU[$name]}, other ${ID_OTHER[$name]}; measured process: ${ID_CSW[$name]} context switches/s"
     wait "$pid" || rc=$?
     forget_pid "$pid"
     grep -v '^idle: attempted=' "$TMP/idle-$name.err" >&2 || true
@@ -597,12 +644,13 @@ for s in $IDLE_SCENARIOS; do
         sleep 1
         run_idle "$s" "ws://127.0.0.1:$bport/" "$bpid" "$bpid" && IDLE_DONE+=("$s")
         ;;
-    wsguard-idle | wsguard-ka-1s-1s | wsguard-ka-1s-0s)
-        case "$s" in
-        wsguard-idle) ki=0s ku=0s ;;
-        wsguard-ka-1s-1s) ki=1s ku=1s ;;
-        wsguard-ka-1s-0s) ki=1s ku=0s ;;
-        esac
+    wsguard-idle | wsguard-ka-*-*)
+        ki=0s ku=0s
+        if [[ "$s" =~ ^wsguard-ka-([0-9]+m?s)-([0-9]+m?s)$ ]]; then
+            ki="${BASH_REMATCH[1]}" ku="${BASH_REMATCH[2]}"
+        elif [[ "$s" != wsguard-idle ]]; then
+            die "bad idle scenario $s (expected wsguard-ka-<interval>-<upstream_interval>, e.g. wsguard-ka-25s-0s)"
+        fi
         start_wsguard "$s" "$bport" null "$ki" "$ku" none
         sleep 1
         run_idle "$s" "ws://127.0.0.1:$WSG_PORT/" "$WSG_PID" "$bpid" && IDLE_DONE+=("$s")
@@ -680,5 +728,7 @@ if [[ ${#IDLE_DONE[@]} -gt 0 ]]; then
     done
     echo
     echo "loadgen client RSS at the sample (KiB, info): $(for s in "${IDLE_DONE[@]}"; do printf '%s=%s ' "$s" "${ID_CLRSS[$s]}"; done)"
+    echo
+    echo "context switches per second of the measured process during the CPU window (all threads): $(for s in "${IDLE_DONE[@]}"; do printf '%s=%s ' "$s" "${ID_CSW[$s]}"; done)"
     echo
 fi

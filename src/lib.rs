@@ -20,6 +20,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod files;
 pub mod fuzzing;
 pub mod guard;
 pub mod handshake;

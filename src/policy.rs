@@ -573,7 +573,7 @@ fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign
                 return None;
             }
         },
-        (None, Some(file)) => match std::fs::read_to_string(&file.value) {
+        (None, Some(file)) => match crate::files::read_text(std::path::Path::new(&file.value)) {
             Ok(v) => v,
             Err(e) => {
                 c.push(

@@ -51,7 +51,7 @@ const MAX_HEADERS: usize = 64;
 /// Connections from one peer address that may sit in the handshake at
 /// once. Counted before a byte is read, so a flood of idle sockets from one
 /// host cannot exhaust file descriptors for everyone.
-const MAX_PENDING_PER_IP: u32 = 64;
+const MAX_PENDING_PER_IP: u32 = 256;
 
 /// Refuses a connection before reading it: one non-blocking write of a
 /// 503 and a close. Never waits on the peer.

@@ -324,7 +324,7 @@ fn hex(bytes: &[u8]) -> String {
 // ---------------------------------------------------------------- loading
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    crate::files::read_bounded(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
         source,
     })

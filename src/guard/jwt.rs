@@ -570,7 +570,8 @@ impl Builder<'_> {
                 (DecodingKey::from_secret(&secret), algs)
             }
             (None, None, Some(file)) => {
-                let mut secret = match std::fs::read(&file.value) {
+                let mut secret = match crate::files::read_bounded(std::path::Path::new(&file.value))
+                {
                     Ok(v) => v,
                     Err(e) => {
                         self.push(
@@ -747,7 +748,8 @@ fn read_pem_key(file: &str) -> Result<(DecodingKey, Vec<Algorithm>), String> {
             "`{file}` is larger than 64 KiB; not a PEM public key"
         ));
     }
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read `{file}`: {e}"))?;
+    let bytes = crate::files::read_bounded(std::path::Path::new(file))
+        .map_err(|e| format!("cannot read `{file}`: {e}"))?;
     pem_key(&bytes).map_err(|m| format!("`{file}`: {m}"))
 }
 

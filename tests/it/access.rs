@@ -169,10 +169,10 @@ async fn routes_pick_upstream_and_policy_by_longest_prefix() {
 async fn idle_sockets_from_one_peer_are_capped_before_the_handshake() {
     let p = proxy(echo_backend().await, OFF).await;
     let mut idle = Vec::new();
-    for _ in 0..64 {
+    for _ in 0..256 {
         idle.push(Raw::connect(p.addr).await);
     }
-    // The 65th silent socket from this address is refused at once.
+    // The 257th silent socket from this address is refused at once.
     let mut extra = Raw::connect(p.addr).await;
     assert_eq!(extra.read_head().await.status, 503);
     drop(idle);

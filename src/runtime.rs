@@ -89,6 +89,8 @@ pub struct Shared {
     /// connection and outage state survive reloads).
     shared_limiter: Mutex<Option<(SharedSettings, Arc<SharedLimiter>)>>,
     pub ready: std::sync::atomic::AtomicBool,
+    /// The generation of `current`, readable without touching the ArcSwap.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 type BreakerKey = (u32, u128, u128, u32);
@@ -124,9 +126,15 @@ impl Shared {
             limiters: Mutex::new(HashMap::new()),
             shared_limiter: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU64::new(0),
         });
         shared.install(policy);
         shared
+    }
+
+    /// The generation in force (1 at start, +1 per applied reload).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The policy generation new handshakes use.
@@ -247,5 +255,7 @@ impl Shared {
             subject_messages,
             shared_limiter,
         }));
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Release);
     }
 }

@@ -232,6 +232,39 @@ fn resign(
     }
 }
 
+/// The HMAC keys a live session uses: those of its route in the policy in
+/// force now, so that a reload that removes (or replaces) a compromised
+/// client key stops it at once, also for sessions opened before. If the
+/// route or its `hmac` section is gone from the new policy, the session
+/// keeps the keys it started with rather than silently stop verifying.
+#[derive(Default)]
+struct KeyView {
+    generation: u64,
+    current: Option<(Arc<Runtime>, usize)>,
+}
+
+impl KeyView {
+    /// Cheap when nothing changed: one atomic load per message.
+    fn refresh(&mut self, shared: &Shared, prefix: &str) {
+        let generation = shared.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        let rt = shared.runtime();
+        let index = rt.policy.all_routes().position(|r| r.prefix == prefix);
+        self.current = index.map(|i| (rt, i));
+    }
+
+    fn hmac<'a>(&'a self, original: &'a Route) -> Option<&'a Hmac> {
+        let now = self
+            .current
+            .as_ref()
+            .and_then(|(rt, i)| rt.policy.route(*i).hmac.as_ref());
+        now.or(original.hmac.as_ref())
+    }
+}
+
 type Rx<S> = SplitStream<WebSocketStream<S>>;
 type Tx<S> = SplitSink<WebSocketStream<S>, Message>;
 
@@ -244,7 +277,7 @@ where
     let ka = &p.route.keepalive;
     let mut ticker = keepalive::ticker(ka.upstream_interval);
     let stall = stall_limit(ka.upstream_interval, ka.max_missed);
-    let hmac = p.route.hmac.as_ref();
+    let mut keys = KeyView::default();
     let mut seq_in = SeqState::default();
     let mut seq_out = 0u64;
     let on_limit = p.route.limits.on_message_limit;
@@ -306,7 +339,8 @@ where
                 p.client_live.on_data();
                 p.touch();
                 let len = msg.len();
-                let msg = match hmac {
+                keys.refresh(p.shared, &p.route.prefix);
+                let msg = match keys.hmac(p.route) {
                     None => msg,
                     Some(h) => match resign(
                         h,
@@ -362,7 +396,7 @@ where
     let ka = &p.route.keepalive;
     let mut ticker = keepalive::ticker(ka.interval);
     let stall = stall_limit(ka.interval, ka.max_missed);
-    let hmac = p.route.hmac.as_ref();
+    let mut keys = KeyView::default();
     let mut seq_in = SeqState::default();
     let mut seq_out = 0u64;
     let fail = |e: SendError| match e {
@@ -401,7 +435,8 @@ where
                 p.upstream_live.on_data();
                 p.touch();
                 let len = msg.len();
-                let msg = match hmac {
+                keys.refresh(p.shared, &p.route.prefix);
+                let msg = match keys.hmac(p.route) {
                     None => msg,
                     Some(h) => {
                         let first = h.client_keys.first().unwrap_or(&h.upstream_key);

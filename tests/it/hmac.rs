@@ -21,7 +21,10 @@ fn b64(k: &[u8]) -> String {
 fn key_file(name: &str, k: &[u8]) -> String {
     let dir = std::env::temp_dir().join(format!("wsguard-hmac-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join(name);
+    // Unique per call: parallel tests must never read a half-written file.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let f = dir.join(format!("{name}-{n}"));
     std::fs::write(&f, b64(k)).unwrap();
     f.display().to_string()
 }
@@ -397,4 +400,59 @@ async fn fragmented_signed_message_is_verified_after_reassembly() {
     let (op, reply) = r.read_frame().await.unwrap();
     assert_eq!(op, 1);
     assert!(reply.starts_with(b"wsg1.c1.1."));
+}
+
+#[tokio::test]
+async fn a_client_key_removed_by_reload_is_refused_in_live_sessions() {
+    let (b, _rx) = signing_backend().await;
+    let (c1, c2, up) = (
+        key_file("c1", &CLIENT1),
+        key_file("c2", &CLIENT2),
+        key_file("p1", &UPSTREAM),
+    );
+    let yaml = |with_c2: bool| {
+        let second = if with_c2 {
+            format!("    - {{ id: c2, secret_file: \"{c2}\" }}\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\nhmac:\n  mode: enforce\n  client_keys:\n    - {{ id: c1, secret_file: \"{c1}\" }}\n{second}  upstream_key: {{ id: p1, secret_file: \"{up}\" }}\nkeepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits: {{ per_ip: null, per_connection: null }}\n"
+        )
+    };
+    let p = proxy_yaml(&yaml(true)).await;
+    let mut c = ws(p.addr, "/").await;
+    c.send(signed_text(
+        "c2",
+        &CLIENT2,
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "before",
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut c).await, Message::Text(_)));
+    // The operator removes the compromised key c2 and reloads.
+    p.shared
+        .install(wsguard::policy::Policy::from_text("reload.yaml", &yaml(false)).unwrap());
+    c.send(signed_text(
+        "c2",
+        &CLIENT2,
+        Direction::C2s,
+        2,
+        sign::now_ms(),
+        "after",
+    ))
+    .await
+    .unwrap();
+    let m = next(&mut c).await;
+    assert_eq!(close_of(&m).map(|c| c.0), Some(1008));
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_signature_failures_total{reason=\"unknown_kid\"}"
+        ),
+        1.0
+    );
 }

@@ -212,3 +212,60 @@ fn check(ok: bool, what: &str, data: &[u8]) {
         panic!("{what} (input: {data:?})");
     }
 }
+
+/// JWT token extraction and removal from an arbitrary request head: every
+/// token source kind, the query/cookie/subprotocol strippers, and the
+/// `token_sources` syntax. The removal functions must never leave the token
+/// behind when it was found in that source.
+pub fn token(data: &[u8]) {
+    use crate::guard::jwt::{self, TokenSource};
+    let Some(req) = build_request(data) else {
+        // Still exercise the string-level helpers on raw text.
+        if let Ok(text) = std::str::from_utf8(data) {
+            let _ = TokenSource::parse(text);
+            let _ = jwt::strip_query(text, "access_token");
+            let _ = jwt::strip_cookie(&[text], "tok");
+        }
+        return;
+    };
+    let sources = [
+        TokenSource::Header,
+        TokenSource::Query("access_token".into()),
+        TokenSource::Cookie("tok".into()),
+        TokenSource::Subprotocol("bearer.".into()),
+    ];
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let protocols: Vec<String> = req
+        .headers()
+        .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .collect();
+    let found = jwt::extract(&sources, req.headers(), path, &protocols);
+    let _ = jwt::strip_query(path, "access_token");
+    let cookies: Vec<&str> = req
+        .headers()
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let _ = jwt::strip_cookie(&cookies, "tok");
+    let stripped = jwt::strip_subprotocol(&protocols, "bearer.");
+    if let Some(f) = found {
+        if f.source == 3 {
+            check(
+                !stripped
+                    .iter()
+                    .any(|p| p.strip_prefix("bearer.") == Some(f.token.as_str())),
+                "subprotocol token survived stripping",
+                data,
+            );
+        }
+    }
+}

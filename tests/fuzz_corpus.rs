@@ -59,6 +59,11 @@ fn envelope_corpus() {
 /// at least one must verify, or the envelope target never gets past the
 /// skew/kid/MAC checks from its seeds.
 #[test]
+fn token_corpus() {
+    replay("token", wsguard::fuzzing::token);
+}
+
+#[test]
 fn envelope_seeds_verify() {
     let key = wsguard::sign::Key::new(wsguard::fuzzing::KID, wsguard::fuzzing::SECRET.to_vec())
         .unwrap_or_else(|e| panic!("{e}"));

@@ -32,13 +32,31 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = <Args as clap::Parser>::parse();
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
     let claims = serde_json::json!({ "sub": "bench", "exp": exp });
     let token = match (&args.hs_secret, &args.rs_key) {
-        (Some(s), _) => Some(encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(s.as_bytes())).expect("hs token")),
+        (Some(s), _) => Some(
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(s.as_bytes()),
+            )
+            .expect("hs token"),
+        ),
         (_, Some(k)) => {
             let pem = std::fs::read(k).expect("rsa key file");
-            Some(encode(&Header::new(Algorithm::RS256), &claims, &EncodingKey::from_rsa_pem(&pem).expect("rsa pem")).expect("rs token"))
+            Some(
+                encode(
+                    &Header::new(Algorithm::RS256),
+                    &claims,
+                    &EncodingKey::from_rsa_pem(&pem).expect("rsa pem"),
+                )
+                .expect("rs token"),
+            )
         }
         _ => None,
     };
@@ -47,14 +65,27 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(args.secs);
     let mut tasks = Vec::new();
     for _ in 0..args.conns {
-        let (url, token, ok, failed) = (args.url.clone(), token.clone(), Arc::clone(&ok), Arc::clone(&failed));
+        let (url, token, ok, failed) = (
+            args.url.clone(),
+            token.clone(),
+            Arc::clone(&ok),
+            Arc::clone(&failed),
+        );
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let mut req = url.as_str().into_client_request().expect("url");
                 if let Some(t) = &token {
-                    req.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
+                    req.headers_mut().insert(
+                        "authorization",
+                        format!("Bearer {t}").parse().expect("header"),
+                    );
                 }
-                match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(req)).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio_tungstenite::connect_async(req),
+                )
+                .await
+                {
                     Ok(Ok((mut ws, _))) => {
                         ok.fetch_add(1, Ordering::Relaxed);
                         let _ = ws.close(None).await;

@@ -111,7 +111,7 @@ fn is_tchar(b: u8) -> bool {
 /// Headers never forwarded: hop-by-hop ones (RFC 7230 6.1), the handshake
 /// headers wsguard regenerates for its own hop, and the ones it sets itself
 /// (a client copy of those is dropped so it cannot forge them).
-const DROP: &[&str] = &[
+pub const DROP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",

@@ -232,25 +232,6 @@ impl Jwt {
 /// `path` given to [`build`]) and message.
 pub type Problem = (Location, String, String);
 
-/// Headers wsguard sets itself, or hop-by-hop: a claim may not be forwarded
-/// under these names.
-const RESERVED_HEADERS: [&str; 14] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-request-id",
-    "host",
-    "connection",
-    "upgrade",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "content-length",
-];
-
 /// Validates a `jwt` section. `path` is the key path of the section (`jwt`,
 /// `routes[0].jwt`); every problem's path starts with it. Returns
 /// `Ok(None)` for `mode: off` (or no mode), without looking at anything else.
@@ -732,7 +713,9 @@ fn forward_header(s: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(s.as_bytes())
         .map_err(|_| format!("`{s}` is not a valid header name"))?;
     let n = name.as_str();
-    if RESERVED_HEADERS.contains(&n) || n.starts_with("sec-websocket-") {
+    // A claim may not travel under a name wsguard sets itself or never
+    // forwards (it would be dropped on the way), nor as Host.
+    if crate::handshake::DROP.contains(&n) || n == "host" || n.starts_with("sec-websocket-") {
         return Err(format!(
             "`{n}` cannot carry a claim: wsguard sets it itself or it is hop-by-hop"
         ));

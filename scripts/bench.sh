@@ -25,6 +25,8 @@
 #                       target/release/...; `nginx` in PATH)
 #   LOADGEN_THREADS     worker threads for the load-generating client (default: all CPUs)
 #   KEEP_TMP [0]        1 = keep the temp dir (configs, logs, JSON results) on success
+#   NOISE_MAX [0.15]    throughput runs during which the rest of the machine used more than this
+#                       many cores are marked "*" and left out of the median (unless all are)
 #   QUIET_BELOW [0]     > 0: before each measurement wait (up to QUIET_MAX [900] s) until the
 #                       machine used less than this many cores over 3 s (e.g. 0.3 on a shared box)
 #
@@ -68,6 +70,7 @@ DIRECT_ONLY="${DIRECT_ONLY:-0}"
 NO_NGINX="${NO_NGINX:-0}"
 KEEP_TMP="${KEEP_TMP:-0}"
 QUIET_BELOW="${QUIET_BELOW:-0}"
+NOISE_MAX="${NOISE_MAX:-0.15}"
 QUIET_MAX="${QUIET_MAX:-900}"
 # cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in ($ROOT here).
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -675,38 +678,52 @@ echo
 if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
     echo "### Echo throughput ($CONNS conns, $SIZE B payload, ${WARMUP}s warmup + ${DURATION}s, $TP_ROUNDS_DONE round(s), median)"
     echo
-    echo "| scenario | msgs/s | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | errors | cores: loadgen / proxy / backend / other |"
-    echo "|---|---:|---|---:|---:|---:|---|---:|---:|---|"
-    declare -A MED
+    echo "| scenario | msgs/s | runs used | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | errors | cores: loadgen / proxy / backend / other |"
+    echo "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|"
+    # A run is "clean" when the rest of the machine stayed below NOISE_MAX cores.
+    clean() { [[ "${TP_OTHER[$1]:--}" != - ]] && awk -v x="${TP_OTHER[$1]}" -v m="$NOISE_MAX" 'BEGIN { exit !(x <= m) }'; }
+    declare -A MED USED
     for s in $TP_SCENARIOS; do
-        rates=()
+        rates=() all=()
         for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
-            [[ -n "${TP_RATE[$s:$r]:-}" ]] && rates+=("${TP_RATE[$s:$r]}")
+            [[ -n "${TP_RATE[$s:$r]:-}" ]] || continue
+            all+=("${TP_RATE[$s:$r]}")
+            if clean "$s:$r"; then rates+=("${TP_RATE[$s:$r]}"); fi
         done
-        [[ ${#rates[@]} -gt 0 ]] || continue
+        [[ ${#all[@]} -gt 0 ]] || continue
+        [[ ${#rates[@]} -gt 0 ]] || rates=("${all[@]}")
         MED[$s]="$(median "${rates[@]}")"
+        USED[$s]="${#rates[@]}/${#all[@]}"
     done
     for s in $TP_SCENARIOS; do
         [[ -n "${MED[$s]:-}" ]] || continue
-        rates=() p50s=() p99s=() errs=0 cpu=()
+        rates=() p50s=() p99s=() errs=0 cpu=() any_clean=0
+        for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
+            if [[ -n "${TP_RATE[$s:$r]:-}" ]] && clean "$s:$r"; then any_clean=1; fi
+        done
         for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
             k="$s:$r"
             [[ -n "${TP_RATE[$k]:-}" ]] || continue
+            [[ "${TP_ERR[$k]}" =~ ^[0-9]+$ ]] && errs=$((errs + TP_ERR[$k]))
+            cpu+=("${TP_LG[$k]}/${TP_PROXY[$k]}/${TP_BACK[$k]}/${TP_OTHER[$k]}")
+            if [[ $any_clean == 1 ]] && ! clean "$k"; then
+                rates+=("${TP_RATE[$k]}*")
+                continue
+            fi
             rates+=("${TP_RATE[$k]}")
             p50s+=("${TP_P50[$k]}")
             p99s+=("${TP_P99[$k]}")
-            [[ "${TP_ERR[$k]}" =~ ^[0-9]+$ ]] && errs=$((errs + TP_ERR[$k]))
-            cpu+=("${TP_LG[$k]}/${TP_PROXY[$k]}/${TP_BACK[$k]}/${TP_OTHER[$k]}")
         done
         rd="-" rb="-" base="${BASE[$s]:-}"
         [[ -n "${MED[direct]:-}" && "${MED[direct]}" != "-" && "${MED[$s]}" != "-" ]] &&
             rd="$(calc "'%.2f' % (${MED[$s]} / ${MED[direct]})")"
         [[ -n "$base" && -n "${MED[$base]:-}" && "${MED[$base]}" != "-" && "${MED[$s]}" != "-" ]] &&
             rb="$(calc "'%.2f' % (${MED[$s]} / ${MED[$base]})")"
-        echo "| $s | ${MED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $errs | ${cpu[*]} |"
+        echo "| $s | ${MED[$s]} | ${USED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $errs | ${cpu[*]} |"
     done
     echo
     echo "cores: CPU cores used over the measurement window, per round (loadgen / proxy / echo backend / rest of the machine)."
+    echo "Runs marked * had the rest of the machine above $NOISE_MAX cores and are left out of the medians (msgs/s, p50, p99)."
     echo
 fi
 

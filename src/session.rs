@@ -577,6 +577,32 @@ async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Sends `close` to the backend and forwards its remaining data messages to
+/// the client until the backend's close arrives (bounded by [`CLOSE_WAIT`]).
+async fn relay_tail<C, U>(utx: &mut Tx<U>, urx: &mut Rx<U>, ctx: &mut Tx<C>, close: Message)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        if utx.send(close).await.is_err() {
+            return;
+        }
+        while let Some(Ok(m)) = urx.next().await {
+            match m {
+                Message::Text(_) | Message::Binary(_) => {
+                    if ctx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                Message::Close(_) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
 /// Runs a session to the end and writes its access-log line.
 pub async fn run<C, U>(
     client: WebSocketStream<C>,
@@ -625,7 +651,7 @@ pub async fn run<C, U>(
     };
 
     // (frame to client, frame to backend, who ended it, client wait)
-    let (to_client, to_upstream, side, client_wait): (
+    let (to_client, mut to_upstream, side, client_wait): (
         Option<Message>,
         Option<Message>,
         &str,
@@ -702,6 +728,17 @@ pub async fn run<C, U>(
     } else {
         CLOSE_WAIT
     };
+    // A client that broke the protocol still gets the backend's answers to
+    // what it sent before (a peer talking to the backend directly would):
+    // close the backend first, relay its last messages, then fail the
+    // client with the violation's code.
+    let mut upstream_closed = false;
+    if let End::ClientViolation(..) = &end {
+        if let Some(m) = to_upstream.take() {
+            relay_tail(&mut utx, &mut urx, &mut ctx, m).await;
+            upstream_closed = true;
+        }
+    }
     let client_done = async {
         if matches!(end, End::ClientGone) {
             return;
@@ -709,7 +746,7 @@ pub async fn run<C, U>(
         close_side(&mut ctx, &mut crx, client_msg, client_wait).await;
     };
     let upstream_done = async {
-        if matches!(end, End::UpstreamGone) {
+        if matches!(end, End::UpstreamGone) || upstream_closed {
             return;
         }
         let msg = if matches!(end, End::UpstreamClosed(_)) {

@@ -440,3 +440,15 @@ async fn shutdown_sends_1001_to_both_sides() {
         "drain finished within grace"
     );
 }
+
+#[tokio::test]
+async fn echo_of_earlier_message_arrives_before_the_protocol_error_close() {
+    let p = proxy(echo_backend().await, NO_GUARDS).await;
+    let (mut r, h) = Raw::upgrade(p.addr, "/", "").await;
+    assert_eq!(h.status, 101);
+    r.send_frame(true, 1, b"first", true).await;
+    r.send_frame(true, 3, b"reserved opcode", true).await;
+    // As with a direct connection: the echo first, then the failure.
+    assert_eq!(r.read_frame().await, Some((1, b"first".to_vec())));
+    assert_eq!(r.close_code().await, Some(1002));
+}

@@ -177,20 +177,30 @@ fn check(path: &Path, explain: bool) -> ExitCode {
     }
 }
 
-fn init_logs(format: LogFormat, level: &str) {
+/// Logs go to stderr through a bounded in-memory queue drained by its own
+/// thread: a slow or stalled log reader (a blocked container log driver, a
+/// full pipe) must never stall the proxy's data path. When the queue is
+/// full, lines are dropped (and the count of dropped lines is reported by
+/// the writer) instead of blocking. The guard flushes the queue at exit.
+fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WSGUARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(64 * 1024)
+        .lossy(true)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
-    init_logs(policy.log_format, &policy.log_level);
+    let _logs = init_logs(policy.log_format, &policy.log_level);
     let grace = policy.shutdown_grace;
     let listen = policy.listen;
     let running = match wsguard::start(policy).await {

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -157,7 +158,9 @@ fn sign_and_verify_round_trip_on_the_command_line() {
 /// leaves nothing behind.
 pub(crate) struct Proc {
     child: tokio::process::Child,
-    log: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    /// Log lines, drained from the child's stderr by a background task so
+    /// the pipe can never fill and block the child's logging.
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Proc {
@@ -171,20 +174,33 @@ impl Proc {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        Proc {
-            child,
-            log: tokio::io::BufReader::new(stderr).lines(),
-        }
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut copy = std::env::var("WSGUARD_TEST_LOG_COPY")
+                .ok()
+                .and_then(|f| std::fs::File::create(f).ok());
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Some(f) = copy.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{l}");
+                }
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, log }
     }
 
     /// Waits for a log line containing `needle`.
     pub(crate) async fn log_line(&mut self, needle: &str) -> String {
         within(needle, async {
             loop {
-                match self.log.next_line().await {
-                    Ok(Some(l)) if l.contains(needle) => return l,
-                    Ok(Some(_)) => continue,
-                    _ => panic!("wsguard exited before logging {needle:?}"),
+                match self.log.recv().await {
+                    Some(l) if l.contains(needle) => return l,
+                    Some(_) => continue,
+                    None => panic!("wsguard exited before logging {needle:?}"),
                 }
             }
         })
@@ -329,4 +345,52 @@ async fn shutdown_delay_turns_readyz_503_before_the_listener_closes() {
     assert_eq!(close_of(&next(&mut c).await).map(|c| c.0), Some(1001));
     drop(c);
     assert_eq!(p.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn a_stalled_log_reader_does_not_stall_the_proxy() {
+    let backend = echo_backend().await;
+    let (port, admin) = (free_port(), free_port());
+    let f = policy_file(
+        "stalled-log",
+        &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nlimits: {{ per_ip: null, per_connection: null }}\n"),
+    );
+    // stderr is a pipe that nobody reads (but that stays open).
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&f)
+        .env("WSGUARD_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let _unread = child.stderr.take();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // No log line to wait for: poll the port (bounded).
+    within("listener", async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // 600 sessions open and close: ~600 access-log lines, several pipe buffers' worth.
+    for _ in 0..6 {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            batch.push(
+                Raw::upgrade(addr, "/a-fairly-long-path-to-make-the-log-lines-longer", "")
+                    .await
+                    .0,
+            );
+        }
+        drop(batch);
+    }
+    // The proxy and its admin endpoint still answer.
+    assert_echo(addr).await;
+    let (_r, h) = Raw::request(
+        format!("127.0.0.1:{admin}").parse().unwrap(),
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(h.status, 200);
 }

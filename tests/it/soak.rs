@@ -1,6 +1,6 @@
 //! Reload storm (issue 7), run with:
 //!   cargo test --release --test it soak -- --ignored --nocapture
-//! 200 sessions (SOAK_SESSIONS) stream sequence-numbered messages (10/s each) through the real binary
+//! 500 sessions (SOAK_SESSIONS) stream sequence-numbered messages (10/s each) through the real binary
 //! while it gets 100 SIGHUPs alternating valid and invalid policy files.
 //! Afterwards: zero sessions dropped, zero messages lost or reordered.
 
@@ -14,12 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::common::*;
 use crate::process::{free_port, policy_file, Proc};
 
-/// 500 clients plus their runtime in this one (test) process stall the
-/// process itself on a 2-core machine, with or without wsguard in the path
-/// (`SOAK_DIRECT=1` shows it), so the in-process default is 200; the
-/// 500-session storm is `scripts/reload_storm.sh`, whose load comes from the
-/// release-built load generator in its own process.
-const SESSIONS_DEFAULT: usize = 200;
+const SESSIONS_DEFAULT: usize = 500;
 const RELOADS_DEFAULT: usize = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -589,14 +589,12 @@ where
             return;
         }
         while let Some(Ok(m)) = urx.next().await {
-            match m {
-                Message::Text(_) | Message::Binary(_) => {
-                    if ctx.send(m).await.is_err() {
-                        return;
-                    }
-                }
-                Message::Close(_) => return,
-                _ => {}
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
+            let data = matches!(m, Message::Text(_) | Message::Binary(_));
+            if data && ctx.send(m).await.is_err() {
+                return;
             }
         }
     })

@@ -355,7 +355,9 @@ where
                     ) {
                         Signed::Forward(m) => m,
                         Signed::Drop => continue,
-                        Signed::Close(reason) => return End::Policy("signature failure", reason),
+                        Signed::Close(reason) => {
+                            return End::Policy(sig_close_reason(false, reason), reason)
+                        }
                     },
                 };
                 p.msgs[0].fetch_add(1, Relaxed);
@@ -455,7 +457,7 @@ where
                             Signed::Forward(m) => m,
                             Signed::Drop => continue,
                             Signed::Close(reason) => {
-                                return End::Policy("backend signature failure", reason)
+                                return End::Policy(sig_close_reason(true, reason), reason)
                             }
                         }
                     }
@@ -521,6 +523,27 @@ where
     };
     blocked.store(false, Relaxed);
     r
+}
+
+/// The close reason for a signature failure: says which check failed (and
+/// on which hop), as the log line and the metric label do.
+fn sig_close_reason(backend: bool, label: &str) -> &'static str {
+    match (backend, label) {
+        (false, "missing_envelope") => "signature failure: missing_envelope",
+        (false, "malformed_envelope") => "signature failure: malformed_envelope",
+        (false, "unknown_kid") => "signature failure: unknown_kid",
+        (false, "skew") => "signature failure: skew",
+        (false, "replay") => "signature failure: replay",
+        (false, "bad_mac") => "signature failure: bad_mac",
+        (true, "missing_envelope") => "backend signature failure: missing_envelope",
+        (true, "malformed_envelope") => "backend signature failure: malformed_envelope",
+        (true, "unknown_kid") => "backend signature failure: unknown_kid",
+        (true, "skew") => "backend signature failure: skew",
+        (true, "replay") => "backend signature failure: replay",
+        (true, "bad_mac") => "backend signature failure: bad_mac",
+        (false, _) => "signature failure",
+        (true, _) => "backend signature failure",
+    }
 }
 
 fn take_one(n: &AtomicU32) -> bool {

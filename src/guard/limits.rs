@@ -281,6 +281,23 @@ mod tests {
     }
 
     #[test]
+    fn an_address_spray_is_forgotten_by_the_sweep() {
+        // Buckets refill in 1 ms, so every key is idle again almost at once.
+        let l = HandshakeLimiter::new(&rate(1000, 1, 1));
+        for i in 0..20_000u32 {
+            let _ = l.check(IpKey::new(IpAddr::V4(std::net::Ipv4Addr::from(
+                0x0a00_0000 + i,
+            ))));
+        }
+        assert_eq!(l.len(), 20_000);
+        // Time has to pass for the buckets to be full again (not a wait
+        // for a condition: the sweep is synchronous).
+        std::thread::sleep(Duration::from_millis(20));
+        l.sweep();
+        assert_eq!(l.len(), 0, "idle keys must be swept");
+    }
+
+    #[test]
     fn byte_burst_above_capacity_is_rejected() {
         let m = MessageLimiter::new(None, Some(&rate(100, 1, 100))).unwrap();
         assert!(!m.allow(101));

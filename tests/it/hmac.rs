@@ -247,7 +247,7 @@ async fn every_signature_failure_closes_1008_with_its_reason() {
         let m = next(&mut c).await;
         assert_eq!(
             close_of(&m),
-            Some((1008, "signature failure".into())),
+            Some((1008, format!("signature failure: {reason}"))),
             "expected {reason}"
         );
         assert!(

@@ -19,17 +19,20 @@ WORKDIR /build
 #    layer (BuildKit, the default builder since Docker 23).
 COPY Cargo.toml Cargo.lock ./
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
-    mkdir src \
+    mkdir src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/sign.rs \
     && cargo build --release --locked --bin wsguard \
-    && rm -rf src
+    && rm -rf src benches
 
 # 2. The real sources. src/demo.rs include_str!s config.example.yaml, so it
-#    is needed at build time. examples/ and tests/ are not: Cargo.toml
-#    declares no [[example]]/[[test]]/[[bench]] targets, and auto-discovered
-#    ones are not built by `--bin wsguard`.
+#    is needed at build time. Cargo.toml declares the `sign` bench (divan
+#    needs harness = false), so cargo wants its file to parse the manifest,
+#    though `--bin wsguard` never builds it. examples/ and tests/ are
+#    auto-discovered only and not needed.
 COPY config.example.yaml ./
+COPY benches ./benches
 COPY src ./src
 # COPY keeps the sources' (older) mtimes; drop the stub's fingerprints so
 # cargo cannot mistake the stub build for the real one.

@@ -64,13 +64,7 @@ pub fn upgrade_request(data: &[u8]) {
     }
     let peer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let trusted: Vec<Cidr> = Cidr::parse("10.0.0.0/8").into_iter().collect();
-    let xff: Vec<&str> = req
-        .headers()
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let client_ip = crate::guard::limits::client_ip(peer, &xff, &trusted);
+    let client_ip = crate::guard::limits::client_ip_of(peer, req.headers(), &trusted);
     for peer_trusted in [true, false] {
         let request_id = handshake::request_id(req.headers(), peer_trusted);
         let fwd = Forwarding {

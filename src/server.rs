@@ -36,7 +36,7 @@ use crate::config::Mode;
 use crate::config::OnError;
 use crate::error::Reject;
 use crate::guard::jwt::{self, JwtError, TokenSource};
-use crate::guard::limits::{client_ip, ConnSlot, IpKey, SlotError};
+use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
 use crate::runtime::Shared;
@@ -291,13 +291,7 @@ async fn upgrade(
     let (route, derived) = rt.route(route_index);
     let derived = derived.ok_or(Reject::ShuttingDown)?;
 
-    let xff: Vec<&str> = req
-        .headers()
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let ip = client_ip(peer.ip(), &xff, &policy.trusted_proxies);
+    let ip = client_ip_of(peer.ip(), req.headers(), &policy.trusted_proxies);
     let peer_trusted = policy.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let key = IpKey::new(ip);
 

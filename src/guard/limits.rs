@@ -211,6 +211,16 @@ impl<K: std::hash::Hash + Eq> Drop for ConnSlot<K> {
     }
 }
 
+/// [`client_ip`] from a request's `X-Forwarded-For` headers.
+pub fn client_ip_of(peer: IpAddr, headers: &hyper::HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let xff: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    client_ip(peer, &xff, trusted)
+}
+
 /// The client's IP: the peer, unless the peer is a trusted proxy, in which
 /// case the right-most `X-Forwarded-For` hop that is not itself trusted.
 /// Walking from the right stops a client from prepending forged hops.

@@ -244,20 +244,29 @@ pub async fn http_backend(response: String) -> SocketAddr {
             };
             let response = response.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
+                if read_request_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s.write_all(response.as_bytes()).await;
-                let _ = s.read(&mut b).await;
+                // Hold the connection until the peer leaves.
+                let _ = s.read(&mut [0u8; 1024]).await;
             });
         }
     });
     a
+}
+
+/// Reads an HTTP request head (up to the blank line); None on EOF/error.
+async fn read_request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(head)
 }
 
 /// Accepts TCP and never says a word.
@@ -472,14 +481,9 @@ async fn hung_backend(reads: bool) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
+                let Some(head) = read_request_head(&mut s).await else {
+                    return;
+                };
                 let text = String::from_utf8_lossy(&head).to_string();
                 let key = text
                     .lines()
@@ -497,6 +501,7 @@ async fn hung_backend(reads: bool) -> SocketAddr {
                 if !reads {
                     std::future::pending::<()>().await;
                 }
+                let mut b = [0u8; 4096];
                 while let Ok(n) = s.read(&mut b).await {
                     if n == 0 {
                         return;

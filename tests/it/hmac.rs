@@ -191,7 +191,9 @@ async fn every_signature_failure_closes_1008_with_its_reason() {
         ),
         (
             vec![tamper(good(1), &|v| {
-                let i = v.iter().position(|b| *b == b'\n').unwrap() - 1;
+                // A middle character of the signature: the last one carries only
+                // 4 bits, and changing it can make the envelope malformed instead.
+                let i = v.iter().position(|b| *b == b'\n').unwrap() - 10;
                 v[i] = if v[i] == b'A' { b'B' } else { b'A' };
             })],
             "bad_mac",

@@ -282,7 +282,7 @@ async fn upgrade_statuses() {
 async fn slowloris_is_cut_while_others_connect() {
     let p = proxy(
         echo_backend().await,
-        &format!("{NO_GUARDS}  handshake_timeout: 500ms\n"),
+        &format!("{NO_GUARDS}  handshake_timeout: 1s\n"),
     )
     .await;
     let mut slow = Raw::connect(p.addr).await;

@@ -10,6 +10,7 @@
 //! is a few atomics because the two message pumps of a session share it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,13 +93,41 @@ impl Liveness {
     }
 }
 
-/// One interval per hop and session: the first tick is one period out.
+/// Keepalive ticks sit on a process-wide grid of `interval / GRID_DIVISOR`.
+/// Sessions that share an interval then ping in the same timer turn, so
+/// thousands of pings cost a handful of wakeups instead of one wakeup (and
+/// one context switch) each, and their pongs come back in bursts that one
+/// `epoll_wait` collects. A session's first ping comes between one and
+/// `1 + 1/GRID_DIVISOR` intervals after it starts; the ticks after that are
+/// exactly one interval apart.
+const GRID_DIVISOR: u32 = 8;
+
+/// One interval per hop and session.
 pub fn ticker(every: Option<Duration>) -> Option<Interval> {
     every.map(|d| {
-        let mut i = tokio::time::interval_at(Instant::now() + d, d);
-        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let first = align_up(Instant::now() + d, d / GRID_DIVISOR);
+        let mut i = tokio::time::interval_at(first, d);
+        // `Skip` keeps a late session on the grid; `Delay` would move it off.
+        i.set_missed_tick_behavior(MissedTickBehavior::Skip);
         i
     })
+}
+
+/// The first grid point at or after `t`. The grid starts at a process-wide
+/// epoch, so every session agrees on it.
+fn align_up(t: Instant, grid: Duration) -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let g = grid.as_nanos();
+    let Some(since) = t.checked_duration_since(epoch) else {
+        return t;
+    };
+    if g == 0 {
+        return t;
+    }
+    let n = since.as_nanos();
+    let pad = n.div_ceil(g).saturating_mul(g).saturating_sub(n);
+    t + Duration::from_nanos(u64::try_from(pad).unwrap_or(0))
 }
 
 /// Waits for the next tick, or forever when keepalive is off.
@@ -142,6 +171,46 @@ mod tests {
         future[15] = 9;
         assert_eq!(l.on_pong(&future), None);
         assert_eq!(l.on_tick(), Tick::Dead);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_with_one_interval_tick_together() {
+        let every = Duration::from_secs(1);
+        let mut a = ticker(Some(every)).unwrap();
+        tokio::time::advance(Duration::from_millis(37)).await;
+        let mut b = ticker(Some(every)).unwrap();
+        tokio::time::advance(Duration::from_millis(401)).await;
+        let mut c = ticker(Some(every)).unwrap();
+        let start = Instant::now();
+        let (ta, tb, tc) = (a.tick().await, b.tick().await, c.tick().await);
+        // Each first tick is at least one interval after its session began,
+        // and at most an eighth of one later; all sit on the same grid.
+        assert!(tc - start >= every && tc - start <= every + every / GRID_DIVISOR);
+        let grid = every / GRID_DIVISOR;
+        for t in [ta, tb, tc] {
+            let off = (t - ta).as_nanos() % grid.as_nanos();
+            assert_eq!(off, 0, "off the grid by {off} ns");
+        }
+        // After that, exactly one interval apart.
+        assert_eq!(a.tick().await - ta, every);
+        assert_eq!(c.tick().await - tc, every);
+    }
+
+    #[test]
+    fn align_up_is_a_grid_point_not_before_t() {
+        let g = Duration::from_millis(125);
+        // Fix the epoch first: a time before it is returned unchanged.
+        let _ = align_up(Instant::now(), g);
+        let t0 = Instant::now();
+        let base = align_up(t0, g);
+        assert!(base >= t0 && base - t0 < g);
+        for ms in [0u64, 1, 124, 125, 126, 999, 1000] {
+            let t = base + Duration::from_millis(ms);
+            let up = align_up(t, g);
+            assert!(up >= t && up - t < g, "{ms}");
+            assert_eq!((up - base).as_nanos() % g.as_nanos(), 0, "{ms}");
+        }
+        assert_eq!(align_up(t0, Duration::ZERO), t0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,6 +32,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::pongs::PongFilter;
+
 use crate::config::Mode;
 use crate::config::OnError;
 use crate::error::Reject;
@@ -432,9 +434,12 @@ async fn upgrade(
             Ok(Ok(u)) => u,
             _ => return,
         };
-        let client =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        let client = WebSocketStream::from_raw_socket(
+            PongFilter::new(TokioIo::new(upgraded)),
+            Role::Server,
+            Some(ws_config),
+        )
+        .await;
         session::run(client, dialed.ws, rt2, shared2, info).await;
     });
     Ok(resp)

@@ -8,9 +8,11 @@
 //! When either pump ends (or shutdown, idle timeout, keepalive death), the
 //! other is dropped and [`finish`] closes both sides with the right codes.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,10 +27,12 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{Mode, OnFailure};
+use crate::gate::Gated;
 use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
 use crate::policy::{Hmac, Route};
+use crate::pongs::{PongFilter, PongPasses};
 use crate::runtime::{Runtime, Shared};
 use crate::sign::{self, Direction, MsgType, SeqState};
 
@@ -89,11 +93,11 @@ struct Pumps<'a> {
     start: Instant,
     client_live: Liveness,
     upstream_live: Liveness,
-    /// Client pings forwarded upstream whose pong tungstenite already sent
-    /// back on the client hop; the backend's pong is then dropped so the
-    /// client gets exactly one.
-    client_pings: AtomicU32,
-    upstream_pings: AtomicU32,
+    /// Passes for the pongs relayed to each hop: every other pong written
+    /// there (tungstenite's automatic answers) is dropped, so a ping is
+    /// answered by the far end of the session, once.
+    client_pongs: PongPasses,
+    upstream_pongs: PongPasses,
     last_data_ms: AtomicU64,
     /// True while a pump waits for its peer to take a message. A side we
     /// are not reading from cannot prove liveness, so its keepalive verdict
@@ -265,7 +269,7 @@ impl KeyView {
     }
 }
 
-type Rx<S> = SplitStream<WebSocketStream<S>>;
+type Rx<S> = Gated<SplitStream<WebSocketStream<S>>>;
 type Tx<S> = SplitSink<WebSocketStream<S>, Message>;
 
 /// Client to backend.
@@ -366,18 +370,13 @@ where
                 p.shared.metrics.bytes_c2s.inc_by(len as u64);
                 msg
             }
-            Message::Ping(payload) => {
-                p.client_pings.fetch_add(1, Relaxed);
-                Message::Ping(payload)
-            }
+            Message::Ping(payload) => Message::Ping(payload),
             Message::Pong(payload) => {
                 if let Some(rtt) = p.client_live.on_pong(&payload) {
                     p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
                     continue;
                 }
-                if take_one(&p.upstream_pings) {
-                    continue;
-                }
+                p.upstream_pongs.grant();
                 Message::Pong(payload)
             }
             Message::Close(f) => return End::ClientClosed(f),
@@ -468,18 +467,13 @@ where
                 p.shared.metrics.bytes_s2c.inc_by(len as u64);
                 msg
             }
-            Message::Ping(payload) => {
-                p.upstream_pings.fetch_add(1, Relaxed);
-                Message::Ping(payload)
-            }
+            Message::Ping(payload) => Message::Ping(payload),
             Message::Pong(payload) => {
                 if let Some(rtt) = p.upstream_live.on_pong(&payload) {
                     p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
                     continue;
                 }
-                if take_one(&p.client_pings) {
-                    continue;
-                }
+                p.client_pongs.grant();
                 Message::Pong(payload)
             }
             Message::Close(f) => return End::UpstreamClosed(f),
@@ -514,9 +508,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     blocked.store(true, Relaxed);
-    let r = match limit {
-        None => tx.send(msg).await.map_err(|_| SendError::Closed),
-        Some(l) => match tokio::time::timeout(l, tx.send(msg)).await {
+    let mut send = std::pin::pin!(tx.send(msg));
+    // Almost every send completes on its first poll; only one that has to
+    // wait for the peer pays for a timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+    let r = match (first, limit) {
+        (Poll::Ready(r), _) => r.map_err(|_| SendError::Closed),
+        (Poll::Pending, None) => send.await.map_err(|_| SendError::Closed),
+        (Poll::Pending, Some(l)) => match tokio::time::timeout(l, send).await {
             Ok(r) => r.map_err(|_| SendError::Closed),
             Err(_) => Err(SendError::Stalled),
         },
@@ -544,11 +543,6 @@ fn sig_close_reason(backend: bool, label: &str) -> &'static str {
         (false, _) => "signature failure",
         (true, _) => "backend signature failure",
     }
-}
-
-fn take_one(n: &AtomicU32) -> bool {
-    n.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1))
-        .is_ok()
 }
 
 /// `close_on_expiry`: one timer per session, no polling.
@@ -626,8 +620,8 @@ where
 
 /// Runs a session to the end and writes its access-log line.
 pub async fn run<C, U>(
-    client: WebSocketStream<C>,
-    upstream: WebSocketStream<U>,
+    client: WebSocketStream<PongFilter<C>>,
+    upstream: WebSocketStream<PongFilter<U>>,
     rt: Arc<Runtime>,
     shared: Arc<Shared>,
     info: SessionInfo,
@@ -645,8 +639,8 @@ pub async fn run<C, U>(
         start: Instant::now(),
         client_live: Liveness::new(route.keepalive.max_missed),
         upstream_live: Liveness::new(route.keepalive.max_missed),
-        client_pings: AtomicU32::new(0),
-        upstream_pings: AtomicU32::new(0),
+        client_pongs: client.get_ref().passes(),
+        upstream_pongs: upstream.get_ref().passes(),
         last_data_ms: AtomicU64::new(0),
         c2u_blocked: AtomicBool::new(false),
         u2c_blocked: AtomicBool::new(false),
@@ -660,8 +654,9 @@ pub async fn run<C, U>(
     shared.metrics.connections_active.inc();
     let route_active = shared.metrics.route_active(&route.prefix);
     route_active.inc();
-    let (mut ctx, mut crx) = client.split();
-    let (mut utx, mut urx) = upstream.split();
+    let (mut ctx, crx) = client.split();
+    let (mut utx, urx) = upstream.split();
+    let (mut crx, mut urx) = (Gated::new(crx), Gated::new(urx));
 
     let end = tokio::select! {
         e = client_to_upstream(&p, &mut crx, &mut utx) => e,

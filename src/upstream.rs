@@ -20,6 +20,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::pongs::PongFilter;
+
 use crate::policy::Upstream;
 
 /// Largest response head accepted from the backend.
@@ -105,7 +107,7 @@ impl AsyncWrite for UpStream {
 }
 
 pub struct Dialed {
-    pub ws: WebSocketStream<UpStream>,
+    pub ws: WebSocketStream<PongFilter<UpStream>>,
     /// The subprotocol the backend selected, if any.
     pub protocol: Option<String>,
     /// End-to-end headers of the backend's 101 (e.g. Set-Cookie), returned
@@ -222,8 +224,13 @@ async fn handshake(
     let (protocol, extra) =
         check_response(buf.get(..head_len).unwrap_or_default(), &key, protocols)?;
     let rest = buf.get(head_len..).unwrap_or_default().to_vec();
-    let ws =
-        WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ws_config)).await;
+    let ws = WebSocketStream::from_partially_read(
+        PongFilter::new(stream),
+        rest,
+        Role::Client,
+        Some(ws_config),
+    )
+    .await;
     Ok(Dialed {
         ws,
         protocol,

@@ -191,6 +191,11 @@ pub async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) 
                         Message::Text(t) if t.as_str() == "please-ping" => {
                             let _ = ws.send(Message::Ping("bp".into())).await;
                         }
+                        // A pong the client can tell from one wsguard would
+                        // make up: it replaces tungstenite's automatic one.
+                        Message::Ping(p) if p.as_ref() == b"who-answers" => {
+                            let _ = ws.send(Message::Pong("backend-pong".into())).await;
+                        }
                         Message::Text(_) | Message::Binary(_) => {
                             if ws.send(m).await.is_err() {
                                 break;

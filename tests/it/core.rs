@@ -334,7 +334,7 @@ async fn raw_protocol_violations_get_their_close_codes() {
 }
 
 #[tokio::test]
-async fn application_pings_get_exactly_one_pong_and_reach_the_backend() {
+async fn application_pings_get_exactly_one_pong_the_backends() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(b, NO_GUARDS).await;
     let (mut r, _) = Raw::upgrade(p.addr, "/", "").await;
@@ -347,14 +347,38 @@ async fn application_pings_get_exactly_one_pong_and_reach_the_backend() {
     // A data message after it comes back next: no second pong in between.
     r.send_frame(true, 1, b"after", true).await;
     assert_eq!(r.read_frame().await, Some((1, b"after".to_vec())));
-    // The backend's own pings reach the client.
+    // The pong is the backend's, not one wsguard made up: this backend
+    // answers with a payload of its own.
+    r.send_frame(true, 9, b"who-answers", true).await;
+    assert_eq!(r.read_frame().await, Some((0xA, b"backend-pong".to_vec())));
+    r.send_frame(true, 1, b"after2", true).await;
+    assert_eq!(r.read_frame().await, Some((1, b"after2".to_vec())));
+    // The other way round: the backend's ping reaches the client, and the
+    // client's pong reaches the backend, once, between the two messages.
     r.send_frame(true, 1, b"please-ping", true).await;
     assert_eq!(r.read_frame().await, Some((9, b"bp".to_vec())));
-    // The client's pong reaches the backend once (wsguard answered the
-    // backend's ping on its own hop, so only this one is forwarded).
-    r.send_frame(true, 0xA, b"bp", true).await;
+    r.send_frame(true, 0xA, b"client-pong", true).await;
     r.send_frame(true, 1, b"done", true).await;
     assert_eq!(r.read_frame().await, Some((1, b"done".to_vec())));
+    let mut after_please_ping = Vec::new();
+    loop {
+        let m = seen_msg(&mut rx).await;
+        if m == Some(Message::text("please-ping")) {
+            break;
+        }
+        assert!(m.is_some(), "backend ended early");
+    }
+    for _ in 0..2 {
+        after_please_ping.push(seen_msg(&mut rx).await);
+    }
+    assert_eq!(
+        after_please_ping,
+        vec![
+            Some(Message::Pong("client-pong".into())),
+            Some(Message::text("done"))
+        ]
+    );
+    assert_echo(p.addr).await;
 }
 
 #[tokio::test]

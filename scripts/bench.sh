@@ -24,6 +24,10 @@
 #   LOADGEN, WSGUARD, NGINX_BIN   binary paths (default: $CARGO_TARGET_DIR/release/... or
 #                       target/release/...; `nginx` in PATH)
 #   LOADGEN_THREADS     worker threads for the load-generating client (default: all CPUs)
+#   PIN [0]             1 = give the proxy a core of its own: loadgen and echo-server run on
+#                       CPU 0 only, wsguard / nginx (1 worker) on CPU 1 only. "direct" then
+#                       runs its two processes on one core, and a proxy scenario measures how
+#                       much one proxy core can relay (as a sidecar with a 1-CPU limit would)
 #   KEEP_TMP [0]        1 = keep the temp dir (configs, logs, JSON results) on success
 #   NOISE_MAX [0.15]    throughput runs during which the rest of the machine used more than this
 #                       many cores are marked "*" and left out of the median (unless all are)
@@ -79,6 +83,14 @@ LOADGEN="${LOADGEN:-$TARGET_DIR/release/examples/loadgen}"
 WSGUARD="${WSGUARD:-$TARGET_DIR/release/wsguard}"
 NGINX_BIN="${NGINX_BIN:-$(command -v nginx 2>/dev/null || true)}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-}"
+PIN="${PIN:-0}"
+PIN_ENDS=()
+PIN_PROXY=()
+if [[ "$PIN" == 1 ]]; then
+    command -v taskset >/dev/null || { echo "PIN=1 needs taskset" >&2; exit 1; }
+    PIN_ENDS=(taskset -c 0)
+    PIN_PROXY=(taskset -c 1)
+fi
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -337,7 +349,7 @@ chmod 600 "$TMP/client.key" "$TMP/upstream.key"
 start_echo_server() { # start_echo_server NAME [EXTRA ARGS...] -> sets ECHO_PID / ECHO_PORT
     local name="$1" line
     shift
-    start_bg_split "$TMP/$name.out" "$TMP/$name.err" "$LOADGEN" echo-server --listen 127.0.0.1:0 "$@"
+    start_bg_split "$TMP/$name.out" "$TMP/$name.err" ${PIN_ENDS[@]+"${PIN_ENDS[@]}"} "$LOADGEN" echo-server --listen 127.0.0.1:0 "$@"
     ECHO_PID="$LAST_PID"
     line="$(wait_for_line "$TMP/$name.out" '^LISTENING ' 10 "$ECHO_PID")" || die "$name did not start"
     ECHO_PORT="${line##*:}"
@@ -375,7 +387,7 @@ hmac:
   upstream_key: { id: p1, secret_file: "$TMP/upstream.key" }
 EOF
     fi
-    start_bg_split "$TMP/wsguard-$name.out" "$TMP/wsguard-$name.log" "$WSGUARD" run -c "$cfg"
+    start_bg_split "$TMP/wsguard-$name.out" "$TMP/wsguard-$name.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} "$WSGUARD" run -c "$cfg"
     WSG_PID="$LAST_PID"
     for ((i = 0; i < 150; i++)); do
         if curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$WSG_ADMIN/readyz" 2>/dev/null; then
@@ -408,7 +420,7 @@ start_nginx() {
     [[ "$(id -u)" == 0 ]] && user_line="user root;"
     cat >"$NGX/nginx.conf" <<EOF
 $user_line
-worker_processes auto;
+$([[ "$PIN" == 1 ]] && printf 'worker_processes 1;\nworker_cpu_affinity 10;' || echo 'worker_processes auto;')
 daemon on;
 pid $NGX/nginx.pid;
 error_log $NGX/logs/error.log warn;
@@ -489,7 +501,7 @@ run_echo() {
     [[ "$sign" == 1 ]] && sign_args=(--sign-key-file "$TMP/client.key" --kid c1)
     wait_quiet
     log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)')"
-    timeout $((DURATION + WARMUP + 120)) "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
+    timeout $((DURATION + WARMUP + 120)) ${PIN_ENDS[@]+"${PIN_ENDS[@]}"} "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
         --conns "$CONNS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --label "$key" \
         ${sign_args[@]+"${sign_args[@]}"} >"$TMP/echo-$key.json" 2>"$TMP/echo-$key.err" &
     lpid=$!
@@ -678,6 +690,7 @@ echo
 if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
     echo "### Echo throughput ($CONNS conns, $SIZE B payload, ${WARMUP}s warmup + ${DURATION}s, $TP_ROUNDS_DONE round(s), median)"
     echo
+    [[ "$PIN" == 1 ]] && echo "PIN=1: loadgen and echo-server on CPU 0, the proxy (wsguard; nginx with 1 worker) on CPU 1." && echo
     echo "| scenario | msgs/s | runs used | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | errors | cores: loadgen / proxy / backend / other |"
     echo "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|"
     # A run is "clean" when the rest of the machine stayed below NOISE_MAX cores.

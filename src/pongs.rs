@@ -288,7 +288,11 @@ mod tests {
             .concat();
             // One buffer, any partial-write size.
             for chunk in [1, 2, 3, 7, 64, 1000, usize::MAX] {
-                assert_eq!(run(chunk, std::slice::from_ref(&all), 0).await, want, "{chunk}");
+                assert_eq!(
+                    run(chunk, std::slice::from_ref(&all), 0).await,
+                    want,
+                    "{chunk}"
+                );
             }
             // Frame by frame.
             let each = vec![text.clone(), pong.clone(), bin.clone(), close.clone()];

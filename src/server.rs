@@ -429,6 +429,7 @@ async fn upgrade(
     let shared2 = Arc::clone(shared);
     let rt2 = Arc::clone(&rt);
     let ws_config = derived.ws_config;
+    let tracker = shared.tracker.clone();
     shared.tracker.spawn(async move {
         let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
             Ok(Ok(u)) => u,
@@ -440,7 +441,10 @@ async fn upgrade(
             Some(ws_config),
         )
         .await;
-        session::run(client, dialed.ws, rt2, shared2, info).await;
+        // The session gets a task of its own: this block keeps everything
+        // it captured (the backend's stream, the session info) for as long
+        // as it runs, which would cost every idle session about 1 KiB.
+        tracker.spawn(session::run(client, dialed.ws, rt2, shared2, info));
     });
     Ok(resp)
 }

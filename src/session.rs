@@ -618,61 +618,27 @@ where
     .await;
 }
 
-/// Runs a session to the end and writes its access-log line.
-pub async fn run<C, U>(
-    client: WebSocketStream<PongFilter<C>>,
-    upstream: WebSocketStream<PongFilter<U>>,
-    rt: Arc<Runtime>,
-    shared: Arc<Shared>,
-    info: SessionInfo,
-) where
+/// Closes both sides with the codes `end` calls for, and counts the close.
+/// Returns the code the client got and who ended the session.
+async fn finish<C, U>(
+    end: &End,
+    shared: &Shared,
+    ctx: &mut Tx<C>,
+    crx: &mut Rx<C>,
+    utx: &mut Tx<U>,
+    urx: &mut Rx<U>,
+) -> (u16, &'static str)
+where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let route = rt.policy.route(info.route);
-    let limits = &route.limits;
-    let p = Pumps {
-        route,
-        bind: &info.bind,
-        subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
-        shared: &shared,
-        start: Instant::now(),
-        client_live: Liveness::new(route.keepalive.max_missed),
-        upstream_live: Liveness::new(route.keepalive.max_missed),
-        client_pongs: client.get_ref().passes(),
-        upstream_pongs: upstream.get_ref().passes(),
-        last_data_ms: AtomicU64::new(0),
-        c2u_blocked: AtomicBool::new(false),
-        u2c_blocked: AtomicBool::new(false),
-        msgs: [AtomicU64::new(0), AtomicU64::new(0)],
-        bytes: [AtomicU64::new(0), AtomicU64::new(0)],
-        limiter: MessageLimiter::new(
-            limits.per_connection_messages.as_ref(),
-            limits.per_connection_bytes.as_ref(),
-        ),
-    };
-    shared.metrics.connections_active.inc();
-    let route_active = shared.metrics.route_active(&route.prefix);
-    route_active.inc();
-    let (mut ctx, crx) = client.split();
-    let (mut utx, urx) = upstream.split();
-    let (mut crx, mut urx) = (Gated::new(crx), Gated::new(urx));
-
-    let end = tokio::select! {
-        e = client_to_upstream(&p, &mut crx, &mut utx) => e,
-        e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
-        () = shared.shutdown.cancelled() => End::Shutdown,
-        () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
-        () = expiry(info.expires) => End::Policy("token expired", "token expired"),
-    };
-
     // (frame to client, frame to backend, who ended it, client wait)
     let (to_client, mut to_upstream, side, client_wait): (
         Option<Message>,
         Option<Message>,
         &str,
         Duration,
-    ) = match &end {
+    ) = match end {
         End::ClientClosed(f) => (None, Some(Message::Close(f.clone())), "client", CLOSE_WAIT),
         End::UpstreamClosed(f) => (Some(Message::Close(f.clone())), None, "backend", CLOSE_WAIT),
         End::ClientGone => (
@@ -730,12 +696,12 @@ pub async fn run<C, U>(
             CLOSE_WAIT,
         ),
     };
-    let client_code = match (&end, &to_client) {
+    let client_code = match (end, &to_client) {
         (End::ClientClosed(f), _) => f.as_ref().map_or(1005, |f| u16::from(f.code)),
         (_, Some(Message::Close(Some(f)))) => u16::from(f.code),
         _ => 1006,
     };
-    let client_msg = match &end {
+    let client_msg = match end {
         End::ClientClosed(_) | End::ClientGone => None,
         _ => to_client,
     };
@@ -751,7 +717,7 @@ pub async fn run<C, U>(
     let mut upstream_closed = false;
     if let End::ClientViolation(..) = &end {
         if let Some(m) = to_upstream.take() {
-            relay_tail(&mut utx, &mut urx, &mut ctx, m).await;
+            relay_tail(utx, urx, ctx, m).await;
             upstream_closed = true;
         }
     }
@@ -759,7 +725,7 @@ pub async fn run<C, U>(
         if matches!(end, End::ClientGone) {
             return;
         }
-        close_side(&mut ctx, &mut crx, client_msg, client_wait).await;
+        close_side(ctx, crx, client_msg, client_wait).await;
     };
     let upstream_done = async {
         if matches!(end, End::UpstreamGone) || upstream_closed {
@@ -770,7 +736,7 @@ pub async fn run<C, U>(
         } else {
             to_upstream
         };
-        close_side(&mut utx, &mut urx, msg, upstream_wait).await;
+        close_side(utx, urx, msg, upstream_wait).await;
     };
     // Counted when decided, not after the (bounded) close handshake.
     shared
@@ -786,29 +752,96 @@ pub async fn run<C, U>(
         })
         .inc();
     tokio::join!(client_done, upstream_done);
+    (client_code, side)
+}
 
-    shared.metrics.connections_active.dec();
-    route_active.dec();
-    let reason = match &end {
-        End::Policy(_, r) => *r,
-        _ => "",
-    };
-    tracing::info!(
-        target: "access",
-        client = %info.peer,
-        path = %info.path,
-        request_id = %info.request_id,
-        duration_ms = u64::try_from(p.start.elapsed().as_millis()).unwrap_or(u64::MAX),
-        msgs_c2s = p.msgs[0].load(Relaxed),
-        msgs_s2c = p.msgs[1].load(Relaxed),
-        bytes_c2s = p.bytes[0].load(Relaxed),
-        bytes_s2c = p.bytes[1].load(Relaxed),
-        close_code = client_code,
-        closed_by = side,
-        reason,
-        "session closed"
-    );
-    drop(info.slot);
+/// Runs a session to the end and writes its access-log line.
+///
+/// Not an `async fn`: an async fn keeps its arguments (here two whole
+/// WebSocket streams, about 700 bytes) in its state for as long as it
+/// runs, and copies them once more into locals. The streams are split
+/// first, and the future captures only what the session uses.
+pub fn run<C, U>(
+    client: WebSocketStream<PongFilter<C>>,
+    upstream: WebSocketStream<PongFilter<U>>,
+    rt: Arc<Runtime>,
+    shared: Arc<Shared>,
+    info: SessionInfo,
+) -> impl Future<Output = ()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let pongs = (client.get_ref().passes(), upstream.get_ref().passes());
+    let (mut ctx, crx) = client.split();
+    let (mut utx, urx) = upstream.split();
+    let (mut crx, mut urx) = (Gated::new(crx), Gated::new(urx));
+    async move {
+        let route = rt.policy.route(info.route);
+        let limits = &route.limits;
+        let p = Pumps {
+            route,
+            bind: &info.bind,
+            subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
+            shared: &shared,
+            start: Instant::now(),
+            client_live: Liveness::new(route.keepalive.max_missed),
+            upstream_live: Liveness::new(route.keepalive.max_missed),
+            client_pongs: pongs.0,
+            upstream_pongs: pongs.1,
+            last_data_ms: AtomicU64::new(0),
+            c2u_blocked: AtomicBool::new(false),
+            u2c_blocked: AtomicBool::new(false),
+            msgs: [AtomicU64::new(0), AtomicU64::new(0)],
+            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            limiter: MessageLimiter::new(
+                limits.per_connection_messages.as_ref(),
+                limits.per_connection_bytes.as_ref(),
+            ),
+        };
+        shared.metrics.connections_active.inc();
+        let route_active = shared.metrics.route_active(&route.prefix);
+        route_active.inc();
+        let end = tokio::select! {
+            e = client_to_upstream(&p, &mut crx, &mut utx) => e,
+            e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
+            () = shared.shutdown.cancelled() => End::Shutdown,
+            () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
+            () = expiry(info.expires) => End::Policy("token expired", "token expired"),
+        };
+
+        // The close phase is boxed: its timers and close handshakes would
+        // otherwise reserve room in every idle session's future.
+        let (client_code, side) = Box::pin(finish(
+            &end, &shared, &mut ctx, &mut crx, &mut utx, &mut urx,
+        ))
+        .await;
+
+        shared.metrics.connections_active.dec();
+        route_active.dec();
+        let reason = match &end {
+            End::Policy(_, r) => *r,
+            _ => "",
+        };
+        tracing::info!(
+            target: "access",
+            client = %info.peer,
+            path = %info.path,
+            request_id = %info.request_id,
+            duration_ms = u64::try_from(p.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            msgs_c2s = p.msgs[0].load(Relaxed),
+            msgs_s2c = p.msgs[1].load(Relaxed),
+            bytes_c2s = p.bytes[0].load(Relaxed),
+            bytes_s2c = p.bytes[1].load(Relaxed),
+            close_code = client_code,
+            closed_by = side,
+            reason,
+            "session closed"
+        );
+        // Named, so the future owns them: an async block captures only the
+        // fields it uses, and these slots must live as long as the session.
+        drop((info.slot, info.subject_slot, info.shared_slot));
+    }
 }
 
 /// Bounded label values for close codes.

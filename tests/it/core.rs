@@ -476,3 +476,84 @@ async fn echo_of_earlier_message_arrives_before_the_protocol_error_close() {
     assert_eq!(r.read_frame().await, Some((1, b"first".to_vec())));
     assert_eq!(r.close_code().await, Some(1002));
 }
+
+/// A backend that, on "flood", sends numbered 64 KiB messages until a send
+/// has been blocked for 1 s, reports how many it sent, then sends "end".
+async fn flooding_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<u64>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_async_with_config(s, Some(client_config())).await
+                else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m != Message::text("flood") {
+                        if m.is_text() || m.is_binary() {
+                            let _ = ws.send(m).await;
+                        }
+                        continue;
+                    }
+                    let mut sent = 0u64;
+                    loop {
+                        let mut msg = vec![0u8; 64 * 1024];
+                        msg[..8].copy_from_slice(&sent.to_be_bytes());
+                        let send = ws.send(Message::binary(msg));
+                        match tokio::time::timeout(std::time::Duration::from_secs(1), send).await {
+                            Ok(Ok(())) => sent += 1,
+                            Ok(Err(_)) => return,
+                            // Blocked: the message is queued in tungstenite
+                            // and goes out once the path drains.
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = tx.send(sent);
+                    if ws.send(Message::text("end")).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (a, rx)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_blocks_the_backend_and_loses_nothing() {
+    let (b, mut sent_rx) = flooding_backend().await;
+    let p = proxy(b, NO_GUARDS).await;
+    let mut c = ws(p.addr, "/").await;
+    c.send(Message::text("flood")).await.unwrap();
+    // The client reads nothing: wsguard's write to it stalls, so wsguard
+    // stops reading from the backend, whose own send then blocks. Without
+    // backpressure wsguard would buffer and the backend would never block.
+    let sent = within("the backend to block", sent_rx.recv())
+        .await
+        .unwrap();
+    let mib = sent as f64 * 64.0 / 1024.0;
+    // What is in flight fits in the two hops' kernel socket buffers plus
+    // one message per pump; nothing piles up in wsguard.
+    assert!(
+        sent >= 1 && mib < 48.0,
+        "backend sent {mib:.1} MiB before blocking"
+    );
+    // Now the client reads: everything arrives, in order, then "end".
+    for i in 0..=sent {
+        let m = next(&mut c).await;
+        let Message::Binary(b) = m else {
+            panic!("message {i}: {m:?}")
+        };
+        assert_eq!(b.len(), 64 * 1024);
+        assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), i);
+    }
+    assert_eq!(next(&mut c).await, Message::text("end"));
+    assert_echo(p.addr).await;
+}

@@ -221,25 +221,19 @@ mod tests {
         }
     }
 
+    /// A frame as tungstenite itself formats it (masked: as a client would).
     fn frame(op: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-        let mut f = vec![0x80 | op];
-        let m = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n if n <= 0xFFFF => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            f.extend_from_slice(&[1, 2, 3, 4]);
-        }
-        f.extend_from_slice(payload);
-        f
+        use tokio_tungstenite::tungstenite::protocol::frame::{coding::OpCode, Frame, FrameHeader};
+        let header = FrameHeader {
+            opcode: OpCode::from(op),
+            mask: masked.then_some([1, 2, 3, 4]),
+            ..FrameHeader::default()
+        };
+        let mut out = Vec::new();
+        Frame::from_payload(header, payload.to_vec().into())
+            .format(&mut out)
+            .unwrap();
+        out
     }
 
     async fn run(chunk: usize, writes: &[Vec<u8>], grants: u32) -> Vec<u8> {

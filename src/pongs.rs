@@ -68,10 +68,6 @@ impl<S> PongFilter<S> {
     pub fn passes(&self) -> PongPasses {
         self.passes.clone()
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 /// Length (header plus payload) and opcode of the frame at the start of
@@ -143,15 +139,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PongFilter<S> {
             this.remaining -= n;
             this.dropping = this.remaining > 0;
         }
-        if dropped > 0 || this.bypass {
+        if dropped > 0 {
             // Report the dropped bytes as written; the caller comes back
             // with the rest.
-            return match dropped {
-                0 => Pin::new(&mut this.inner).poll_write(cx, buf),
-                n => Poll::Ready(Ok(n)),
-            };
+            return Poll::Ready(Ok(dropped));
         }
-        if buf.is_empty() {
+        if this.bypass || buf.is_empty() {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
         // The current frame passes; so do the non-pong frames after it.

@@ -32,8 +32,6 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::pongs::PongFilter;
-
 use crate::config::Mode;
 use crate::config::OnError;
 use crate::error::Reject;
@@ -41,6 +39,7 @@ use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
+use crate::pongs::PongFilter;
 use crate::runtime::Shared;
 use crate::session::{self, SessionInfo};
 use crate::upstream::{self, DialError};

@@ -149,7 +149,7 @@ fn violation(e: &WsError) -> Option<(u16, &'static str)> {
 enum Signed {
     Forward(Message),
     Drop,
-    Close(&'static str),
+    Close(sign::SigFailure),
 }
 
 /// Verifies one data message and re-signs it for the next hop.
@@ -171,18 +171,9 @@ fn resign(
         other => return Signed::Forward(other),
     };
     let skew = u64::try_from(h.max_skew.as_millis()).unwrap_or(u64::MAX);
+    let now = sign::now_ms();
     let outcome = if verify {
-        sign::verify(
-            verify_keys,
-            dir,
-            p.bind,
-            ty,
-            &raw,
-            sign::now_ms(),
-            skew,
-            state,
-        )
-        .map(|pl| pl.len())
+        sign::verify(verify_keys, dir, p.bind, ty, &raw, now, skew, state).map(|pl| pl.len())
     } else {
         // Trusted backend: strip its envelope without checking it.
         sign::parse(&raw).map(|env| env.payload.len())
@@ -191,13 +182,7 @@ fn resign(
         let data = if signed {
             *out_seq += 1;
             Bytes::from(sign::sign(
-                sign_key,
-                dir,
-                *out_seq,
-                sign::now_ms(),
-                p.bind,
-                ty,
-                &payload,
+                sign_key, dir, *out_seq, now, p.bind, ty, &payload,
             ))
         } else {
             payload
@@ -230,7 +215,7 @@ fn resign(
             tracing::info!(reason, direction = dir.as_str(), "signature failure");
             match h.on_failure {
                 OnFailure::Drop => Signed::Drop,
-                OnFailure::Close => Signed::Close(reason),
+                OnFailure::Close => Signed::Close(failure),
             }
         }
     }
@@ -359,9 +344,7 @@ where
                     ) {
                         Signed::Forward(m) => m,
                         Signed::Drop => continue,
-                        Signed::Close(reason) => {
-                            return End::Policy(sig_close_reason(false, reason), reason)
-                        }
+                        Signed::Close(f) => return End::Policy(f.close_reason(false), f.label()),
                     },
                 };
                 p.msgs[0].fetch_add(1, Relaxed);
@@ -370,7 +353,7 @@ where
                 p.shared.metrics.bytes_c2s.inc_by(len as u64);
                 msg
             }
-            Message::Ping(payload) => Message::Ping(payload),
+            ping @ Message::Ping(_) => ping,
             Message::Pong(payload) => {
                 if let Some(rtt) = p.client_live.on_pong(&payload) {
                     p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
@@ -455,8 +438,8 @@ where
                         ) {
                             Signed::Forward(m) => m,
                             Signed::Drop => continue,
-                            Signed::Close(reason) => {
-                                return End::Policy(sig_close_reason(true, reason), reason)
+                            Signed::Close(f) => {
+                                return End::Policy(f.close_reason(true), f.label())
                             }
                         }
                     }
@@ -467,7 +450,7 @@ where
                 p.shared.metrics.bytes_s2c.inc_by(len as u64);
                 msg
             }
-            Message::Ping(payload) => Message::Ping(payload),
+            ping @ Message::Ping(_) => ping,
             Message::Pong(payload) => {
                 if let Some(rtt) = p.upstream_live.on_pong(&payload) {
                     p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
@@ -522,27 +505,6 @@ where
     };
     blocked.store(false, Relaxed);
     r
-}
-
-/// The close reason for a signature failure: says which check failed (and
-/// on which hop), as the log line and the metric label do.
-fn sig_close_reason(backend: bool, label: &str) -> &'static str {
-    match (backend, label) {
-        (false, "missing_envelope") => "signature failure: missing_envelope",
-        (false, "malformed_envelope") => "signature failure: malformed_envelope",
-        (false, "unknown_kid") => "signature failure: unknown_kid",
-        (false, "skew") => "signature failure: skew",
-        (false, "replay") => "signature failure: replay",
-        (false, "bad_mac") => "signature failure: bad_mac",
-        (true, "missing_envelope") => "backend signature failure: missing_envelope",
-        (true, "malformed_envelope") => "backend signature failure: malformed_envelope",
-        (true, "unknown_kid") => "backend signature failure: unknown_kid",
-        (true, "skew") => "backend signature failure: skew",
-        (true, "replay") => "backend signature failure: replay",
-        (true, "bad_mac") => "backend signature failure: bad_mac",
-        (false, _) => "signature failure",
-        (true, _) => "backend signature failure",
-    }
 }
 
 /// `close_on_expiry`: one timer per session, no polling.
@@ -715,7 +677,7 @@ where
     // close the backend first, relay its last messages, then fail the
     // client with the violation's code.
     let mut upstream_closed = false;
-    if let End::ClientViolation(..) = &end {
+    if let End::ClientViolation(..) = end {
         if let Some(m) = to_upstream.take() {
             relay_tail(utx, urx, ctx, m).await;
             upstream_closed = true;

@@ -272,6 +272,28 @@ impl SigFailure {
             SigFailure::BadMac => "bad_mac",
         }
     }
+
+    /// The close reason sent when a failure closes the session: names the
+    /// check that failed (the [`label`](Self::label)) and, for messages
+    /// from the backend, the hop.
+    pub fn close_reason(&self, from_backend: bool) -> &'static str {
+        match (from_backend, self) {
+            (false, SigFailure::MissingEnvelope) => "signature failure: missing_envelope",
+            (false, SigFailure::MalformedEnvelope) => "signature failure: malformed_envelope",
+            (false, SigFailure::UnknownKid) => "signature failure: unknown_kid",
+            (false, SigFailure::Skew) => "signature failure: skew",
+            (false, SigFailure::Replay) => "signature failure: replay",
+            (false, SigFailure::BadMac) => "signature failure: bad_mac",
+            (true, SigFailure::MissingEnvelope) => "backend signature failure: missing_envelope",
+            (true, SigFailure::MalformedEnvelope) => {
+                "backend signature failure: malformed_envelope"
+            }
+            (true, SigFailure::UnknownKid) => "backend signature failure: unknown_kid",
+            (true, SigFailure::Skew) => "backend signature failure: skew",
+            (true, SigFailure::Replay) => "backend signature failure: replay",
+            (true, SigFailure::BadMac) => "backend signature failure: bad_mac",
+        }
+    }
 }
 
 /// A parsed envelope borrowing from the message it came from.
@@ -1330,6 +1352,28 @@ mod tests {
         assert!(d.contains("redacted"));
         assert!(!d.contains("super-secret"));
         assert_eq!(k.kid(), "dbg");
+    }
+
+    #[test]
+    fn close_reasons_name_the_check_and_the_hop() {
+        use SigFailure::*;
+        for f in [
+            MissingEnvelope,
+            MalformedEnvelope,
+            UnknownKid,
+            Skew,
+            Replay,
+            BadMac,
+        ] {
+            let label = f.label();
+            assert_eq!(f.close_reason(false), format!("signature failure: {label}"));
+            assert_eq!(
+                f.close_reason(true),
+                format!("backend signature failure: {label}")
+            );
+            // A close reason must fit a control frame (125 bytes, 2 for the code).
+            assert!(f.close_reason(true).len() <= 123);
+        }
     }
 
     #[test]

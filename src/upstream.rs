@@ -20,9 +20,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::pongs::PongFilter;
-
 use crate::policy::Upstream;
+use crate::pongs::PongFilter;
 
 /// Largest response head accepted from the backend.
 const MAX_HEAD: usize = 16 * 1024;

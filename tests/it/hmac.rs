@@ -365,7 +365,10 @@ async fn unsigned_backend_reply_closes_the_session() {
         Ok("send-unsigned".into())
     );
     let m = next(&mut c).await;
-    assert_eq!(close_of(&m).map(|c| c.0), Some(1008));
+    assert_eq!(
+        close_of(&m),
+        Some((1008, "backend signature failure: missing_envelope".into()))
+    );
     assert_eq!(
         metric(
             &p,

@@ -8,14 +8,9 @@ SECS=${SECS:-10}; CONNS=${CONNS:-32}
 TARGET=${CARGO_TARGET_DIR:-target}
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin wsguard --example loadgen --example handshakes
 WSGUARD=$TARGET/release/wsguard; LOADGEN=$TARGET/release/examples/loadgen; HS=$TARGET/release/examples/handshakes
-tmp=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-
-"$LOADGEN" echo-server --listen 127.0.0.1:0 > "$tmp/backend.out" 2>&1 & pids+=($!)
-for _ in $(seq 100); do grep -q LISTENING "$tmp/backend.out" && break; sleep 0.05; done
-backend=$(awk '/LISTENING/ {print $2}' "$tmp/backend.out")
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+start_echo_backend
 secret="a-benchmark-hs256-secret-of-at-least-32-bytes"
 printf '%s' "$secret" > "$tmp/hs.secret"
 redis_port=$(free_port)

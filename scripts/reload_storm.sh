@@ -17,15 +17,9 @@ WSGUARD=${WSGUARD:-$TARGET/release/wsguard}
 LOADGEN=${LOADGEN:-$TARGET/release/examples/loadgen}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-
-"$LOADGEN" echo-server --listen 127.0.0.1:0 > "$tmp/backend.out" 2>&1 & pids+=($!)
-for _ in $(seq 100); do grep -q LISTENING "$tmp/backend.out" && break; sleep 0.05; done
-backend=$(awk '/LISTENING/ {print $2}' "$tmp/backend.out")
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+start_echo_backend
 port=$(free_port); admin=$(free_port)
 valid() {
   cat <<YAML

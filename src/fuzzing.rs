@@ -2,9 +2,10 @@
 //! corpus regression test in `tests/`. Each takes arbitrary bytes and must
 //! never panic.
 //!
-//! The only deliberate panic is the signing round-trip check in
-//! [`envelope`]: it fires when `sign` produces a message that `verify` does
-//! not give back unchanged, which is a real bug, not bad input.
+//! The only deliberate panics are the signing round-trip check in
+//! [`envelope`] (it fires when `sign` produces a message that `verify` does
+//! not give back unchanged) and the idempotence check in [`path`]: both are
+//! real bugs, not bad input.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -48,6 +49,24 @@ pub fn policy(data: &[u8]) {
             let _ = problems.to_string();
         }
     }
+}
+
+/// The path normaliser: never panics, and normalising a normalised path
+/// gives it back unchanged (the one property route matching relies on).
+pub fn path(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(once) = handshake::normalize_path(text) else {
+        return;
+    };
+    let twice = handshake::normalize_path(&once);
+    check(
+        twice.as_deref() == Ok(once.as_str()),
+        "normalising a normalised path changed it or refused it",
+        data,
+    );
+    let _ = handshake::without_params(&once);
 }
 
 /// A client's upgrade request head (and, on the same bytes, a backend's
@@ -199,7 +218,7 @@ fn round_trip(keys: &[Key; 1], data: &[u8]) {
 }
 
 /// The one place a fuzz entry point may panic: an invariant of the signing
-/// code does not hold, which the fuzzer must report as a crash.
+/// code or of the path normaliser does not hold, which the fuzzer must report as a crash.
 #[allow(clippy::panic)]
 fn check(ok: bool, what: &str, data: &[u8]) {
     if !ok {

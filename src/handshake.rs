@@ -17,8 +17,165 @@ pub struct Upgrade {
     pub key: String,
     /// Offered subprotocols, in order.
     pub protocols: Vec<String>,
-    /// Path and query as requested (origin form).
+    /// The normalised path (see [`normalize_path`]) and the query as
+    /// requested: what goes upstream.
     pub path_and_query: String,
+    /// The normalised path without `;` parameters: what routes match on.
+    pub match_path: String,
+}
+
+/// Why a request path cannot be normalised safely (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("encoded slash in the path")]
+    EncodedSlash,
+    #[error("backslash in the path")]
+    Backslash,
+    #[error("encoded NUL or control character in the path")]
+    Control,
+    #[error("bad percent-encoding in the path")]
+    BadPercent,
+    #[error("dot-segments climb above the root")]
+    AboveRoot,
+    #[error("the path must start with /")]
+    NotAbsolute,
+}
+
+impl PathError {
+    /// A static reason for [`Reject::BadRequest`].
+    pub fn reason(self) -> &'static str {
+        match self {
+            PathError::EncodedSlash => "encoded slash in the path",
+            PathError::Backslash => "backslash in the path",
+            PathError::Control => "encoded control character in the path",
+            PathError::BadPercent => "bad percent-encoding in the path",
+            PathError::AboveRoot => "dot-segments climb above the root",
+            PathError::NotAbsolute => "request target must be a path",
+        }
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalises a request path (without its query), contract section 7:
+/// percent-encoded unreserved characters are decoded (`%61` is `a`), other
+/// escapes are kept with upper-case hex digits, repeated slashes are merged
+/// and dot-segments removed (RFC 3986 section 5.2.4; a segment that is `.`
+/// or `..` before its `;` parameters counts as one, as servlet containers
+/// read it). Refused: an encoded slash, an encoded or raw backslash, an
+/// encoded NUL or control character, bad percent-encoding, and dot-segments
+/// that climb above the root.
+///
+/// Normalising a normalised path gives it back unchanged.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    // 1. Percent-decoding of unreserved characters.
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'%' => {
+                let (Some(hi), Some(lo)) = (
+                    b.get(i + 1).copied().and_then(hex_val),
+                    b.get(i + 2).copied().and_then(hex_val),
+                ) else {
+                    return Err(PathError::BadPercent);
+                };
+                let v = hi * 16 + lo;
+                match v {
+                    b'/' => return Err(PathError::EncodedSlash),
+                    b'\\' => return Err(PathError::Backslash),
+                    0..=0x1f | 0x7f => return Err(PathError::Control),
+                    v if unreserved(v) => decoded.push(char::from(v)),
+                    v => {
+                        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                        decoded.push('%');
+                        decoded.push(char::from(HEX[usize::from(v >> 4)]));
+                        decoded.push(char::from(HEX[usize::from(v & 15)]));
+                    }
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            0..=0x1f | 0x7f => return Err(PathError::Control),
+            _ => {
+                // `raw` is a &str and only ASCII bytes are matched above,
+                // so a multi-byte character is copied whole.
+                let ch = raw
+                    .get(i..)
+                    .and_then(|r| r.chars().next())
+                    .unwrap_or('\u{fffd}');
+                decoded.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    // 2. Segments: merge empty ones, resolve dot-segments.
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (n, seg) in segments.iter().enumerate() {
+        let name = seg.split(';').next().unwrap_or(seg);
+        let is_last = n == last;
+        match name {
+            "." => trailing_slash = is_last,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = is_last;
+            }
+            "" if seg.is_empty() => trailing_slash = is_last,
+            _ => {
+                out.push(seg);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if trailing_slash || path.is_empty() {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// A normalised path without the `;` parameters of its segments (for route
+/// matching: `/admin;x=1` is on route `/admin`).
+pub fn without_params(path: &str) -> String {
+    if !path.contains(';') {
+        return path.to_string();
+    }
+    path.split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(seg))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The route-matching form of a raw request path (the top-level route's
+/// form, "", when it cannot be normalised): for metrics labels.
+pub fn match_path_of(raw: &str) -> String {
+    normalize_path(raw)
+        .map(|p| without_params(&p))
+        .unwrap_or_default()
 }
 
 fn has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
@@ -89,17 +246,28 @@ pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
             protocols.push(p.to_string());
         }
     }
-    let path_and_query = req
+    let raw = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str())
         .filter(|p| p.starts_with('/'))
-        .ok_or(Reject::BadRequest("request target must be a path"))?
-        .to_string();
+        .ok_or(Reject::BadRequest("request target must be a path"))?;
+    let (raw_path, query) = match raw.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (raw, None),
+    };
+    let path = normalize_path(raw_path).map_err(|e| Reject::BadRequest(e.reason()))?;
+    let match_path = without_params(&path);
+    let mut path_and_query = path;
+    if let Some(q) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(q);
+    }
     Ok(Upgrade {
         key: key.to_string(),
         protocols,
         path_and_query,
+        match_path,
     })
 }
 
@@ -340,6 +508,98 @@ mod tests {
         assert!(h
             .iter()
             .any(|(k, v)| k == "x-forwarded-proto" && v == "https"));
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        let n = |p: &str| normalize_path(p).unwrap();
+        assert_eq!(n("/%61dmin"), "/admin");
+        assert_eq!(n("//admin"), "/admin");
+        assert_eq!(n("/./admin"), "/admin");
+        assert_eq!(n("/public/../admin"), "/admin");
+        assert_eq!(n("/public/%2e%2E/admin"), "/admin");
+        assert_eq!(n("/public/..;x=1/admin"), "/admin");
+        assert_eq!(n("/admin;jsessionid=1"), "/admin;jsessionid=1");
+        assert_eq!(without_params("/admin;jsessionid=1/x;y"), "/admin/x");
+        assert_eq!(n("/a/b/"), "/a/b/");
+        assert_eq!(n("/a/b/."), "/a/b/");
+        assert_eq!(n("/a/b/.."), "/a/");
+        assert_eq!(n("/a/.."), "/");
+        assert_eq!(n("/"), "/");
+        assert_eq!(n("///"), "/");
+        assert_eq!(n("/a%7e%41"), "/a~A");
+        assert_eq!(n("/a%20b%c3%a9"), "/a%20b%C3%A9");
+        assert_eq!(n("/%25"), "/%25");
+        assert_eq!(n("/Admin"), "/Admin");
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        let e = |p: &str| normalize_path(p).unwrap_err();
+        assert_eq!(e("/a%2Fb"), PathError::EncodedSlash);
+        assert_eq!(e("/a%2fb"), PathError::EncodedSlash);
+        assert_eq!(e("/a%5Cb"), PathError::Backslash);
+        assert_eq!(e("/a\\b"), PathError::Backslash);
+        assert_eq!(e("/a%00"), PathError::Control);
+        assert_eq!(e("/a%0d%0a"), PathError::Control);
+        assert_eq!(e("/a%7f"), PathError::Control);
+        assert_eq!(e("/a%"), PathError::BadPercent);
+        assert_eq!(e("/a%4"), PathError::BadPercent);
+        assert_eq!(e("/a%zz"), PathError::BadPercent);
+        assert_eq!(e("/.."), PathError::AboveRoot);
+        assert_eq!(e("/a/../../b"), PathError::AboveRoot);
+        assert_eq!(e("/%2e%2e/b"), PathError::AboveRoot);
+        assert_eq!(e("a"), PathError::NotAbsolute);
+    }
+
+    #[test]
+    fn normalising_is_idempotent() {
+        for p in [
+            "/%61dmin",
+            "//a//b/",
+            "/a/./b/../c",
+            "/a;x/..;y/b;z",
+            "/%c3%a9%20",
+            "/;x",
+            "/a/;/b",
+            "/.;/a",
+            "/a/b/..;",
+            "/~%7E",
+        ] {
+            let once = normalize_path(p).unwrap();
+            assert_eq!(normalize_path(&once).unwrap(), once, "{p}");
+        }
+    }
+
+    #[test]
+    fn normalising_random_paths_is_idempotent() {
+        use rand::Rng;
+        let alphabet: &[&str] = &[
+            "/", ".", "..", "a", ";", "%2e", "%61", "%2F", "%20", "%", "~", "%C3%A9",
+        ];
+        let mut rng = rand::rng();
+        for _ in 0..5000 {
+            let n = rng.random_range(0..12);
+            let mut p = String::from("/");
+            for _ in 0..n {
+                p.push_str(alphabet[rng.random_range(0..alphabet.len())]);
+            }
+            if let Ok(once) = normalize_path(&p) {
+                assert_eq!(normalize_path(&once).as_deref(), Ok(once.as_str()), "{p}");
+                assert!(!once.contains("//"), "{p} -> {once}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_upgrade_carries_the_normalised_path() {
+        let mut r = req(|b| b);
+        *r.uri_mut() = "/public/../%61dmin;j=1?access_token=x%2F".parse().unwrap();
+        let u = validate(&r).unwrap();
+        assert_eq!(u.path_and_query, "/admin;j=1?access_token=x%2F");
+        assert_eq!(u.match_path, "/admin");
+        *r.uri_mut() = "/a%2fb".parse().unwrap();
+        assert_eq!(validate(&r).unwrap_err().status().as_u16(), 400);
     }
 
     #[test]

@@ -253,7 +253,10 @@ async fn handle(
     let route = {
         let rt = shared.runtime();
         rt.policy
-            .route(rt.policy.route_index(req.uri().path()))
+            .route(
+                rt.policy
+                    .route_index(&handshake::match_path_of(req.uri().path())),
+            )
             .prefix
             .clone()
     };
@@ -288,7 +291,9 @@ async fn upgrade(
     let up = handshake::validate(&req)?;
     let rt = shared.runtime();
     let policy = &rt.policy;
-    let route_index = policy.route_index(handshake::redacted(&up.path_and_query));
+    // Routes match on the normalised path without `;` parameters; the
+    // normalised path (with them) is what travels upstream and into logs.
+    let route_index = policy.route_index(&up.match_path);
     let (route, derived) = rt.route(route_index);
     let derived = derived.ok_or(Reject::ShuttingDown)?;
 

@@ -51,6 +51,11 @@ fn upgrade_corpus() {
 }
 
 #[test]
+fn path_corpus() {
+    replay("path", wsguard::fuzzing::path);
+}
+
+#[test]
 fn envelope_corpus() {
     replay("envelope", wsguard::fuzzing::envelope);
 }

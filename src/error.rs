@@ -21,6 +21,9 @@ pub enum Reject {
     /// Token missing, invalid or expired.
     #[error("token refused: {0}")]
     Unauthorized(crate::guard::jwt::JwtError),
+    /// A token in more than one place (RFC 6750 section 2).
+    #[error("token in more than one place")]
+    AmbiguousToken,
     /// Per-IP handshake rate limit.
     #[error("handshake rate limit")]
     RateLimited { retry_after: u64 },
@@ -50,7 +53,7 @@ pub enum Reject {
 impl Reject {
     pub fn status(&self) -> StatusCode {
         match self {
-            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::BadRequest(_) | Reject::AmbiguousToken => StatusCode::BAD_REQUEST,
             Reject::Origin(_) => StatusCode::FORBIDDEN,
             Reject::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
@@ -74,6 +77,7 @@ impl Reject {
             Reject::Version => "bad_version",
             Reject::Origin(e) => e.reason(),
             Reject::Unauthorized(e) => e.reason(),
+            Reject::AmbiguousToken => "jwt_ambiguous",
             Reject::NotUpgrade => "not_upgrade",
             Reject::RateLimited { .. } => "handshake_rate",
             Reject::ConnectionCap { .. } => "connection_cap",

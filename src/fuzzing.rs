@@ -92,6 +92,7 @@ pub fn upgrade_request(data: &[u8]) {
             peer_ip: peer,
             tls: false,
             request_id: &request_id,
+            asserted: &[HeaderName::from_static("x-auth-subject")],
         };
         let _ = handshake::upstream_headers(req.headers(), &fwd);
     }

@@ -296,6 +296,8 @@ pub const DROP: &[&str] = &[
     "sec-websocket-accept",
     "x-forwarded-for",
     "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
     "x-request-id",
     "forwarded",
     "x-real-ip",
@@ -312,10 +314,29 @@ pub struct Forwarding<'a> {
     pub peer_ip: std::net::IpAddr,
     pub tls: bool,
     pub request_id: &'a str,
+    /// Every header wsguard can assert anywhere in the policy (all routes'
+    /// `forward_claims` targets, the mTLS subject header): a client copy is
+    /// never forwarded, whatever the route enables.
+    pub asserted: &'a [HeaderName],
+}
+
+/// Whether a client header may travel upstream: not hop-by-hop (nor named
+/// in the client's `Connection`), not one wsguard asserts, and no `_` in
+/// its name (WSGI, PHP and Rack read `X_Auth_Subject` as `X-Auth-Subject`).
+fn forwardable(name: &HeaderName, listed: &[String], asserted: &[HeaderName]) -> bool {
+    let n = name.as_str();
+    !DROP.contains(&n)
+        && !n.contains('_')
+        && !listed.iter().any(|l| l == n)
+        && !asserted.contains(name)
 }
 
 /// The end-to-end headers to send upstream, in order, plus the ones wsguard
-/// adds. The handshake headers themselves are written by the dialer.
+/// adds (`X-Forwarded-For`, `X-Forwarded-Proto`, `X-Request-Id`). The
+/// client's headers are filtered first, so nothing the client lists in
+/// `Connection` can remove a header wsguard sets; the caller appends the
+/// claim and client-certificate headers after this. The handshake headers
+/// themselves are written by the dialer.
 pub fn upstream_headers(
     client: &HeaderMap,
     fwd: &Forwarding<'_>,
@@ -330,7 +351,7 @@ pub fn upstream_headers(
         .collect();
     let mut out: Vec<(HeaderName, HeaderValue)> = client
         .iter()
-        .filter(|(n, _)| !DROP.contains(&n.as_str()) && !listed.iter().any(|l| l == n.as_str()))
+        .filter(|(n, _)| forwardable(n, &listed, fwd.asserted))
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
     let xff = if fwd.peer_trusted {
@@ -457,7 +478,10 @@ mod tests {
                 .header("x-request-id", "forged")
                 .header("cookie", "a=1")
                 .header("x-custom", "keep")
-                .header("connection", "x-secret")
+                .header("x-auth-subject", "root")
+                .header("x_auth_subject", "root")
+                .header("x-forwarded-host", "evil")
+                .header("connection", "x-secret, x-request-id, x-forwarded-for")
                 .header("x-secret", "hop")
                 .header("sec-websocket-extensions", "permessage-deflate")
         });
@@ -467,6 +491,7 @@ mod tests {
             peer_ip: "1.2.3.4".parse().unwrap(),
             tls: false,
             request_id: "abc",
+            asserted: &[HeaderName::from_static("x-auth-subject")],
         };
         let h = upstream_headers(r.headers(), &fwd);
         let get = |n: &str| -> Vec<&str> {
@@ -482,6 +507,9 @@ mod tests {
         assert_eq!(get("x-custom"), vec!["keep"]);
         assert_eq!(get("host"), vec!["example.com"]);
         assert!(get("x-secret").is_empty());
+        assert!(get("x-auth-subject").is_empty());
+        assert!(get("x_auth_subject").is_empty());
+        assert!(get("x-forwarded-host").is_empty());
         assert!(get("sec-websocket-extensions").is_empty());
         assert!(get("upgrade").is_empty());
     }
@@ -499,6 +527,7 @@ mod tests {
             peer_ip: "10.0.0.1".parse().unwrap(),
             tls: false,
             request_id: &request_id(r.headers(), true),
+            asserted: &[],
         };
         let h = upstream_headers(r.headers(), &fwd);
         let xff: Vec<_> = h.iter().filter(|(k, _)| k == "x-forwarded-for").collect();

@@ -145,6 +145,28 @@ impl Policy {
             .unwrap_or(&self.default_route)
     }
 
+    /// Every header wsguard can set anywhere in this policy: the
+    /// `forward_claims` targets of every route and the mTLS subject header
+    /// (the fixed ones, `X-Forwarded-*` and friends, are in
+    /// [`crate::handshake::DROP`]).
+    pub fn asserted_headers(&self) -> Vec<hyper::header::HeaderName> {
+        let mut out: Vec<hyper::header::HeaderName> = Vec::new();
+        let claims = self
+            .all_routes()
+            .filter_map(|r| r.jwt.as_ref())
+            .flat_map(|j| j.forward_claims.iter().map(|(_, h)| h.clone()));
+        let subject = self
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_subject_header.clone());
+        for h in claims.chain(subject) {
+            if !out.contains(&h) {
+                out.push(h);
+            }
+        }
+        out
+    }
+
     /// Every route, the top level first.
     pub fn all_routes(&self) -> impl Iterator<Item = &Route> {
         std::iter::once(&self.default_route).chain(self.routes.iter())

@@ -28,6 +28,9 @@ pub struct Runtime {
     pub subject_messages: Option<Arc<SubjectLimiter>>,
     /// `limits.shared`: the Redis limiter.
     pub shared_limiter: Option<Arc<SharedLimiter>>,
+    /// Every header wsguard can assert anywhere in this policy (contract
+    /// section 7): removed from every client request on every route.
+    pub asserted_headers: Vec<hyper::header::HeaderName>,
 }
 
 /// What a route derives from its policy.
@@ -111,6 +114,7 @@ impl Shared {
             routes: Vec::new(),
             subject_messages: None,
             shared_limiter: None,
+            asserted_headers: Vec::new(),
             generation: 0,
             policy: policy.clone(),
         };
@@ -248,7 +252,9 @@ impl Shared {
                 },
             }
         };
+        let asserted_headers = policy.asserted_headers();
         self.current.store(Arc::new(Runtime {
+            asserted_headers,
             policy,
             generation,
             routes,

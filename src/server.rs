@@ -35,7 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::config::Mode;
 use crate::config::OnError;
 use crate::error::Reject;
-use crate::guard::jwt::{self, JwtError, TokenSource};
+use crate::guard::jwt::{self, JwtError};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
@@ -235,6 +235,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
             HeaderValue::from_static(e.www_authenticate()),
         );
     }
+    if let Reject::AmbiguousToken = r {
+        h.insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_request\""),
+        );
+    }
     if let Some(secs) = r.retry_after() {
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             h.insert(RETRY_AFTER, v);
@@ -334,7 +340,7 @@ async fn upgrade(
     };
 
     let request_id = handshake::request_id(req.headers(), peer_trusted);
-    let headers = handshake::upstream_headers(
+    let mut headers = handshake::upstream_headers(
         &auth.headers,
         &Forwarding {
             client_ip: ip,
@@ -342,17 +348,18 @@ async fn upgrade(
             peer_ip: peer.ip(),
             tls: conn.tls,
             request_id: &request_id,
+            asserted: &rt.asserted_headers,
         },
     );
-    let mut headers = headers;
+    // Only now, after the client's headers are filtered, come the headers
+    // only wsguard may assert: claims and the client certificate subject.
+    headers.extend(auth.claim_headers);
     if let Some(name) = rt
         .policy
         .tls
         .as_ref()
         .and_then(|t| t.client_subject_header.as_ref())
     {
-        // Only wsguard may say who the client certificate belongs to.
-        headers.retain(|(n, _)| n != name);
         if let Some(v) = conn
             .client_subject
             .as_deref()
@@ -455,9 +462,11 @@ async fn upgrade(
 
 /// What the JWT step decided, and the request as it travels upstream.
 struct Auth {
-    /// The client's headers minus the consumed token and forged claim
-    /// headers, plus the `forward_claims` headers.
+    /// The client's headers minus every token source.
     headers: hyper::HeaderMap,
+    /// The `forward_claims` headers wsguard asserts, added after the
+    /// client's headers are filtered.
+    claim_headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
     path_and_query: String,
     protocols: Vec<String>,
     subject: Option<String>,
@@ -481,6 +490,7 @@ async fn authenticate<B>(
 ) -> Result<Auth, Reject> {
     let mut auth = Auth {
         headers: req.headers().clone(),
+        claim_headers: Vec::new(),
         path_and_query: up.path_and_query.clone(),
         protocols: up.protocols.clone(),
         subject: None,
@@ -490,12 +500,20 @@ async fn authenticate<B>(
     let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
         return Ok(auth);
     };
-    let found = jwt::extract(
+    let found = match jwt::find(
         &j.token_sources,
         req.headers(),
         &up.path_and_query,
         &up.protocols,
-    );
+    ) {
+        Ok(f) => f,
+        Err(jwt::Ambiguous) if j.mode == Mode::Enforce => return Err(Reject::AmbiguousToken),
+        Err(jwt::Ambiguous) => {
+            shared.metrics.reject("jwt_report");
+            tracing::info!(client = %peer, reason = "jwt_ambiguous", "token would be refused (report mode)");
+            None
+        }
+    };
     let verdict = match &found {
         None => Err(JwtError::Missing),
         Some(f) => tokio::time::timeout_at(deadline, verifier.verify(&f.token))
@@ -511,41 +529,27 @@ async fn authenticate<B>(
             None
         }
     };
-    if let (Some(f), false) = (&found, j.forward_token) {
-        match j.token_sources.get(f.source) {
-            Some(TokenSource::Header) => jwt::strip_header(&mut auth.headers),
-            Some(TokenSource::Query(name)) => {
-                auth.path_and_query = jwt::strip_query(&auth.path_and_query, name)
-            }
-            Some(TokenSource::Cookie(name)) => {
-                let values: Vec<String> = auth
-                    .headers
-                    .get_all(hyper::header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok().map(str::to_string))
-                    .collect();
-                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-                let rest = jwt::strip_cookie(&refs, name);
-                auth.headers.remove(hyper::header::COOKIE);
-                if let Some(v) = rest.and_then(|r| HeaderValue::from_str(&r).ok()) {
-                    auth.headers.insert(hyper::header::COOKIE, v);
-                }
-            }
-            Some(TokenSource::Subprotocol(prefix)) => {
-                auth.protocols = jwt::strip_subprotocol(&auth.protocols, prefix)
-            }
-            None => {}
-        }
-    }
+    // Every configured source is emptied, not only the one used: a forged
+    // token beside a valid one must never reach the backend. With
+    // forward_token, the consumed token alone passes.
+    let keep = found
+        .as_ref()
+        .filter(|_| j.forward_token && claims.is_some())
+        .map(|f| f.source);
+    jwt::strip_sources(
+        &j.token_sources,
+        keep,
+        &mut auth.headers,
+        &mut auth.path_and_query,
+        &mut auth.protocols,
+    );
     for (claim, header) in &j.forward_claims {
-        // Only wsguard may assert a claim: drop any client copy first.
-        auth.headers.remove(header);
         if let Some(v) = claims
             .as_ref()
             .and_then(|c| c.get(claim))
             .and_then(jwt::claim_header_value)
         {
-            auth.headers.insert(header.clone(), v);
+            auth.claim_headers.push((header.clone(), v));
         }
     }
     let Some(claims) = claims else {

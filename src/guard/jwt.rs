@@ -874,6 +874,113 @@ pub fn extract(
     })
 }
 
+/// A token in more than one place: several sources carry one, one source
+/// carries several (query parameters, cookies, subprotocols), or the
+/// request has more than one `Authorization` header (RFC 6750 section 2:
+/// `invalid_request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ambiguous;
+
+/// Like [`extract`], but looks at every configured source: exactly one
+/// token in all of them is `Ok(Some)`, none is `Ok(None)`, more is
+/// [`Ambiguous`].
+pub fn find(
+    sources: &[TokenSource],
+    headers: &HeaderMap,
+    path_and_query: &str,
+    protocols: &[String],
+) -> Result<Option<Found>, Ambiguous> {
+    let mut found: Option<Found> = None;
+    let mut count = 0usize;
+    for (i, s) in sources.iter().enumerate() {
+        let tokens: Vec<String> = match s {
+            TokenSource::Header => {
+                if headers.get_all(AUTHORIZATION).iter().count() > 1 {
+                    return Err(Ambiguous);
+                }
+                bearer(headers).into_iter().collect()
+            }
+            TokenSource::Query(name) => query_of(path_and_query)
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .filter(|seg| param_is(seg, name))
+                .filter_map(|seg| seg.split_once('=').map(|(_, v)| v))
+                .filter_map(percent_decode)
+                .filter(|v| !v.is_empty())
+                .collect(),
+            TokenSource::Cookie(name) => {
+                let values = headers
+                    .get_all(COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok());
+                cookie_pairs(values)
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, v)| {
+                        v.strip_prefix('"')
+                            .and_then(|v| v.strip_suffix('"'))
+                            .unwrap_or(v)
+                    })
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            TokenSource::Subprotocol(prefix) => protocols
+                .iter()
+                .filter_map(|p| p.strip_prefix(prefix.as_str()))
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect(),
+        };
+        count += tokens.len();
+        if count > 1 {
+            return Err(Ambiguous);
+        }
+        if let Some(token) = tokens.into_iter().next() {
+            found = Some(Found { token, source: i });
+        }
+    }
+    Ok(found)
+}
+
+/// Removes from the request every configured token source except
+/// `keep` (the index of the consumed source when `forward_token` is set):
+/// the Authorization header, the query parameters, the cookies and the
+/// subprotocol entries.
+pub fn strip_sources(
+    sources: &[TokenSource],
+    keep: Option<usize>,
+    headers: &mut HeaderMap,
+    path_and_query: &mut String,
+    protocols: &mut Vec<String>,
+) {
+    for (i, s) in sources.iter().enumerate() {
+        if keep == Some(i) {
+            continue;
+        }
+        match s {
+            TokenSource::Header => strip_header(headers),
+            TokenSource::Query(name) => *path_and_query = strip_query(path_and_query, name),
+            TokenSource::Cookie(name) => {
+                let values: Vec<String> = headers
+                    .get_all(COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok().map(str::to_string))
+                    .collect();
+                if values.is_empty() {
+                    continue;
+                }
+                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                let rest = strip_cookie(&refs, name);
+                headers.remove(COOKIE);
+                if let Some(v) = rest.and_then(|r| HeaderValue::from_str(&r).ok()) {
+                    headers.insert(COOKIE, v);
+                }
+            }
+            TokenSource::Subprotocol(prefix) => *protocols = strip_subprotocol(protocols, prefix),
+        }
+    }
+}
+
 /// `Authorization: Bearer <token>` (scheme case-insensitive). Several
 /// Authorization headers are ambiguous and yield nothing.
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -2544,6 +2651,70 @@ mod tests {
         let h = headers(&[("cookie", "c=from-cookie")]);
         assert_eq!(extract(&sources, &h, "/", &[]).unwrap().source, 2);
         assert_eq!(extract(&sources, &HeaderMap::new(), "/", &[]), None);
+    }
+
+    #[test]
+    fn a_token_in_more_than_one_place_is_ambiguous() {
+        let sources = [
+            TokenSource::Header,
+            TokenSource::Query("t".into()),
+            TokenSource::Cookie("c".into()),
+            TokenSource::Subprotocol("bearer.".into()),
+        ];
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let one = headers(&[("authorization", "Bearer a")]);
+        assert_eq!(
+            find(&sources, &one, "/?x=1", &[]).unwrap().unwrap().source,
+            0
+        );
+        assert_eq!(find(&sources, &one, "/?t=b", &[]), Err(Ambiguous));
+        assert_eq!(
+            find(&sources, &one, "/?t=", &[]).unwrap().unwrap().source,
+            0
+        );
+        let cookie = headers(&[("authorization", "Bearer a"), ("cookie", "c=b")]);
+        assert_eq!(find(&sources, &cookie, "/", &[]), Err(Ambiguous));
+        assert_eq!(
+            find(&sources, &one, "/", &p(&["chat", "bearer.b"])),
+            Err(Ambiguous)
+        );
+        let two = headers(&[("authorization", "Bearer a"), ("authorization", "Basic x")]);
+        assert_eq!(find(&sources, &two, "/", &[]), Err(Ambiguous));
+        let none = HeaderMap::new();
+        assert_eq!(find(&sources, &none, "/?t=a&t=b", &[]), Err(Ambiguous));
+        assert_eq!(
+            find(&sources, &headers(&[("cookie", "c=a; c=b")]), "/", &[]),
+            Err(Ambiguous)
+        );
+        assert_eq!(
+            find(&sources, &none, "/", &p(&["bearer.a", "bearer.b"])),
+            Err(Ambiguous)
+        );
+        assert_eq!(find(&sources, &none, "/", &p(&["chat"])), Ok(None));
+    }
+
+    #[test]
+    fn every_source_is_stripped() {
+        let sources = [
+            TokenSource::Header,
+            TokenSource::Query("t".into()),
+            TokenSource::Cookie("c".into()),
+            TokenSource::Subprotocol("bearer.".into()),
+        ];
+        let mut h = headers(&[("authorization", "Bearer a"), ("cookie", "c=b; k=1")]);
+        let mut pq = "/x?t=c&y=2".to_string();
+        let mut protos = vec!["chat".to_string(), "bearer.d".to_string()];
+        strip_sources(&sources, None, &mut h, &mut pq, &mut protos);
+        assert!(h.get(AUTHORIZATION).is_none());
+        assert_eq!(h.get(COOKIE).unwrap(), "k=1");
+        assert_eq!(pq, "/x?y=2");
+        assert_eq!(protos, vec!["chat"]);
+        let mut h = headers(&[("authorization", "Bearer a"), ("cookie", "c=b")]);
+        let mut pq = "/x?t=c".to_string();
+        strip_sources(&sources, Some(0), &mut h, &mut pq, &mut protos);
+        assert_eq!(h.get(AUTHORIZATION).unwrap(), "Bearer a");
+        assert!(h.get(COOKIE).is_none());
+        assert_eq!(pq, "/x");
     }
 
     #[test]

@@ -12,12 +12,18 @@ use crate::common::*;
 
 const SECRET: &str = "an-hs256-secret-that-is-at-least-32-bytes-long";
 
+/// Written once per process: tests run in parallel and must never see the
+/// file half written.
 fn secret_file() -> String {
-    let dir = std::env::temp_dir().join(format!("wsguard-it-integrity-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("hs.secret");
-    std::fs::write(&f, SECRET).unwrap();
-    f.display().to_string()
+    static FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("wsguard-it-integrity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hs.secret");
+        std::fs::write(&f, SECRET).unwrap();
+        f.display().to_string()
+    })
+    .clone()
 }
 
 fn now() -> u64 {
@@ -55,7 +61,6 @@ async fn request(rx: &mut mpsc::UnboundedReceiver<Seen>) -> (String, Vec<(String
     }
 }
 
-#[allow(dead_code)]
 fn values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
     headers
         .iter()
@@ -125,4 +130,149 @@ async fn route_bypass_through_path_spelling_is_closed() {
         assert_eq!(h.status, 400, "{path}: {}", h.text);
     }
     assert_echo(p.addr).await;
+}
+
+#[tokio::test]
+async fn forged_identity_headers_never_reach_the_backend() {
+    let (b, mut rx) = recording_backend().await;
+    // The claim header is asserted on /secure only; the top level has no
+    // JWT at all, and must still refuse to carry a client's copy.
+    let p = proxy(
+        b,
+        &format!(
+            "{QUIET}routes:\n  - path: /secure\n{}",
+            jwt_section(
+                "    ",
+                "chat",
+                "      forward_claims: { sub: x-auth-subject }\n"
+            )
+        ),
+    )
+    .await;
+    let forged = "X-Auth-Subject: root\r\nX_Auth_Subject: root\r\nX_Client_Subject: root\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Request-Id: forged\r\nX-Custom: kept\r\n";
+    let (_r, h) = Raw::upgrade(p.addr, "/open", forged).await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    let (_, headers) = request(&mut rx).await;
+    for name in [
+        "x-auth-subject",
+        "x_auth_subject",
+        "x_client_subject",
+        "x_forwarded_for",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "forwarded",
+        "x-real-ip",
+    ] {
+        assert!(values(&headers, name).is_empty(), "{name}: {headers:?}");
+    }
+    assert_eq!(values(&headers, "x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(values(&headers, "x-forwarded-proto"), vec!["http"]);
+    let rid = values(&headers, "x-request-id");
+    assert_eq!(rid.len(), 1);
+    assert_ne!(rid[0], "forged");
+    assert_eq!(values(&headers, "x-custom"), vec!["kept"]);
+
+    // Naming wsguard's own headers in Connection removes the client's
+    // copies, never the ones wsguard sets.
+    let t = token("alice", "chat");
+    let (_r, h) = Raw::upgrade(
+        p.addr,
+        "/secure",
+        &format!("Authorization: Bearer {t}\r\nX-Auth-Subject: root\r\nX-Hop: 1\r\nConnection: Upgrade, x-auth-subject, x-forwarded-for, x-request-id, x-hop\r\n"),
+    )
+    .await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    let (_, headers) = request(&mut rx).await;
+    assert_eq!(values(&headers, "x-auth-subject"), vec!["alice"]);
+    assert_eq!(values(&headers, "x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(values(&headers, "x-request-id").len(), 1);
+    assert!(values(&headers, "x-hop").is_empty());
+    assert!(values(&headers, "authorization").is_empty());
+    assert_echo(p.addr).await;
+}
+
+fn all_sources(extra: &str) -> String {
+    format!(
+        "{QUIET}{}",
+        jwt_section(
+            "",
+            "chat",
+            &format!("  token_sources: [header, \"query:access_token\", \"cookie:tok\", \"subprotocol:bearer.\"]\n{extra}")
+        )
+    )
+}
+
+#[tokio::test]
+async fn a_token_in_more_than_one_place_is_400_invalid_request() {
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(b, &all_sources("")).await;
+    let good = token("alice", "chat");
+    let forged = token("root", "other");
+    let auth = format!("Authorization: Bearer {good}\r\n");
+    for (path, extra) in [
+        (format!("/?access_token={forged}"), auth.clone()),
+        ("/".to_string(), format!("{auth}Cookie: tok={forged}\r\n")),
+        (
+            "/".to_string(),
+            format!("{auth}Sec-WebSocket-Protocol: chat, bearer.{forged}\r\n"),
+        ),
+        (
+            "/".to_string(),
+            format!("{auth}Authorization: Bearer {forged}\r\n"),
+        ),
+        (
+            format!("/?access_token={good}&access_token={forged}"),
+            String::new(),
+        ),
+    ] {
+        let (_r, h) = Raw::upgrade(p.addr, &path, &extra).await;
+        assert_eq!(h.status, 400, "{path} {extra}: {}", h.text);
+        assert_eq!(
+            h.header("www-authenticate").as_deref(),
+            Some("Bearer error=\"invalid_request\""),
+            "{path} {extra}"
+        );
+    }
+    // One token: every source is emptied before forwarding, including
+    // empty or foreign ones the client added.
+    let (_r, h) = Raw::upgrade(
+        p.addr,
+        "/room?access_token=&x=1",
+        &format!("{auth}Cookie: tok=; theme=dark\r\nSec-WebSocket-Protocol: chat\r\n"),
+    )
+    .await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    let (path, headers) = request(&mut rx).await;
+    assert_eq!(path, "/room?x=1");
+    assert!(values(&headers, "authorization").is_empty());
+    assert_eq!(values(&headers, "cookie"), vec!["theme=dark"]);
+    assert_eq!(values(&headers, "sec-websocket-protocol"), vec!["chat"]);
+    let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+    assert_eq!(h.status, 101, "{}", h.text);
+}
+
+#[tokio::test]
+async fn forward_token_passes_only_the_consumed_token() {
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(b, &all_sources("  forward_token: true\n")).await;
+    let good = token("alice", "chat");
+    let (_r, h) = Raw::upgrade(
+        p.addr,
+        "/?access_token=&y=2",
+        &format!("Authorization: Bearer {good}\r\nCookie: tok=; a=b\r\n"),
+    )
+    .await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    let (path, headers) = request(&mut rx).await;
+    assert_eq!(path, "/?y=2");
+    assert_eq!(
+        values(&headers, "authorization"),
+        vec![format!("Bearer {good}").as_str()]
+    );
+    assert_eq!(values(&headers, "cookie"), vec!["a=b"]);
+    let (_r, h) = Raw::upgrade(p.addr, &format!("/?access_token={good}"), "").await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    let (path, headers) = request(&mut rx).await;
+    assert_eq!(path, format!("/?access_token={good}"));
+    assert!(values(&headers, "authorization").is_empty());
 }

@@ -207,8 +207,25 @@ pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
     if !has_token(h, "connection", "upgrade") {
         return Err(Reject::BadRequest("Connection must include upgrade"));
     }
-    if h.get_all(hyper::header::HOST).iter().count() != 1 {
-        return Err(Reject::BadRequest("exactly one Host header required"));
+    let mut hosts = h.get_all(hyper::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) if valid_host(host.as_bytes()) => {}
+        (Some(_), None) => return Err(Reject::BadRequest("invalid Host header")),
+        _ => return Err(Reject::BadRequest("exactly one Host header required")),
+    }
+    // An upgrade has no body (RFC 6455 section 4.1 is a GET); one that
+    // announces a body would leave bytes for the backend to read as frames.
+    if h.contains_key(hyper::header::TRANSFER_ENCODING) {
+        return Err(Reject::BadRequest(
+            "an upgrade request must not carry a body",
+        ));
+    }
+    for v in h.get_all(hyper::header::CONTENT_LENGTH) {
+        if v.as_bytes() != b"0" {
+            return Err(Reject::BadRequest(
+                "an upgrade request must not carry a body",
+            ));
+        }
     }
     let mut versions = h.get_all(hyper::header::SEC_WEBSOCKET_VERSION).iter();
     match (versions.next(), versions.next()) {
@@ -269,6 +286,76 @@ pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
         path_and_query,
         match_path,
     })
+}
+
+/// `Host` as nginx accepts it: a host name or IPv4 address (letters,
+/// digits, `-`, `.`, `_`, `~`) or a bracketed IPv6 address, and an optional
+/// numeric port. No control characters, spaces, `@`, `/`, `\` or non-ASCII
+/// bytes (hyper lets some of those through).
+pub fn valid_host(v: &[u8]) -> bool {
+    let port = if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let (inner, after) = rest.split_at(end);
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        after.get(1..).unwrap_or_default()
+    } else {
+        let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
+        let (host, port) = v.split_at(end);
+        if host.is_empty()
+            || !host
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            return false;
+        }
+        port
+    };
+    match port.strip_prefix(b":") {
+        None => port.is_empty(),
+        Some(p) => !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit),
+    }
+}
+
+/// Watches the bytes of a request head for a bare LF line ending (an LF
+/// not preceded by CR). hyper's parser accepts them; nginx refuses them,
+/// and a front proxy that reads the head differently from wsguard could be
+/// used to smuggle a header past it. Stops looking at the end of the head
+/// (`\r\n\r\n`), so WebSocket frames are never scanned.
+#[derive(Debug, Default, Clone)]
+pub struct HeadScan {
+    /// The last two bytes seen (CR/LF tracking).
+    prev: [u8; 2],
+    /// Whether a bare LF was seen.
+    pub bare_lf: bool,
+    /// The head is over (or already refused): nothing more to look at.
+    pub done: bool,
+}
+
+impl HeadScan {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.done {
+                return;
+            }
+            if b == b'\n' {
+                if self.prev[1] != b'\r' {
+                    self.bare_lf = true;
+                    self.done = true;
+                } else if self.prev == [b'\n', b'\r'] {
+                    self.done = true;
+                }
+            }
+            self.prev = [self.prev[1], b];
+        }
+    }
 }
 
 /// RFC 7230 token characters (subprotocol names are tokens).
@@ -629,6 +716,55 @@ mod tests {
         assert_eq!(u.match_path, "/admin");
         *r.uri_mut() = "/a%2fb".parse().unwrap();
         assert_eq!(validate(&r).unwrap_err().status().as_u16(), 400);
+    }
+
+    #[test]
+    fn bodies_and_bad_hosts_are_refused() {
+        let status = |r: Request<()>| validate(&r).map(|_| ()).unwrap_err().status().as_u16();
+        assert_eq!(status(req(|b| b.header("content-length", "5"))), 400);
+        assert_eq!(
+            status(req(|b| b.header("transfer-encoding", "chunked"))),
+            400
+        );
+        assert!(validate(&req(|b| b.header("content-length", "0"))).is_ok());
+        for bad in [
+            "a b", "a\tb", "", "a@b", "a/b", "a\\b", "[::1", "[zz]", "a:", "a:123456", "a:x",
+        ] {
+            let mut r = req(|b| b);
+            r.headers_mut()
+                .insert("host", HeaderValue::from_str(bad).unwrap());
+            assert_eq!(status(r), 400, "{bad:?}");
+        }
+        let mut r = req(|b| b);
+        r.headers_mut()
+            .insert("host", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        assert_eq!(status(r), 400);
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:1",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_in_the_head_is_seen() {
+        let scan = |chunks: &[&[u8]]| {
+            let mut s = HeadScan::default();
+            for c in chunks {
+                s.feed(c);
+            }
+            s
+        };
+        let ok = scan(&[b"GET / HTTP/1.1\r\nHost: a\r", b"\n\r\n\x81\n\n"]);
+        assert!(!ok.bare_lf && ok.done);
+        assert!(scan(&[b"GET / HTTP/1.1\nHost: a\r\n\r\n"]).bare_lf);
+        assert!(scan(&[b"GET / HTTP/1.1\r\nX: 1\n\r\n"]).bare_lf);
+        let partial = scan(&[b"GET / HTTP/1.1\r\n"]);
+        assert!(!partial.bare_lf && !partial.done);
     }
 
     #[test]

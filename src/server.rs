@@ -127,6 +127,86 @@ struct Conn {
     tls: bool,
     /// The verified client certificate's subject (mTLS).
     client_subject: Option<String>,
+    /// The request head had a bare LF line ending (400).
+    bare_lf: Arc<AtomicBool>,
+}
+
+/// A client stream whose request head is watched for bare LF line endings
+/// ([`handshake::HeadScan`]); the answer is read by the request handler
+/// (hyper has read the whole head before it calls it). After the head,
+/// each read costs one branch.
+struct Scanned<S> {
+    inner: S,
+    scan: handshake::HeadScan,
+    bare_lf: Arc<AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Scanned<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if !this.scan.done {
+            this.scan
+                .feed(buf.filled().get(before..).unwrap_or_default());
+            if this.scan.bare_lf {
+                this.bare_lf.store(true, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Scanned<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+fn scanned<S>(inner: S) -> (Scanned<S>, Arc<AtomicBool>) {
+    let flag = Arc::new(AtomicBool::new(false));
+    (
+        Scanned {
+            inner,
+            scan: handshake::HeadScan::default(),
+            bare_lf: Arc::clone(&flag),
+        },
+        flag,
+    )
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -136,10 +216,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let tls = rt.policy.tls.as_ref().map(|t| Arc::clone(&t.server));
     drop(rt);
     let Some(server) = tls else {
+        let (stream, bare_lf) = scanned(stream);
         let conn = Conn {
             peer,
             tls: false,
             client_subject: None,
+            bare_lf,
         };
         return serve(TokioIo::new(stream), conn, shared, deadline).await;
     };
@@ -152,12 +234,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Ok(Ok(tls_stream)) => {
             let client_subject =
                 crate::tls::client_identity(tls_stream.get_ref().1).map(|i| i.subject);
+            let (stream, bare_lf) = scanned(tls_stream);
             let conn = Conn {
                 peer,
                 tls: true,
                 client_subject,
+                bare_lf,
             };
-            serve(TokioIo::new(tls_stream), conn, shared, deadline).await;
+            serve(TokioIo::new(stream), conn, shared, deadline).await;
         }
         Ok(Err(e)) => {
             shared.metrics.handshake("tls_error");
@@ -293,6 +377,11 @@ async fn upgrade(
     let peer = conn.peer;
     if shared.shutdown.is_cancelled() {
         return Err(Reject::ShuttingDown);
+    }
+    if conn.bare_lf.load(Ordering::Relaxed) {
+        return Err(Reject::BadRequest(
+            "bare LF line ending in the request head",
+        ));
     }
     let up = handshake::validate(&req)?;
     let rt = shared.runtime();

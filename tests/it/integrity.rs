@@ -276,3 +276,28 @@ async fn forward_token_passes_only_the_consumed_token() {
     assert_eq!(path, format!("/?access_token={good}"));
     assert!(values(&headers, "authorization").is_empty());
 }
+
+#[tokio::test]
+async fn bodies_bare_lf_and_bad_hosts_are_400() {
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(b, QUIET).await;
+    let a = p.addr;
+    let up = format!("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n");
+    for head in [
+        format!("GET / HTTP/1.1\r\nHost: {a}\r\n{up}Content-Length: 5\r\n\r\nhello"),
+        format!("GET / HTTP/1.1\r\nHost: {a}\r\n{up}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        format!("GET / HTTP/1.1\nHost: {a}\n{}\n", up.replace("\r\n", "\n")),
+        format!("GET / HTTP/1.1\r\nHost: {a}\r\nX-Smuggle: 1\nX-Auth-Subject: root\r\n{up}\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: a\tb\r\n{up}\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: a b\r\n{up}\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: user@{a}\r\n{up}\r\n"),
+    ] {
+        let (_r, h) = Raw::request(a, &head).await;
+        assert_eq!(h.status, 400, "{head:?}: {}", h.text);
+    }
+    // Content-Length: 0 is no body.
+    let (_r, h) = Raw::upgrade(a, "/", "Content-Length: 0\r\n").await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    assert_eq!(request(&mut rx).await.0, "/");
+    assert_echo(a).await;
+}

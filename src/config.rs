@@ -225,6 +225,49 @@ pub struct JwtConfig {
     pub forward_token: Option<bool>,
 }
 
+/// One item or a list of them (`hmac.upstream_key`). A map is one item, a
+/// sequence a list; errors inside either keep their own precise message.
+#[derive(Debug)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            OneOrMany::One(t) => std::slice::from_ref(t),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key ({ id: .., secret_env: .. }) or a list of keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(m)).map(OneOrMany::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                s: A,
+            ) -> Result<Self::Value, A::Error> {
+                Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(s))
+                    .map(OneOrMany::Many)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
 /// An HMAC key reference: the secret is never inline.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,7 +287,7 @@ pub struct HmacConfig {
     #[serde(default)]
     pub client_keys: Option<Spanned<Vec<HmacKeyConfig>>>,
     #[serde(default)]
-    pub upstream_key: Option<Spanned<HmacKeyConfig>>,
+    pub upstream_key: Option<Spanned<OneOrMany<HmacKeyConfig>>>,
     #[serde(default)]
     pub verify_upstream: Option<bool>,
     #[serde(default)]

@@ -201,10 +201,30 @@ pub struct Hmac {
     /// JWT claim whose string value is bound into every signature.
     pub bind_claim: Option<String>,
     pub client_keys: Vec<sign::Key>,
+    /// The key wsguard signs with toward the backend: the first of
+    /// `hmac.upstream_key` (see [`Hmac::upstream_signing_key`]).
     pub upstream_key: sign::Key,
+    /// Every key of `hmac.upstream_key` (one, or several during a
+    /// rotation), the signing key first: the backend's messages may be
+    /// signed with any (see [`Hmac::upstream_verify_keys`]).
+    pub upstream_keys: Vec<sign::Key>,
     pub verify_upstream: bool,
     pub max_skew: Duration,
     pub on_failure: OnFailure,
+}
+
+impl Hmac {
+    /// The key wsguard signs with toward the backend: the first of
+    /// `upstream_key`.
+    pub fn upstream_signing_key(&self) -> &sign::Key {
+        &self.upstream_key
+    }
+
+    /// The keys the backend's messages may be signed with: every
+    /// `upstream_key`, so a rotation has an overlap window.
+    pub fn upstream_verify_keys(&self) -> &[sign::Key] {
+        &self.upstream_keys
+    }
 }
 
 impl fmt::Debug for Hmac {
@@ -1016,15 +1036,44 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
             );
         }
     }
-    let upstream_key = match &h.upstream_key {
-        Some(k) => hmac_key(c, &k.value, &format!("{path}.upstream_key")),
+    let mut upstream_keys: Vec<sign::Key> = Vec::new();
+    let mut upstream_ok = true;
+    match &h.upstream_key {
+        Some(k) => {
+            let list = k.value.as_slice();
+            if list.is_empty() {
+                c.push(
+                    k.referenced,
+                    &format!("{path}.upstream_key"),
+                    "at least one key is required when hmac.mode is not off",
+                );
+                upstream_ok = false;
+            }
+            let many = matches!(k.value, config::OneOrMany::Many(_));
+            for (i, kc) in list.iter().enumerate() {
+                let kpath = if many {
+                    format!("{path}.upstream_key[{i}]")
+                } else {
+                    format!("{path}.upstream_key")
+                };
+                match hmac_key(c, kc, &kpath) {
+                    Some(key) => {
+                        if upstream_keys.iter().any(|x| x.kid() == key.kid()) {
+                            c.push(kc.id.referenced, &format!("{kpath}.id"), "duplicate key id");
+                        }
+                        upstream_keys.push(key);
+                    }
+                    None => upstream_ok = false,
+                }
+            }
+        }
         None => {
             c.push(
                 mode_loc,
                 &format!("{path}.upstream_key"),
                 "required when hmac.mode is not off",
             );
-            None
+            upstream_ok = false;
         }
     };
     let max_skew = c.duration(
@@ -1032,7 +1081,7 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
         &format!("{path}.max_skew"),
         Duration::from_secs(30),
     );
-    let upstream_key = upstream_key?;
+    let upstream_key = upstream_keys.first().cloned().filter(|_| upstream_ok)?;
     if client_keys.is_empty() {
         return None;
     }
@@ -1040,6 +1089,7 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
         mode,
         client_keys,
         upstream_key,
+        upstream_keys,
         verify_upstream: h.verify_upstream.unwrap_or(true),
         bind_claim: h.bind_claim.as_ref().map(|b| b.value.clone()),
         max_skew,
@@ -1484,6 +1534,46 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(p) => p.list,
         }
+    }
+
+    #[test]
+    fn upstream_key_takes_one_key_or_a_list() {
+        let dir = std::env::temp_dir().join(format!("wsguard-policy-uk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("k");
+        std::fs::write(&f, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let f = f.display();
+        let yaml = |uk: &str| {
+            format!("hmac:\n  mode: enforce\n  client_keys: [{{ id: c1, secret_file: \"{f}\" }}]\n  upstream_key: {uk}\n")
+        };
+        let one = Policy::from_text(
+            "p.yaml",
+            &yaml(&format!("{{ id: p1, secret_file: \"{f}\" }}")),
+        )
+        .unwrap();
+        let h = one.default_route.hmac.as_ref().unwrap();
+        assert_eq!(h.upstream_signing_key().kid(), "p1");
+        assert_eq!(h.upstream_verify_keys().len(), 1);
+        let two = Policy::from_text(
+            "p.yaml",
+            &yaml(&format!(
+                "[{{ id: p2, secret_file: \"{f}\" }}, {{ id: p1, secret_file: \"{f}\" }}]"
+            )),
+        )
+        .unwrap();
+        let h = two.default_route.hmac.as_ref().unwrap();
+        assert_eq!(h.upstream_signing_key().kid(), "p2");
+        let kids: Vec<&str> = h.upstream_verify_keys().iter().map(|k| k.kid()).collect();
+        assert_eq!(kids, vec!["p2", "p1"]);
+        let p = problems(&yaml(&format!(
+            "[{{ id: p1, secret_file: \"{f}\" }}, {{ id: p1, secret_file: \"{f}\" }}]"
+        )));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "hmac.upstream_key[1].id");
+        let p = problems(&yaml("[]"));
+        assert_eq!(p[0].path, "hmac.upstream_key");
+        let p = problems(&yaml(&format!("[{{ id: p1, secret_fil: \"{f}\" }}]")));
+        assert!(p[0].message.contains("unknown field"), "{p:?}");
     }
 
     #[test]

@@ -337,7 +337,7 @@ where
                         Direction::C2s,
                         true,
                         &h.client_keys,
-                        &h.upstream_key,
+                        h.upstream_signing_key(),
                         &mut seq_in,
                         &mut seq_out,
                         msg,
@@ -423,8 +423,8 @@ where
                 let msg = match keys.hmac(p.route) {
                     None => msg,
                     Some(h) => {
-                        let first = h.client_keys.first().unwrap_or(&h.upstream_key);
-                        let keys = std::slice::from_ref(&h.upstream_key);
+                        let first = h.client_keys.first().unwrap_or(h.upstream_signing_key());
+                        let keys = h.upstream_verify_keys();
                         match resign(
                             h,
                             p,

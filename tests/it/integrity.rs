@@ -301,3 +301,150 @@ async fn bodies_bare_lf_and_bad_hosts_are_400() {
     assert_eq!(request(&mut rx).await.0, "/");
     assert_echo(a).await;
 }
+
+mod rotation {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::Message;
+    use wsguard::sign::{self, Direction, Key, MsgType, SeqState};
+
+    use crate::common::*;
+
+    const CLIENT: [u8; 32] = [7; 32];
+    const P1: [u8; 32] = [1; 32];
+    const P2: [u8; 32] = [2; 32];
+
+    fn key_file(name: &str, k: &[u8]) -> String {
+        use base64::Engine as _;
+        let dir = std::env::temp_dir().join(format!("wsguard-it-rot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(name);
+        std::fs::write(&f, base64::engine::general_purpose::STANDARD.encode(k)).unwrap();
+        f.display().to_string()
+    }
+
+    fn signed(kid: &str, k: &[u8], dir: Direction, seq: u64, payload: &str) -> Message {
+        let key = Key::new(kid, k.to_vec()).unwrap();
+        let out = sign::sign(
+            &key,
+            dir,
+            seq,
+            sign::now_ms(),
+            "",
+            MsgType::Text,
+            payload.as_bytes(),
+        );
+        Message::text(String::from_utf8(out).unwrap())
+    }
+
+    /// A backend that knows p1 and p2: it verifies with either, reports the
+    /// kid wsguard signed with, and signs its answers with `signs_with`.
+    async fn backend(
+        signs_with: Arc<Mutex<&'static str>>,
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let Ok((s, _)) = l.accept().await else { return };
+            let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                return;
+            };
+            let keys = [
+                Key::new("p1", P1.to_vec()).unwrap(),
+                Key::new("p2", P2.to_vec()).unwrap(),
+            ];
+            let mut state = SeqState::default();
+            let mut seq = 0;
+            while let Some(Ok(Message::Text(t))) = ws.next().await {
+                let kid = t.split('.').nth(1).unwrap_or("").to_string();
+                let ok = sign::verify(
+                    &keys,
+                    Direction::C2s,
+                    "",
+                    MsgType::Text,
+                    t.as_bytes(),
+                    sign::now_ms(),
+                    30_000,
+                    &mut state,
+                )
+                .is_ok();
+                let _ = tx.send(format!("{kid}:{ok}"));
+                seq += 1;
+                let with = *signs_with.lock().unwrap();
+                let k: &[u8] = if with == "p1" { &P1 } else { &P2 };
+                if ws
+                    .send(signed(with, k, Direction::S2c, seq, "pong"))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        (a, rx)
+    }
+
+    #[tokio::test]
+    async fn rotating_the_upstream_key_through_a_list_drops_no_session() {
+        let signs_with = Arc::new(Mutex::new("p1"));
+        let (b, mut rx) = backend(Arc::clone(&signs_with)).await;
+        let (c, p1, p2) = (
+            key_file("c", &CLIENT),
+            key_file("p1", &P1),
+            key_file("p2", &P2),
+        );
+        let yaml = |upstream: &str| {
+            format!(
+                "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\nhmac:\n  mode: enforce\n  client_keys: [{{ id: c1, secret_file: \"{c}\" }}]\n  upstream_key: {upstream}\nkeepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits: {{ per_ip: null, per_connection: null }}\n"
+            )
+        };
+        let one = |kid: &str, f: &str| format!("{{ id: {kid}, secret_file: \"{f}\" }}");
+        let p = proxy_yaml(&yaml(&one("p1", &p1))).await;
+        let mut client = ws(p.addr, "/").await;
+        let mut seq = 0;
+        let mut exchange =
+            async |client: &mut Ws, rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>| {
+                seq += 1;
+                client
+                    .send(signed("c1", &CLIENT, Direction::C2s, seq, "ping"))
+                    .await
+                    .unwrap();
+                let m = next(client).await;
+                assert!(
+                    matches!(&m, Message::Text(t) if t.starts_with("wsg1.c1.")),
+                    "{m:?}"
+                );
+                within("backend report", rx.recv()).await.unwrap()
+            };
+        assert_eq!(exchange(&mut client, &mut rx).await, "p1:true");
+        // Step 1: wsguard accepts p2 as well, still signs with p1.
+        let both = format!("[{}, {}]", one("p1", &p1), one("p2", &p2));
+        p.shared
+            .install(wsguard::policy::Policy::from_text("r.yaml", &yaml(&both)).unwrap());
+        assert_eq!(exchange(&mut client, &mut rx).await, "p1:true");
+        // Step 2: the backend signs with p2 (it accepts both already).
+        *signs_with.lock().unwrap() = "p2";
+        assert_eq!(exchange(&mut client, &mut rx).await, "p1:true");
+        // Step 3: wsguard signs with p2 first, still accepts p1.
+        let swapped = format!("[{}, {}]", one("p2", &p2), one("p1", &p1));
+        p.shared
+            .install(wsguard::policy::Policy::from_text("r.yaml", &yaml(&swapped)).unwrap());
+        assert_eq!(exchange(&mut client, &mut rx).await, "p2:true");
+        // Step 4: p1 is retired.
+        p.shared
+            .install(wsguard::policy::Policy::from_text("r.yaml", &yaml(&one("p2", &p2))).unwrap());
+        assert_eq!(exchange(&mut client, &mut rx).await, "p2:true");
+        assert_eq!(
+            metric(
+                &p,
+                "wsguard_signature_failures_total{reason=\"unknown_kid\"}"
+            ),
+            0.0
+        );
+        client.close(None).await.unwrap();
+    }
+}

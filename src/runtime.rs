@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::guard::breaker::Breaker;
-use crate::guard::jwt::Verifier;
+use crate::guard::jwt::{JwksCache, Verifier};
 use crate::guard::limits::{ConnCounts, HandshakeLimiter, SubjectLimiter};
 use crate::guard::shared::{SharedLimiter, SharedSettings};
 use crate::metrics::{Metrics, UpstreamLabel};
@@ -88,6 +88,11 @@ pub struct Shared {
     /// Per-IP handshake limiters by (route prefix, rate), kept across
     /// reloads for the same reason.
     limiters: Mutex<HashMap<(String, Rate), Arc<HandshakeLimiter>>>,
+    /// JWKS key caches by URL, each with its one refresher. A reload keeps
+    /// the cache (and its keys) of every URL the new policy still names and
+    /// fetches nothing for it: a reload while the identity provider is down
+    /// changes nothing for valid tokens.
+    jwks: Mutex<HashMap<String, JwksEntry>>,
     /// The Redis limiter, kept while its settings are unchanged (its
     /// connection and outage state survive reloads).
     shared_limiter: Mutex<Option<(SharedSettings, Arc<SharedLimiter>)>>,
@@ -97,6 +102,15 @@ pub struct Shared {
 }
 
 type BreakerKey = (u32, u128, u128, u32);
+
+/// One JWKS URL's cache and the refresher that keeps it fresh.
+struct JwksEntry {
+    cache: Arc<JwksCache>,
+    /// The refresh period the refresher runs with (the shortest non-zero
+    /// `jwks_refresh` among the routes naming the URL; zero = none).
+    every: std::time::Duration,
+    stop: CancellationToken,
+}
 
 fn breaker_key(b: &BreakerPolicy) -> BreakerKey {
     (
@@ -128,6 +142,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             breakers: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
+            jwks: Mutex::new(HashMap::new()),
             shared_limiter: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -146,9 +161,60 @@ impl Shared {
         self.current.load_full()
     }
 
+    /// The JWKS cache of `url`, if the policy in force names it.
+    pub fn jwks_cache(&self, url: &str) -> Option<Arc<JwksCache>> {
+        let map = self.jwks.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(url).map(|e| Arc::clone(&e.cache))
+    }
+
+    /// Brings the per-URL JWKS caches in line with `policy`: one cache and
+    /// one refresher per URL. A URL still named keeps its cache and keys and
+    /// is not refetched (its refresher restarts only when the refresh
+    /// period changed, and then waits a full period); a new URL is fetched
+    /// in the background; a URL no longer named loses its refresher.
+    fn sync_jwks(&self, policy: &Policy) {
+        let mut wanted: Vec<(String, std::time::Duration)> = Vec::new();
+        for j in policy.all_routes().filter_map(|r| r.jwt.as_ref()) {
+            let Some(url) = &j.jwks_url else { continue };
+            match wanted.iter_mut().find(|(u, _)| u == url) {
+                Some((_, every)) => {
+                    if every.is_zero() || (!j.jwks_refresh.is_zero() && j.jwks_refresh < *every) {
+                        *every = j.jwks_refresh;
+                    }
+                }
+                None => wanted.push((url.clone(), j.jwks_refresh)),
+            }
+        }
+        let mut map = self.jwks.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|url, e| {
+            let keep = wanted.iter().any(|(u, _)| u == url);
+            if !keep {
+                e.stop.cancel();
+            }
+            keep
+        });
+        let handle = tokio::runtime::Handle::try_current().ok();
+        for (url, every) in wanted {
+            let (cache, initial) = match map.get(&url) {
+                Some(e) if e.every == every => continue,
+                Some(e) => {
+                    e.stop.cancel();
+                    (Arc::clone(&e.cache), false)
+                }
+                None => (JwksCache::new(&url), true),
+            };
+            let stop = self.shutdown.child_token();
+            if let Some(h) = &handle {
+                h.spawn(Arc::clone(&cache).run(every, initial, stop.clone()));
+            }
+            map.insert(url, JwksEntry { cache, every, stop });
+        }
+    }
+
     /// Swaps in a new policy atomically. Live sessions keep theirs.
     pub fn install(&self, policy: Policy) {
         let generation = self.current.load().generation + 1;
+        self.sync_jwks(&policy);
         let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
         let wanted_limiters: Vec<(String, Rate)> = policy
@@ -176,16 +242,11 @@ impl Shared {
                 ws_config: ws_config(&r.limits),
                 upstream_ws_config: upstream_ws_config(&r.limits),
                 jwt: r.jwt.as_ref().map(|j| {
-                    let v = Verifier::new(Arc::clone(j));
-                    // Initial JWKS fetch and periodic refresh, off the
-                    // handshake path. An unknown kid also triggers a fetch.
-                    if j.jwks_url.is_some() {
-                        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                            let (v2, stop) = (v.clone(), self.shutdown.clone());
-                            handle.spawn(async move { v2.start(stop).await });
-                        }
-                    }
-                    v
+                    // The process-wide cache of the URL: fetched and
+                    // refreshed off the handshake path by sync_jwks; an
+                    // unknown kid also triggers a (throttled) fetch.
+                    let cache = j.jwks_url.as_deref().and_then(|u| self.jwks_cache(u));
+                    Verifier::with_cache(Arc::clone(j), cache)
                 }),
                 handshakes: r.limits.per_ip_handshakes.map(|rate| {
                     // Reuse the limiter while the route and rate are unchanged:

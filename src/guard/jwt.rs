@@ -13,7 +13,8 @@
 //! - keys (PEM files, secrets) are parsed once at load; the JWKS is fetched
 //!   at start, refreshed in the background, and refetched on an unknown kid
 //!   at most once per [`UNKNOWN_KID_REFETCH`]; a failed fetch keeps the last
-//!   good keys.
+//!   good keys. Each URL's keys live in one [`JwksCache`], which the proxy
+//!   keeps across reloads while the URL is still named.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -178,9 +179,11 @@ pub struct StaticKey {
     /// a key without one is tried for any token of a matching algorithm.
     pub kid: Option<String>,
     pub key: DecodingKey,
-    /// The pinned algorithms this key may verify: its family (and, for EC,
-    /// its curve; for a JWKS key, its declared `alg`) within the pinned list.
-    /// Never empty.
+    /// The algorithms this key may verify: its family (and, for EC, its
+    /// curve; for a JWKS key, its declared `alg`), within the pinned list for
+    /// a configured key, within the supported ones for a JWKS key (a token's
+    /// algorithm is checked against the pinned list before any key is
+    /// tried). Never empty.
     pub algorithms: Vec<Algorithm>,
 }
 
@@ -1219,17 +1222,10 @@ struct Inner {
     jwt: Arc<Jwt>,
     /// Per pinned algorithm, the claim checks jsonwebtoken applies.
     validations: Vec<(Algorithm, Validation)>,
-    /// The last good JWKS keys (replaced as a whole).
-    jwks: ArcSwap<Vec<StaticKey>>,
-    client: Option<reqwest::Client>,
-    /// Serializes fetches so an older answer never overwrites a newer one.
-    fetch_lock: tokio::sync::Mutex<()>,
-    /// When an unknown kid last caused a refetch.
-    refetch_gate: tokio::sync::Mutex<Option<Instant>>,
-    refetch_every: Duration,
-    fetches: AtomicU64,
-    failing: AtomicBool,
-    started: AtomicBool,
+    /// The keys of `jwks_url`. In the proxy this is the process-wide cache
+    /// of that URL ([`crate::runtime::Shared`] keeps one per URL across
+    /// reloads); a verifier built alone has its own.
+    jwks: Option<Arc<JwksCache>>,
 }
 
 impl fmt::Debug for Verifier {
@@ -1237,9 +1233,206 @@ impl fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("algorithms", &self.inner.jwt.algorithms)
             .field("static_keys", &self.inner.jwt.keys.len())
-            .field("jwks_keys", &self.inner.jwks.load().len())
+            .field("jwks_keys", &self.jwks_keys())
             .field("jwks_fetches", &self.jwks_fetches())
             .finish()
+    }
+}
+
+/// The keys of one JWKS URL: the last good document's usable keys, fetched
+/// at start, refreshed in the background, refetched on an unknown kid (at
+/// most once per `refetch_every`). A failed fetch keeps the last good keys.
+///
+/// Keys are parsed for every supported algorithm, so routes that pin
+/// different algorithms can share one cache: a verifier only ever tries a
+/// key for the token's algorithm, which it has already checked is pinned.
+pub struct JwksCache {
+    url: String,
+    keys: ArcSwap<Vec<StaticKey>>,
+    client: Option<reqwest::Client>,
+    /// Serializes fetches so an older answer never overwrites a newer one.
+    fetch_lock: tokio::sync::Mutex<()>,
+    /// When an unknown kid last caused a refetch.
+    refetch_gate: tokio::sync::Mutex<Option<Instant>>,
+    refetch_every: Duration,
+    fetches: AtomicU64,
+    /// Fetches finished (either way): a caller that finds this moved while
+    /// it waited for `fetch_lock` takes that fetch's result instead of
+    /// fetching again.
+    done: AtomicU64,
+    failing: AtomicBool,
+}
+
+impl fmt::Debug for JwksCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwksCache")
+            .field("url", &self.url)
+            .field("keys", &self.keys.load().len())
+            .field("fetches", &self.fetches())
+            .finish()
+    }
+}
+
+impl JwksCache {
+    /// An empty cache for `url`; nothing is fetched until [`JwksCache::run`]
+    /// or [`JwksCache::refresh`].
+    pub fn new(url: &str) -> Arc<JwksCache> {
+        JwksCache::with_refetch_interval(url, UNKNOWN_KID_REFETCH)
+    }
+
+    fn with_refetch_interval(url: &str, refetch_every: Duration) -> Arc<JwksCache> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(JWKS_TIMEOUT)
+            .connect_timeout(JWKS_TIMEOUT)
+            .build()
+            .map_err(|e| tracing::error!(error = %e, "cannot build the JWKS HTTP client"))
+            .ok();
+        Arc::new(JwksCache {
+            url: url.to_string(),
+            keys: ArcSwap::from_pointee(Vec::new()),
+            client,
+            fetch_lock: tokio::sync::Mutex::new(()),
+            refetch_gate: tokio::sync::Mutex::new(None),
+            refetch_every,
+            fetches: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Number of fetches attempted so far.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The keys currently held.
+    pub fn keys(&self) -> Arc<Vec<StaticKey>> {
+        self.keys.load_full()
+    }
+
+    /// The refresher of this URL: an initial fetch when `initial` (bounded
+    /// by a short timeout; a failure is logged, not fatal), then one every
+    /// `every` (never when zero), until `stop` is cancelled.
+    pub async fn run(self: Arc<Self>, every: Duration, initial: bool, stop: CancellationToken) {
+        if initial {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                // Skipped if a handshake's unknown kid fetched first.
+                r = tokio::time::timeout(JWKS_START_TIMEOUT, self.refresh_unless_done_since(0)) => {
+                    if r.is_err() {
+                        tracing::warn!(url = %self.url, "initial JWKS fetch timed out; will retry in the background");
+                    }
+                }
+            }
+        }
+        if every.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.refresh() => {}
+            }
+        }
+    }
+
+    /// Fetches the JWKS now; on success its keys replace the previous ones.
+    /// Returns whether the fetch succeeded.
+    pub async fn refresh(&self) -> bool {
+        let _serial = self.fetch_lock.lock().await;
+        self.refresh_locked().await
+    }
+
+    /// Like [`JwksCache::refresh`], unless a fetch finished since `done`
+    /// read `seen` (then that fetch's keys stand).
+    async fn refresh_unless_done_since(&self, seen: u64) -> bool {
+        let _serial = self.fetch_lock.lock().await;
+        if self.done.load(Ordering::Acquire) != seen {
+            return !self.failing.load(Ordering::Relaxed);
+        }
+        self.refresh_locked().await
+    }
+
+    async fn refresh_locked(&self) -> bool {
+        let url = self.url.as_str();
+        let fetched = self.fetch().await;
+        self.done.fetch_add(1, Ordering::Release);
+        match fetched {
+            Ok(keys) => {
+                let n = keys.len();
+                self.keys.store(Arc::new(keys));
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(url, keys = n, "JWKS fetch recovered");
+                } else {
+                    tracing::debug!(url, keys = n, "JWKS fetched");
+                }
+                true
+            }
+            Err(e) => {
+                if self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(url, error = %e, "JWKS fetch still failing");
+                } else {
+                    tracing::warn!(url, error = %e, "JWKS fetch failed; keeping the last good keys");
+                }
+                false
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<StaticKey>, String> {
+        let client = self.client.as_ref().ok_or("no HTTP client")?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let mut resp = client
+            .get(&self.url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("answered {status}"));
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n > JWKS_MAX_BYTES as u64)
+        {
+            return Err(format!("document larger than {JWKS_MAX_BYTES} bytes"));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| format!("reading failed: {e}"))?
+        {
+            if body.len() + chunk.len() > JWKS_MAX_BYTES {
+                return Err(format!("document larger than {JWKS_MAX_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_jwks(&body, &SUPPORTED)
+    }
+
+    /// A token needs a key nobody has: refetch, at most once per
+    /// `refetch_every` over all kids. Callers arriving while a refetch runs
+    /// wait for it (and then see its keys) instead of fetching again.
+    async fn refetch_for_unknown_key(&self) {
+        let seen = self.done.load(Ordering::Acquire);
+        let mut last = self.refetch_gate.lock().await;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < self.refetch_every) {
+            return;
+        }
+        *last = Some(now);
+        self.refresh_unless_done_since(seen).await;
     }
 }
 
@@ -1356,39 +1549,37 @@ fn map_error(kind: &ErrorKind) -> Try {
 }
 
 impl Verifier {
+    /// A verifier with a JWKS cache of its own (when `jwks_url` is set).
     /// Does not fetch: call [`Verifier::start`] for the initial JWKS fetch
-    /// and the background refresh.
+    /// and the background refresh. The proxy uses
+    /// [`Verifier::with_cache`] instead, with the process-wide cache.
     pub fn new(jwt: Arc<Jwt>) -> Verifier {
-        Verifier::with_refetch_interval(jwt, UNKNOWN_KID_REFETCH)
+        let cache = jwt.jwks_url.as_deref().map(JwksCache::new);
+        Verifier::with_cache(jwt, cache)
     }
 
+    #[cfg(test)]
     fn with_refetch_interval(jwt: Arc<Jwt>, refetch_every: Duration) -> Verifier {
+        let cache = jwt
+            .jwks_url
+            .as_deref()
+            .map(|u| JwksCache::with_refetch_interval(u, refetch_every));
+        Verifier::with_cache(jwt, cache)
+    }
+
+    /// A verifier that reads the JWKS keys from `cache` (which must be the
+    /// cache of `jwt.jwks_url`; the caller runs its refresher).
+    pub fn with_cache(jwt: Arc<Jwt>, cache: Option<Arc<JwksCache>>) -> Verifier {
         let validations = jwt
             .algorithms
             .iter()
             .map(|&a| (a, validation_for(&jwt, a)))
             .collect();
-        let client = jwt.jwks_url.as_ref().and_then(|_| {
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(JWKS_TIMEOUT)
-                .connect_timeout(JWKS_TIMEOUT)
-                .build()
-                .map_err(|e| tracing::error!(error = %e, "cannot build the JWKS HTTP client"))
-                .ok()
-        });
         Verifier {
             inner: Arc::new(Inner {
                 jwt,
                 validations,
-                jwks: ArcSwap::from_pointee(Vec::new()),
-                client,
-                fetch_lock: tokio::sync::Mutex::new(()),
-                refetch_gate: tokio::sync::Mutex::new(None),
-                refetch_every,
-                fetches: AtomicU64::new(0),
-                failing: AtomicBool::new(false),
-                started: AtomicBool::new(false),
+                jwks: cache,
             }),
         }
     }
@@ -1400,23 +1591,30 @@ impl Verifier {
 
     /// Number of JWKS fetches attempted so far.
     pub fn jwks_fetches(&self) -> u64 {
-        self.inner.fetches.load(Ordering::Relaxed)
+        self.inner.jwks.as_ref().map_or(0, |c| c.fetches())
     }
 
-    /// Number of keys currently held from the JWKS.
+    /// Number of JWKS keys currently usable with the pinned algorithms.
     pub fn jwks_keys(&self) -> usize {
-        self.inner.jwks.load().len()
+        let pinned = &self.inner.jwt.algorithms;
+        self.inner.jwks.as_ref().map_or(0, |c| {
+            c.keys()
+                .iter()
+                .filter(|k| k.algorithms.iter().any(|a| pinned.contains(a)))
+                .count()
+        })
     }
 
-    /// Initial JWKS fetch (bounded by a short timeout; a failure is logged,
-    /// not fatal) and a background refresh every `jwks_refresh`, until
-    /// `shutdown` is cancelled or every clone of this verifier is dropped.
-    /// Does nothing without a `jwks_url`, or when already started.
+    /// For a verifier built with [`Verifier::new`]: the initial JWKS fetch
+    /// (bounded by a short timeout; a failure is logged, not fatal) and a
+    /// background refresh every `jwks_refresh`, until `shutdown` is
+    /// cancelled or every clone of this verifier is dropped. Does nothing
+    /// without a `jwks_url`.
     pub async fn start(&self, shutdown: CancellationToken) {
-        if self.inner.jwt.jwks_url.is_none() || self.inner.started.swap(true, Ordering::SeqCst) {
+        let Some(cache) = self.inner.jwks.clone() else {
             return;
-        }
-        if tokio::time::timeout(JWKS_START_TIMEOUT, self.refresh())
+        };
+        if tokio::time::timeout(JWKS_START_TIMEOUT, cache.refresh())
             .await
             .is_err()
         {
@@ -1426,18 +1624,18 @@ impl Verifier {
         if every.is_zero() {
             return;
         }
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let weak: Weak<JwksCache> = Arc::downgrade(&cache);
+        drop(cache);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(every) => {}
                 }
-                let Some(inner) = weak.upgrade() else { break };
-                let v = Verifier { inner };
+                let Some(cache) = weak.upgrade() else { break };
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = v.refresh() => {}
+                    _ = cache.refresh() => {}
                 }
             }
         });
@@ -1446,76 +1644,25 @@ impl Verifier {
     /// Fetches the JWKS now; on success its keys replace the previous JWKS
     /// keys. Returns whether the fetch succeeded.
     pub async fn refresh(&self) -> bool {
-        let inner = &self.inner;
-        let Some(url) = inner.jwt.jwks_url.as_deref() else {
-            return false;
-        };
-        let _serial = inner.fetch_lock.lock().await;
-        match self.fetch(url).await {
-            Ok(keys) => {
-                let n = keys.len();
-                inner.jwks.store(Arc::new(keys));
-                if inner.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(url, keys = n, "JWKS fetch recovered");
-                } else {
-                    tracing::debug!(url, keys = n, "JWKS fetched");
-                }
-                true
-            }
-            Err(e) => {
-                if inner.failing.swap(true, Ordering::Relaxed) {
-                    tracing::debug!(url, error = %e, "JWKS fetch still failing");
-                } else {
-                    tracing::warn!(url, error = %e, "JWKS fetch failed; keeping the last good keys");
-                }
-                false
-            }
+        match &self.inner.jwks {
+            Some(c) => c.refresh().await,
+            None => false,
         }
-    }
-
-    async fn fetch(&self, url: &str) -> Result<Vec<StaticKey>, String> {
-        let client = self.inner.client.as_ref().ok_or("no HTTP client")?;
-        self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        let mut resp = client
-            .get(url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(format!("answered {status}"));
-        }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > JWKS_MAX_BYTES as u64)
-        {
-            return Err(format!("document larger than {JWKS_MAX_BYTES} bytes"));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("reading failed: {e}"))?
-        {
-            if body.len() + chunk.len() > JWKS_MAX_BYTES {
-                return Err(format!("document larger than {JWKS_MAX_BYTES} bytes"));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        parse_jwks(&body, &self.inner.jwt.algorithms)
     }
 
     /// Verifies a token and returns its claims.
     pub async fn verify(&self, token: &str) -> Result<Claims, JwtError> {
         let inner = &self.inner;
         let head = parse_head(token, &inner.jwt.algorithms)?;
-        let mut jwks = inner.jwks.load_full();
+        let empty = Arc::new(Vec::new());
+        let mut jwks = inner.jwks.as_ref().map_or(empty, |c| c.keys());
         let mut found = self.candidates(&jwks, &head, true);
-        if found.is_empty() && inner.jwt.jwks_url.is_some() {
-            self.refetch_for_unknown_key().await;
-            jwks = inner.jwks.load_full();
-            found = self.candidates(&jwks, &head, true);
+        if found.is_empty() {
+            if let Some(cache) = &inner.jwks {
+                cache.refetch_for_unknown_key().await;
+                jwks = cache.keys();
+                found = self.candidates(&jwks, &head, true);
+            }
         }
         if found.is_empty() && head.kid.is_some() {
             found = self.candidates(&jwks, &head, false);
@@ -1575,19 +1722,6 @@ impl Verifier {
                 (Some(_), false) => k.kid.is_none(),
             })
             .collect()
-    }
-
-    /// A token needs a key nobody has: refetch the JWKS, at most once per
-    /// `refetch_every` over all kids. Callers arriving while a refetch runs
-    /// wait for it (and then see its keys) instead of fetching again.
-    async fn refetch_for_unknown_key(&self) {
-        let mut last = self.inner.refetch_gate.lock().await;
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < self.inner.refetch_every) {
-            return;
-        }
-        *last = Some(now);
-        self.refresh().await;
     }
 }
 

@@ -448,3 +448,135 @@ mod rotation {
         client.close(None).await.unwrap();
     }
 }
+
+mod jwks {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use base64::Engine as _;
+    use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header};
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::common::*;
+
+    const EC1_PRIV: &str = include_str!("../fixtures/jwt/ec1_private.pem");
+    const EC1_PUB: &str = include_str!("../fixtures/jwt/ec1_public.pem");
+
+    struct Idp {
+        up: AtomicBool,
+        hits: AtomicUsize,
+    }
+
+    /// A JWKS endpoint serving the ec1 key as kid e1 while `up`, else 503.
+    async fn idp() -> (Arc<Idp>, String) {
+        let k = DecodingKey::from_ec_pem(EC1_PUB.as_bytes()).unwrap();
+        let p = k.try_get_as_bytes().unwrap().to_vec();
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let body = json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": "e1",
+            "x": b64(&p[1..33]), "y": b64(&p[33..65]),
+        }]})
+        .to_string();
+        let state = Arc::new(Idp {
+            up: AtomicBool::new(true),
+            hits: AtomicUsize::new(0),
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", l.local_addr().unwrap());
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let (st, body) = (Arc::clone(&st), body.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 2048];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    st.hits.fetch_add(1, Ordering::SeqCst);
+                    let (status, body) = if st.up.load(Ordering::SeqCst) {
+                        (200, body)
+                    } else {
+                        (503, "down".to_string())
+                    };
+                    let resp = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (state, url)
+    }
+
+    fn token() -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("e1".into());
+        encode(
+            &h,
+            &json!({ "sub": "alice", "exp": exp }),
+            &EncodingKey::from_ec_pem(EC1_PRIV.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn jwks_keys_survive_a_reload_while_the_idp_is_down() {
+        let (idp, url) = idp().await;
+        let (b, _rx) = recording_backend().await;
+        let dir = std::env::temp_dir().join(format!("wsguard-it-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.yaml");
+        let yaml = |refresh: &str, audience: &str| {
+            format!(
+                "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\njwt:\n  mode: enforce\n  algorithms: [ES256]\n  jwks_url: \"{url}\"\n  jwks_refresh: {refresh}\n{audience}routes:\n  - path: /other\n    jwt: {{ mode: enforce, algorithms: [ES256], jwks_url: \"{url}\" }}\nkeepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits: {{ per_ip: null, per_connection: null }}\n"
+            )
+        };
+        let p = proxy_yaml(&yaml("10m", "")).await;
+        let auth = format!("Authorization: Bearer {}\r\n", token());
+        let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+        assert_eq!(h.status, 101, "{}", h.text);
+        let (_r, h) = Raw::upgrade(p.addr, "/other", &auth).await;
+        assert_eq!(h.status, 101, "{}", h.text);
+        // Two routes name the URL: one cache, fetched once.
+        let cache = p.shared.jwks_cache(&url).expect("a cache for the URL");
+        assert_eq!(cache.fetches(), 1);
+        assert_eq!(idp.hits.load(Ordering::SeqCst), 1);
+
+        // The identity provider goes down; the operator reloads (SIGHUP),
+        // once with the same settings, once with other ones.
+        idp.up.store(false, Ordering::SeqCst);
+        for (refresh, audience) in [("10m", ""), ("5m", "  leeway: 10s\n")] {
+            std::fs::write(&file, yaml(refresh, audience)).unwrap();
+            let gen = p.shared.generation();
+            assert!(wsguard::reload::reload(&p.shared, &file));
+            assert_eq!(p.shared.generation(), gen + 1);
+            let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+            assert_eq!(h.status, 101, "after reload: {}", h.text);
+        }
+        // Nothing was refetched: the keys were fresh.
+        assert_eq!(idp.hits.load(Ordering::SeqCst), 1);
+        assert!(Arc::ptr_eq(&cache, &p.shared.jwks_cache(&url).unwrap()));
+
+        // A policy that no longer names the URL drops its cache.
+        std::fs::write(
+            &file,
+            format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\n"),
+        )
+        .unwrap();
+        assert!(wsguard::reload::reload(&p.shared, &file));
+        assert!(p.shared.jwks_cache(&url).is_none());
+        assert_echo(p.addr).await;
+    }
+}

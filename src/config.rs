@@ -234,6 +234,10 @@ pub struct HmacKeyConfig {
     pub secret_env: Option<Str>,
     #[serde(default)]
     pub secret_file: Option<Str>,
+    /// (client keys) Derive each session's key from the secret and this
+    /// token claim (contract section 3).
+    #[serde(default)]
+    pub derive: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

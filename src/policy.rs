@@ -178,11 +178,40 @@ pub struct Hmac {
     pub mode: Mode,
     /// JWT claim whose string value is bound into every signature.
     pub bind_claim: Option<String>,
+    /// The fixed client keys: all of them unless some are derived. A
+    /// session verifies with [`Hmac::session_client_keys`] when that is
+    /// `Some`, else with these.
     pub client_keys: Vec<sign::Key>,
+    /// Every client key in policy order, derived ones (`derive: CLAIM`)
+    /// included.
+    pub all_client_keys: Vec<sign::ClientKey>,
     pub upstream_key: sign::Key,
     pub verify_upstream: bool,
     pub max_skew: Duration,
     pub on_failure: OnFailure,
+}
+
+impl Hmac {
+    /// The claim values this policy's derived keys need, from a session's
+    /// verified token (string claims only).
+    pub fn derive_inputs(&self, claims: &jwt::Claims) -> sign::DeriveInputs {
+        sign::DeriveInputs::collect(&self.all_client_keys, |name| {
+            claims.get(name).and_then(|v| v.as_str())
+        })
+    }
+
+    /// A session's own client keys when some are derived (None: use
+    /// `client_keys` as they are).
+    pub fn session_client_keys(&self, inputs: &sign::DeriveInputs) -> Option<Vec<sign::Key>> {
+        sign::session_keys(&self.all_client_keys, inputs)
+    }
+
+    /// Whether any client key is derived from a token claim.
+    pub fn derives(&self) -> bool {
+        self.all_client_keys
+            .iter()
+            .any(|k| matches!(k, sign::ClientKey::Derived(_)))
+    }
 }
 
 impl fmt::Debug for Hmac {
@@ -561,6 +590,34 @@ fn mode_of(m: &Option<Spanned<Mode>>) -> (Mode, Location) {
 
 /// Reads an HMAC secret (base64) from the environment or a file.
 fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign::Key> {
+    let text = hmac_secret_text(c, k, path)?;
+    match sign::Key::from_base64(&k.id.value, &text) {
+        Ok(key) => Some(key),
+        Err(e) => {
+            c.push(k.id.referenced, path, e);
+            None
+        }
+    }
+}
+
+/// A client key: fixed, or (`derive: CLAIM`) derived per session.
+fn client_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign::ClientKey> {
+    let Some(claim) = &k.derive else {
+        return hmac_key(c, k, path).map(sign::ClientKey::Fixed);
+    };
+    let text = hmac_secret_text(c, k, path)?;
+    let made = sign::decode_secret(&k.id.value, &text)
+        .and_then(|secret| sign::DerivingKey::new(&k.id.value, &secret, &claim.value));
+    match made {
+        Ok(d) => Some(sign::ClientKey::Derived(d)),
+        Err(e) => {
+            c.push(k.id.referenced, path, e);
+            None
+        }
+    }
+}
+
+fn hmac_secret_text(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<String> {
     let text = match (&k.secret_env, &k.secret_file) {
         (Some(env), None) => match std::env::var(&env.value) {
             Ok(v) => v,
@@ -593,13 +650,7 @@ fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign
             return None;
         }
     };
-    match sign::Key::from_base64(&k.id.value, &text) {
-        Ok(key) => Some(key),
-        Err(e) => {
-            c.push(k.id.referenced, path, e);
-            None
-        }
-    }
+    Some(text)
 }
 
 impl TryFrom<&Config> for Policy {
@@ -949,17 +1000,32 @@ fn jwt(c: &mut Check, j: Option<&config::JwtConfig>, path: &str) -> Option<Arc<J
     }
 }
 
-/// `hmac.bind_claim` needs a JWT on the same route to take the claim from.
+/// `hmac.bind_claim` and a client key's `derive` need a token (JWT or
+/// introspection) on the same route to take the claim from.
 fn check_bind(c: &mut Check, h: Option<&config::HmacConfig>, route: &Route, path: &str) {
-    let Some(b) = h.and_then(|h| h.bind_claim.as_ref()) else {
+    let Some(h) = h else {
         return;
     };
-    if route.hmac.is_some() && route.jwt.is_none() {
-        c.push(
-            b.referenced,
-            &format!("{path}.bind_claim"),
-            "needs jwt (mode enforce or report) on the same route",
-        );
+    if route.hmac.is_none() || route.jwt.is_some() {
+        return;
+    }
+    let msg = "needs jwt (mode enforce or report) on the same route";
+    if let Some(b) = &h.bind_claim {
+        c.push(b.referenced, &format!("{path}.bind_claim"), msg);
+    }
+    for (i, k) in h
+        .client_keys
+        .iter()
+        .flat_map(|k| k.value.iter())
+        .enumerate()
+    {
+        if let Some(d) = &k.derive {
+            c.push(
+                d.referenced,
+                &format!("{path}.client_keys[{i}].derive"),
+                msg,
+            );
+        }
     }
 }
 
@@ -973,8 +1039,11 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     match &h.client_keys {
         Some(keys) if !keys.value.is_empty() => {
             for (i, k) in keys.value.iter().enumerate() {
-                if let Some(key) = hmac_key(c, k, &format!("{path}.client_keys[{i}]")) {
-                    if client_keys.iter().any(|x: &sign::Key| x.kid() == key.kid()) {
+                if let Some(key) = client_key(c, k, &format!("{path}.client_keys[{i}]")) {
+                    if client_keys
+                        .iter()
+                        .any(|x: &sign::ClientKey| x.kid() == key.kid())
+                    {
                         c.push(
                             k.id.referenced,
                             &format!("{path}.client_keys[{i}].id"),
@@ -993,6 +1062,17 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
                 "at least one key is required when hmac.mode is not off",
             );
         }
+    }
+    if let Some(d) = h
+        .upstream_key
+        .as_ref()
+        .and_then(|k| k.value.derive.as_ref())
+    {
+        c.push(
+            d.referenced,
+            &format!("{path}.upstream_key.derive"),
+            "only client keys can be derived (the backend holds one key)",
+        );
     }
     let upstream_key = match &h.upstream_key {
         Some(k) => hmac_key(c, &k.value, &format!("{path}.upstream_key")),
@@ -1016,7 +1096,8 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     }
     Some(Hmac {
         mode,
-        client_keys,
+        client_keys: sign::fixed_keys(&client_keys),
+        all_client_keys: client_keys,
         upstream_key,
         verify_upstream: h.verify_upstream.unwrap_or(true),
         bind_claim: h.bind_claim.as_ref().map(|b| b.value.clone()),
@@ -1527,6 +1608,37 @@ mod tests {
         // Built features with bad material report the file instead.
         let p = problems("tls:\n  cert_file: /nonexistent/a\n  key_file: /nonexistent/b\n");
         assert!(p[0].message.contains("/nonexistent/a"), "{p:?}");
+    }
+
+    #[test]
+    fn derived_client_keys_need_a_token_and_are_client_only() {
+        let d = std::env::temp_dir().join(format!("wsguard-policy-derive-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        let k = d.join("k");
+        std::fs::write(&k, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let k = k.display();
+        let hmac = format!(
+            "hmac:\n  mode: enforce\n  client_keys: [{{ id: user, secret_file: \"{k}\", derive: sub }}]\n  upstream_key: {{ id: p1, secret_file: \"{k}\" }}\n"
+        );
+        let p = problems(&hmac);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "hmac.client_keys[0].derive");
+        let jwt =
+            "jwt:\n  mode: enforce\n  algorithms: [RS256]\n  jwks_url: https://idp.example/jwks\n";
+        let ok =
+            Policy::from_text("p.yaml", &format!("{jwt}{hmac}")).unwrap_or_else(|e| panic!("{e}"));
+        let h = ok
+            .default_route
+            .hmac
+            .as_ref()
+            .map(|h| (h.derives(), h.client_keys.len()));
+        assert_eq!(h, Some((true, 0)));
+        let p = problems(&format!(
+            "{jwt}hmac:\n  mode: enforce\n  client_keys: [{{ id: user, secret_file: \"{k}\" }}]\n  upstream_key: {{ id: p1, secret_file: \"{k}\", derive: sub }}\n"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "hmac.upstream_key.derive");
     }
 
     #[test]

@@ -417,6 +417,7 @@ async fn upgrade(
         route: route_index,
         subject: auth.subject,
         bind: auth.bind,
+        derive: auth.derive,
         expires: auth.expires,
         subject_slot,
         shared_slot,
@@ -460,6 +461,8 @@ struct Auth {
     bind: String,
     /// When `close_on_expiry` ends the session.
     expires: Option<Instant>,
+    /// Claim values for the route's derived HMAC client keys.
+    derive: crate::sign::DeriveInputs,
 }
 
 /// The JWT guard: find the token in the configured sources, verify it,
@@ -481,6 +484,7 @@ async fn authenticate<B>(
         subject: None,
         bind: String::new(),
         expires: None,
+        derive: crate::sign::DeriveInputs::default(),
     };
     let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
         return Ok(auth);
@@ -551,6 +555,7 @@ async fn authenticate<B>(
         .and_then(|s| s.as_str())
         .map(str::to_string);
     if let Some(h) = &route.hmac {
+        auth.derive = h.derive_inputs(&claims);
         if let Some(name) = &h.bind_claim {
             match claims.get(name).and_then(|v| v.as_str()) {
                 // A newline would let the bind value run into the next

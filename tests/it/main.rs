@@ -7,6 +7,7 @@ mod common;
 mod core;
 mod guards;
 mod hmac;
+mod identity;
 mod jwt;
 mod process;
 mod redis;

@@ -21,6 +21,13 @@ pub enum Reject {
     /// Token missing, invalid or expired.
     #[error("token refused: {0}")]
     Unauthorized(crate::guard::jwt::JwtError),
+    /// Introspection: token missing, inactive, unknown, expired or not
+    /// for this audience/issuer.
+    #[error("token refused by introspection: {0}")]
+    TokenInactive(crate::guard::introspect::IntrospectError),
+    /// The introspection endpoint is unreachable and `on_error: deny`.
+    #[error("{0}")]
+    IntrospectionUnavailable(crate::guard::introspect::IntrospectError),
     /// Per-IP handshake rate limit.
     #[error("handshake rate limit")]
     RateLimited { retry_after: u64 },
@@ -52,7 +59,7 @@ impl Reject {
         match self {
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::Origin(_) => StatusCode::FORBIDDEN,
-            Reject::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Reject::Unauthorized(_) | Reject::TokenInactive(_) => StatusCode::UNAUTHORIZED,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -60,7 +67,8 @@ impl Reject {
             Reject::Capacity { .. }
             | Reject::CircuitOpen { .. }
             | Reject::ShuttingDown
-            | Reject::SharedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | Reject::SharedUnavailable
+            | Reject::IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -74,6 +82,7 @@ impl Reject {
             Reject::Version => "bad_version",
             Reject::Origin(e) => e.reason(),
             Reject::Unauthorized(e) => e.reason(),
+            Reject::TokenInactive(e) | Reject::IntrospectionUnavailable(e) => e.reason(),
             Reject::NotUpgrade => "not_upgrade",
             Reject::RateLimited { .. } => "handshake_rate",
             Reject::ConnectionCap { .. } => "connection_cap",
@@ -92,7 +101,9 @@ impl Reject {
             | Reject::ConnectionCap { retry_after }
             | Reject::Capacity { retry_after }
             | Reject::CircuitOpen { retry_after } => Some((*retry_after).max(1)),
-            Reject::ShuttingDown | Reject::SharedUnavailable => Some(1),
+            Reject::ShuttingDown
+            | Reject::SharedUnavailable
+            | Reject::IntrospectionUnavailable(_) => Some(1),
             _ => None,
         }
     }

@@ -112,6 +112,8 @@ pub struct Route {
     pub upstream: Upstream,
     pub origin: Option<OriginPolicy>,
     pub jwt: Option<Arc<Jwt>>,
+    /// OAuth 2.0 token introspection; never on together with `jwt`.
+    pub introspection: Option<Arc<crate::guard::introspect::Introspection>>,
     pub hmac: Option<Hmac>,
     pub keepalive: Keepalive,
     pub limits: Limits,
@@ -698,11 +700,18 @@ impl TryFrom<&Config> for Policy {
             upstream: upstream(&mut c, cfg.upstream.as_ref(), "upstream"),
             origin: origin(&mut c, cfg.origin.as_ref(), "origin"),
             jwt: jwt(&mut c, cfg.jwt.as_ref(), "jwt"),
+            introspection: introspection(&mut c, cfg.introspection.as_ref(), "introspection"),
             hmac: hmac(&mut c, cfg.hmac.as_ref(), "hmac"),
             keepalive: keepalive(&mut c, cfg.keepalive.as_ref(), "keepalive"),
             limits: limits(&mut c, cfg.limits.as_ref(), "limits"),
         };
         check_bind(&mut c, cfg.hmac.as_ref(), &default_route, "hmac");
+        check_one_token_guard(
+            &mut c,
+            cfg.introspection.as_ref(),
+            &default_route,
+            "introspection",
+        );
 
         let mut routes: Vec<Route> = Vec::new();
         for (i, r) in cfg.routes.iter().flat_map(|r| r.value.iter()).enumerate() {
@@ -738,6 +747,10 @@ impl TryFrom<&Config> for Policy {
                     Some(j) => jwt(&mut c, Some(j), &format!("{path}.jwt")),
                     None => default_route.jwt.clone(),
                 },
+                introspection: match &r.introspection {
+                    Some(i) => introspection(&mut c, Some(i), &format!("{path}.introspection")),
+                    None => default_route.introspection.clone(),
+                },
                 hmac: match &r.hmac {
                     Some(h) => hmac(&mut c, Some(h), &format!("{path}.hmac")),
                     None => default_route.hmac.clone(),
@@ -756,6 +769,12 @@ impl TryFrom<&Config> for Policy {
                 r.hmac.as_ref().or(cfg.hmac.as_ref()),
                 &route,
                 &format!("{path}.hmac"),
+            );
+            check_one_token_guard(
+                &mut c,
+                r.introspection.as_ref().or(cfg.introspection.as_ref()),
+                &route,
+                &format!("{path}.introspection"),
             );
             routes.push(route);
         }
@@ -1000,16 +1019,51 @@ fn jwt(c: &mut Check, j: Option<&config::JwtConfig>, path: &str) -> Option<Arc<J
     }
 }
 
+fn introspection(
+    c: &mut Check,
+    i: Option<&config::IntrospectionConfig>,
+    path: &str,
+) -> Option<Arc<crate::guard::introspect::Introspection>> {
+    match crate::guard::introspect::build(i?, path) {
+        Ok(v) => v.map(Arc::new),
+        Err(problems) => {
+            for (loc, p, msg) in problems {
+                c.push(loc, &p, msg);
+            }
+            None
+        }
+    }
+}
+
+/// On a route, at most one of `jwt` and `introspection` is on.
+fn check_one_token_guard(
+    c: &mut Check,
+    i: Option<&config::IntrospectionConfig>,
+    route: &Route,
+    path: &str,
+) {
+    if route.jwt.is_some() && route.introspection.is_some() {
+        let loc = i
+            .and_then(|i| i.mode.as_ref())
+            .map_or(Location::UNKNOWN, |m| m.referenced);
+        c.push(
+            loc,
+            &format!("{path}.mode"),
+            "jwt and introspection are both on for this route; at most one may be (set the other's mode: off)",
+        );
+    }
+}
+
 /// `hmac.bind_claim` and a client key's `derive` need a token (JWT or
 /// introspection) on the same route to take the claim from.
 fn check_bind(c: &mut Check, h: Option<&config::HmacConfig>, route: &Route, path: &str) {
     let Some(h) = h else {
         return;
     };
-    if route.hmac.is_none() || route.jwt.is_some() {
+    if route.hmac.is_none() || route.jwt.is_some() || route.introspection.is_some() {
         return;
     }
-    let msg = "needs jwt (mode enforce or report) on the same route";
+    let msg = "needs jwt or introspection (mode enforce or report) on the same route";
     if let Some(b) = &h.bind_claim {
         c.push(b.referenced, &format!("{path}.bind_claim"), msg);
     }
@@ -1639,6 +1693,34 @@ mod tests {
         ));
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].path, "hmac.upstream_key.derive");
+    }
+
+    #[test]
+    fn at_most_one_token_guard_per_route() {
+        let d = std::env::temp_dir().join(format!("wsguard-policy-intro-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        let f = d.join("s");
+        std::fs::write(&f, "secret").unwrap_or_else(|e| panic!("{e}"));
+        let intro = format!(
+            "introspection: {{ mode: enforce, url: \"https://idp.example/introspect\", client_id: wsg, client_secret_file: \"{}\" }}\n",
+            f.display()
+        );
+        let jwt =
+            "jwt:\n  mode: enforce\n  algorithms: [RS256]\n  jwks_url: https://idp.example/jwks\n";
+        let ok = Policy::from_text("p.yaml", &intro).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ok.default_route.introspection.is_some());
+        let p = problems(&format!("{jwt}{intro}"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "introspection.mode");
+        assert!(p[0].message.contains("at most one"), "{p:?}");
+        // A route inheriting jwt must turn it off to use introspection.
+        let route = format!("{jwt}routes:\n  - path: /opaque\n    {}", intro.trim_end());
+        let p = problems(&route);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "routes[0].introspection.mode");
+        let fixed = format!("{route}\n    jwt: {{ mode: off }}\n");
+        let ok = Policy::from_text("p.yaml", &fixed).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ok.routes[0].introspection.is_some() && ok.routes[0].jwt.is_none());
     }
 
     #[test]

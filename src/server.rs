@@ -235,6 +235,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
             HeaderValue::from_static(e.www_authenticate()),
         );
     }
+    if let Reject::TokenInactive(e) = r {
+        h.insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(e.www_authenticate()),
+        );
+    }
     if let Some(secs) = r.retry_after() {
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             h.insert(RETRY_AFTER, v);
@@ -486,32 +492,36 @@ async fn authenticate<B>(
         expires: None,
         derive: crate::sign::DeriveInputs::default(),
     };
-    let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
-        return Ok(auth);
+    let j = match (&route.jwt, &derived.jwt, &derived.introspection) {
+        (Some(j), Some(verifier), _) => TokenGuard::Jwt(j, verifier),
+        (None, _, Some(i)) => TokenGuard::Introspection(i),
+        _ => return Ok(auth),
     };
     let found = jwt::extract(
-        &j.token_sources,
+        j.token_sources(),
         req.headers(),
         &up.path_and_query,
         &up.protocols,
     );
-    let verdict = match &found {
-        None => Err(JwtError::Missing),
-        Some(f) => tokio::time::timeout_at(deadline, verifier.verify(&f.token))
-            .await
-            .unwrap_or(Err(JwtError::UnknownKey)),
-    };
-    let claims = match verdict {
+    let claims = match j
+        .verify(found.as_ref().map(|f| f.token.as_str()), deadline)
+        .await
+    {
         Ok(c) => Some(c),
-        Err(e) if j.mode == Mode::Enforce => return Err(Reject::Unauthorized(e)),
-        Err(e) => {
-            shared.metrics.reject("jwt_report");
-            tracing::info!(client = %peer, reason = e.reason(), "token would be refused (report mode)");
+        Err(Reject::IntrospectionUnavailable(e)) if j.allow_on_error() => {
+            shared.metrics.reject("introspection_unavailable_allowed");
+            tracing::warn!(client = %peer, error = %e, "introspection unavailable; letting the handshake through without claims (on_error: allow)");
+            None
+        }
+        Err(r) if j.mode() == Mode::Enforce => return Err(r),
+        Err(r) => {
+            shared.metrics.reject(j.report_label());
+            tracing::info!(client = %peer, reason = r.label(), "token would be refused (report mode)");
             None
         }
     };
-    if let (Some(f), false) = (&found, j.forward_token) {
-        match j.token_sources.get(f.source) {
+    if let (Some(f), false) = (&found, j.forward_token()) {
+        match j.token_sources().get(f.source) {
             Some(TokenSource::Header) => jwt::strip_header(&mut auth.headers),
             Some(TokenSource::Query(name)) => {
                 auth.path_and_query = jwt::strip_query(&auth.path_and_query, name)
@@ -536,7 +546,7 @@ async fn authenticate<B>(
             None => {}
         }
     }
-    for (claim, header) in &j.forward_claims {
+    for (claim, header) in j.forward_claims() {
         // Only wsguard may assert a claim: drop any client copy first.
         auth.headers.remove(header);
         if let Some(v) = claims
@@ -568,7 +578,7 @@ async fn authenticate<B>(
             }
         }
     }
-    if j.close_on_expiry {
+    if j.close_on_expiry() {
         auth.expires = j.session_deadline(&claims).map(|at| {
             let left = at
                 .duration_since(std::time::SystemTime::now())
@@ -577,6 +587,89 @@ async fn authenticate<B>(
         });
     }
     Ok(auth)
+}
+
+/// The token guard of a route: a JWT check or token introspection (policy
+/// load makes sure at most one is on).
+enum TokenGuard<'a> {
+    Jwt(&'a jwt::Jwt, &'a jwt::Verifier),
+    Introspection(&'a crate::guard::introspect::Introspector),
+}
+
+impl TokenGuard<'_> {
+    fn mode(&self) -> Mode {
+        match self {
+            TokenGuard::Jwt(j, _) => j.mode,
+            TokenGuard::Introspection(i) => i.policy().mode,
+        }
+    }
+
+    fn token_sources(&self) -> &[TokenSource] {
+        match self {
+            TokenGuard::Jwt(j, _) => &j.token_sources,
+            TokenGuard::Introspection(i) => &i.policy().token_sources,
+        }
+    }
+
+    fn forward_token(&self) -> bool {
+        match self {
+            TokenGuard::Jwt(j, _) => j.forward_token,
+            TokenGuard::Introspection(i) => i.policy().forward_token,
+        }
+    }
+
+    fn forward_claims(&self) -> &[(String, hyper::header::HeaderName)] {
+        match self {
+            TokenGuard::Jwt(j, _) => &j.forward_claims,
+            TokenGuard::Introspection(i) => &i.policy().forward_claims,
+        }
+    }
+
+    fn close_on_expiry(&self) -> bool {
+        match self {
+            TokenGuard::Jwt(j, _) => j.close_on_expiry,
+            TokenGuard::Introspection(i) => i.policy().close_on_expiry,
+        }
+    }
+
+    fn session_deadline(&self, claims: &jwt::Claims) -> Option<std::time::SystemTime> {
+        match self {
+            TokenGuard::Jwt(j, _) => j.session_deadline(claims),
+            TokenGuard::Introspection(i) => i.policy().session_deadline(claims),
+        }
+    }
+
+    fn allow_on_error(&self) -> bool {
+        matches!(self, TokenGuard::Introspection(i)
+            if i.policy().on_error == crate::config::IntrospectionOnError::Allow)
+    }
+
+    fn report_label(&self) -> &'static str {
+        match self {
+            TokenGuard::Jwt(..) => "jwt_report",
+            TokenGuard::Introspection(_) => "introspection_report",
+        }
+    }
+
+    /// Checks the token found (None: none was) within the handshake's
+    /// deadline.
+    async fn verify(&self, token: Option<&str>, deadline: Instant) -> Result<jwt::Claims, Reject> {
+        match self {
+            TokenGuard::Jwt(_, verifier) => {
+                let token = token.ok_or(Reject::Unauthorized(JwtError::Missing))?;
+                tokio::time::timeout_at(deadline, verifier.verify(token))
+                    .await
+                    .unwrap_or(Err(JwtError::UnknownKey))
+                    .map_err(Reject::Unauthorized)
+            }
+            TokenGuard::Introspection(i) => i.check(token, deadline).await.map_err(|e| match e {
+                crate::guard::introspect::IntrospectError::Unavailable(_) => {
+                    Reject::IntrospectionUnavailable(e)
+                }
+                other => Reject::TokenInactive(other),
+            }),
+        }
+    }
 }
 
 /// The per-IP handshake rate: in Redis across replicas when `limits.shared`

@@ -307,3 +307,504 @@ fn cli_derive_key_sign_and_verify_match_the_pinned_vector() {
     );
     assert_eq!(empty.status.code(), Some(1));
 }
+
+// ------------------------------------------------------------ introspection
+
+/// A test introspection endpoint (RFC 7662) on 127.0.0.1:0. It counts its
+/// calls, checks wsguard's Basic credentials, and answers by token:
+/// `act-NAME` active for subject NAME (exp in 10 min), `short-NAME` active
+/// with exp in 2 s, `expired` active but past exp, `inactive`; anything
+/// else inactive. While `hold` is set, answers wait for `release`.
+struct Idp {
+    addr: std::net::SocketAddr,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+const IDP_ID: &str = "wsguard";
+const IDP_SECRET: &str = "idp-client-secret:with/odd chars";
+
+impl Idp {
+    async fn start(hold: bool) -> Idp {
+        use http_body_util::BodyExt as _;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (gate, open) = tokio::sync::watch::channel(!hold);
+        let calls2 = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let (calls, open) = (calls2.clone(), open.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (calls, mut open) = (calls.clone(), open.clone());
+                            async move {
+                                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let enc = |s: &str| {
+                                    form_urlencoded::byte_serialize(s.as_bytes())
+                                        .collect::<String>()
+                                };
+                                let want = format!(
+                                    "Basic {}",
+                                    base64::engine::general_purpose::STANDARD.encode(format!(
+                                        "{}:{}",
+                                        enc(IDP_ID),
+                                        enc(IDP_SECRET)
+                                    ))
+                                );
+                                let authorized = req.method() == hyper::Method::POST
+                                    && req
+                                        .headers()
+                                        .get("authorization")
+                                        .and_then(|v| v.to_str().ok())
+                                        == Some(want.as_str())
+                                    && req
+                                        .headers()
+                                        .get("content-type")
+                                        .and_then(|v| v.to_str().ok())
+                                        == Some("application/x-www-form-urlencoded");
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let _ = open.wait_for(|o| *o).await;
+                                let token = form_urlencoded::parse(&body)
+                                    .find(|(k, _)| k == "token")
+                                    .map(|(_, v)| v.into_owned())
+                                    .unwrap_or_default();
+                                let (status, answer) = if !authorized {
+                                    (401, json!({ "error": "invalid_client" }))
+                                } else if let Some(name) = token.strip_prefix("act-") {
+                                    (
+                                        200,
+                                        json!({ "active": true, "sub": name, "scope": "chat read", "exp": now() + 600, "iss": "https://idp.example", "aud": ["chat"] }),
+                                    )
+                                } else if let Some(name) = token.strip_prefix("short-") {
+                                    (
+                                        200,
+                                        json!({ "active": true, "sub": name, "exp": now() + 2, "iss": "https://idp.example", "aud": "chat" }),
+                                    )
+                                } else if token == "expired" {
+                                    (
+                                        200,
+                                        json!({ "active": true, "sub": "old", "exp": now() - 30, "iss": "https://idp.example", "aud": "chat" }),
+                                    )
+                                } else {
+                                    (200, json!({ "active": false }))
+                                };
+                                let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(answer.to_string()),
+                                ));
+                                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Idp { addr, calls, gate }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn release(&self) {
+        let _ = self.gate.send(true);
+    }
+}
+
+fn idp_secret_file() -> String {
+    let f = dir("introspect").join("client.secret");
+    std::fs::write(&f, format!("{IDP_SECRET}\n")).unwrap();
+    f.display().to_string()
+}
+
+/// An introspection policy toward `url`, with extra keys in the section
+/// (indented two spaces) and extra top-level YAML.
+fn introspection_policy(url: &str, section: &str, top: &str) -> String {
+    format!(
+        "introspection:\n  mode: enforce\n  url: \"{url}\"\n  client_id: {IDP_ID}\n  client_secret_file: \"{}\"\n  issuer: https://idp.example\n  audience: [chat]\n  forward_claims: {{ sub: x-auth-subject, scope: x-auth-scope }}\n{section}\
+         keepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  per_ip: null\n  per_connection: null\n{top}",
+        idp_secret_file()
+    )
+}
+
+fn bearer(t: &str) -> String {
+    format!("Authorization: Bearer {t}\r\n")
+}
+
+fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+async fn next_request_headers(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) -> Vec<(String, String)> {
+    loop {
+        if let Seen::Request { headers, .. } = seen(rx).await {
+            return headers;
+        }
+    }
+}
+
+#[tokio::test]
+async fn introspection_active_inactive_expired_cache_and_forward_claims() {
+    let idp = Idp::start(false).await;
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(
+        b,
+        &introspection_policy(&format!("http://{}/introspect", idp.addr), "", ""),
+    )
+    .await;
+
+    // Active: 101, and the backend gets the claims of the answer, not the
+    // client's forged copy, and not the token.
+    let (_s, h) = Raw::upgrade(
+        p.addr,
+        "/",
+        &format!("{}X-Auth-Subject: forged\r\n", bearer("act-alice")),
+    )
+    .await;
+    assert_eq!(h.status, 101);
+    let headers = next_request_headers(&mut rx).await;
+    assert_eq!(header_values(&headers, "x-auth-subject"), vec!["alice"]);
+    assert_eq!(header_values(&headers, "x-auth-scope"), vec!["chat read"]);
+    assert!(header_values(&headers, "authorization").is_empty());
+    assert_eq!(idp.calls(), 1);
+
+    // The same token again: answered from the cache.
+    let (_s2, h) = Raw::upgrade(p.addr, "/", &bearer("act-alice")).await;
+    assert_eq!(h.status, 101);
+    assert_eq!(idp.calls(), 1);
+    assert_eq!(
+        metric(&p, "wsguard_introspection_cache_total{result=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_introspection_requests_total{result=\"active\"}"
+        ),
+        1.0
+    );
+
+    // Inactive: 401 invalid_token; cached briefly (no second call).
+    for _ in 0..2 {
+        let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("inactive")).await;
+        assert_eq!(h.status, 401);
+        assert_eq!(
+            h.header("www-authenticate").as_deref(),
+            Some("Bearer error=\"invalid_token\"")
+        );
+    }
+    assert_eq!(idp.calls(), 2);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_rejections_total{reason=\"introspection_inactive\"}"
+        ),
+        2.0
+    );
+
+    // Active but past its exp: 401, and not cached as active.
+    let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("expired")).await;
+    assert_eq!(h.status, 401);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_rejections_total{reason=\"introspection_expired\"}"
+        ),
+        1.0
+    );
+
+    // No token: 401 with a bare Bearer challenge, no call.
+    let before = idp.calls();
+    let (_r, h) = Raw::upgrade(p.addr, "/", "").await;
+    assert_eq!(h.status, 401);
+    assert_eq!(h.header("www-authenticate").as_deref(), Some("Bearer"));
+    assert_eq!(idp.calls(), before);
+
+    // After all that, a normal client is still served.
+    let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("act-bob")).await;
+    assert_eq!(h.status, 101);
+}
+
+#[tokio::test]
+async fn introspection_checks_issuer_and_audience_and_credentials() {
+    let idp = Idp::start(false).await;
+    let url = format!("http://{}/introspect", idp.addr);
+    let p = proxy(
+        echo_backend().await,
+        &introspection_policy(&url, "", "").replace("audience: [chat]", "audience: [admin]"),
+    )
+    .await;
+    let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("act-alice")).await;
+    assert_eq!(h.status, 401);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_rejections_total{reason=\"introspection_wrong_audience\"}"
+        ),
+        1.0
+    );
+    // Wrong client credentials: the endpoint answers 401, which is not an
+    // answer about the token: on_error (deny) applies.
+    let wrong = dir("introspect-wrong").join("s");
+    std::fs::write(&wrong, "not-the-secret").unwrap();
+    let p = proxy(
+        echo_backend().await,
+        &introspection_policy(&url, "", "")
+            .replace(&idp_secret_file(), &wrong.display().to_string()),
+    )
+    .await;
+    let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("act-alice")).await;
+    assert_eq!(h.status, 503);
+    assert_eq!(h.header("retry-after").as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn hundred_concurrent_handshakes_with_one_token_make_one_call() {
+    let idp = Idp::start(true).await;
+    let p = proxy(
+        echo_backend().await,
+        // One subject, 100 sessions: no per-subject cap here.
+        &introspection_policy(
+            &format!("http://{}/introspect", idp.addr),
+            "  timeout: 5s\n",
+            "",
+        )
+        .replace(
+            "  per_connection: null\n",
+            "  per_connection: null\n  per_subject: null\n",
+        ),
+    )
+    .await;
+    let addr = p.addr;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        set.spawn(async move {
+            let (raw, h) = Raw::upgrade(addr, "/", &bearer("act-storm")).await;
+            (raw, h.status)
+        });
+    }
+    // Every handshake has reached the endpoint's single call (one miss,
+    // 99 joined it) before the endpoint answers.
+    within("100 handshakes waiting on one call", async {
+        loop {
+            let miss = metric(&p, "wsguard_introspection_cache_total{result=\"miss\"}");
+            let joined = metric(
+                &p,
+                "wsguard_introspection_cache_total{result=\"coalesced\"}",
+            );
+            if miss + joined >= 100.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    idp.release();
+    let mut held = Vec::new();
+    while let Some(r) = within("handshake", set.join_next()).await {
+        let (raw, status) = r.unwrap();
+        assert_eq!(status, 101);
+        held.push(raw);
+    }
+    assert_eq!(held.len(), 100);
+    assert_eq!(idp.calls(), 1);
+    assert_eq!(
+        metric(&p, "wsguard_introspection_cache_total{result=\"miss\"}"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn endpoint_down_under_each_on_error() {
+    // Nothing listening.
+    let down = format!("http://{}/introspect", dead_port().await);
+    // Accepts and never answers: the 200ms timeout is the deadline.
+    let silent = format!("http://{}/introspect", silent_backend().await);
+    // Answers, but not with 200.
+    let broken = format!(
+        "http://{}/introspect",
+        http_backend("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n".into())
+            .await
+    );
+    for url in [&down, &silent, &broken] {
+        let p = proxy(
+            echo_backend().await,
+            &introspection_policy(url, "  timeout: 200ms\n", ""),
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("act-alice")).await;
+        assert_eq!(h.status, 503, "{url}");
+        assert_eq!(h.header("retry-after").as_deref(), Some("1"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+        assert_eq!(
+            metric(
+                &p,
+                "wsguard_rejections_total{reason=\"introspection_unavailable\"}"
+            ),
+            1.0
+        );
+
+        let (b, mut rx) = recording_backend().await;
+        let p = proxy(
+            b,
+            &introspection_policy(url, "  timeout: 200ms\n  on_error: allow\n", ""),
+        )
+        .await;
+        let (_r, h) = Raw::upgrade(
+            p.addr,
+            "/",
+            &format!("{}X-Auth-Subject: forged\r\n", bearer("act-alice")),
+        )
+        .await;
+        assert_eq!(h.status, 101, "{url}");
+        // Let through without claims: nothing is asserted upstream.
+        let headers = next_request_headers(&mut rx).await;
+        assert!(header_values(&headers, "x-auth-subject").is_empty());
+        assert_eq!(
+            metric(
+                &p,
+                "wsguard_rejections_total{reason=\"introspection_unavailable_allowed\"}"
+            ),
+            1.0
+        );
+    }
+}
+
+#[tokio::test]
+async fn close_on_expiry_applies_to_introspected_tokens() {
+    let idp = Idp::start(false).await;
+    let p = proxy(
+        echo_backend().await,
+        &introspection_policy(&format!("http://{}/introspect", idp.addr), "", ""),
+    )
+    .await;
+    let (mut r, h) = Raw::upgrade(p.addr, "/", &bearer("short-erin")).await;
+    assert_eq!(h.status, 101);
+    let mut code = None;
+    while let Some((op, payload)) = r.read_frame().await {
+        if op == 8 {
+            code = Some((
+                u16::from_be_bytes([payload[0], payload[1]]),
+                String::from_utf8_lossy(&payload[2..]).to_string(),
+            ));
+            break;
+        }
+    }
+    assert_eq!(code, Some((1008, "token expired".to_string())));
+}
+
+#[tokio::test]
+async fn report_mode_and_per_subject_limits_with_introspection() {
+    let idp = Idp::start(false).await;
+    let url = format!("http://{}/introspect", idp.addr);
+    let p = proxy(
+        echo_backend().await,
+        &introspection_policy(&url, "", "").replace("mode: enforce", "mode: report"),
+    )
+    .await;
+    let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("inactive")).await;
+    assert_eq!(h.status, 101);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_rejections_total{reason=\"introspection_report\"}"
+        ),
+        1.0
+    );
+
+    let p = proxy(
+        echo_backend().await,
+        &introspection_policy(&url, "", "").replace(
+            "  per_connection: null\n",
+            "  per_connection: null\n  per_subject: { connections: 1 }\n",
+        ),
+    )
+    .await;
+    let (_a, h) = Raw::upgrade(p.addr, "/", &bearer("act-gina")).await;
+    assert_eq!(h.status, 101);
+    let (_b, h) = Raw::upgrade(p.addr, "/", &bearer("act-gina")).await;
+    assert_eq!(h.status, 429);
+    assert_eq!(
+        Raw::upgrade(p.addr, "/", &bearer("act-hank"))
+            .await
+            .1
+            .status,
+        101
+    );
+}
+
+#[tokio::test]
+async fn derived_keys_and_bind_claim_from_an_introspection_answer() {
+    let idp = Idp::start(false).await;
+    let d = dir("introspect-derive");
+    std::fs::write(d.join("c"), DERIVE_SECRET_B64).unwrap();
+    std::fs::write(
+        d.join("u"),
+        base64::engine::general_purpose::STANDARD.encode([4u8; 32]),
+    )
+    .unwrap();
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(
+        b,
+        &introspection_policy(
+            &format!("http://{}/introspect", idp.addr),
+            "",
+            &format!(
+                "hmac:\n  mode: enforce\n  bind_claim: sub\n  client_keys: [{{ id: user, secret_file: \"{}\", derive: sub }}]\n  upstream_key: {{ id: p1, secret_file: \"{}\" }}\n",
+                d.join("c").display(),
+                d.join("u").display()
+            ),
+        ),
+    )
+    .await;
+    let mut c = connect_with(&p, "act-alice").await;
+    let m = sign::sign(
+        &derived("alice"),
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "alice",
+        MsgType::Text,
+        b"hi",
+    );
+    c.send(Message::text(String::from_utf8(m).unwrap()))
+        .await
+        .unwrap();
+    let Some(Message::Text(at_backend)) = seen_msg(&mut rx).await else {
+        panic!("backend got nothing")
+    };
+    let up = Key::new("p1", vec![4u8; 32]).unwrap();
+    let mut st = sign::SeqState::default();
+    assert_eq!(
+        sign::verify(
+            std::slice::from_ref(&up),
+            Direction::C2s,
+            "alice",
+            MsgType::Text,
+            at_backend.as_bytes(),
+            sign::now_ms(),
+            30_000,
+            &mut st,
+        )
+        .unwrap(),
+        b"hi"
+    );
+}

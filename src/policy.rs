@@ -1565,13 +1565,14 @@ impl Route {
         };
         let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| format!("{d:?}"));
         format!(
-            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt {}, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
+            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt {}, introspection {}, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
              max_message {} max_frame {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {} on_limit {:?}",
             self.upstream.url,
             self.upstream.connect_timeout,
             self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
             self.origin.as_ref().map_or("off", |o| mode(o.mode)),
             self.jwt.as_ref().map_or("off", |j| mode(j.mode)),
+            self.introspection.as_ref().map_or("off", |i| mode(i.mode)),
             self.hmac.as_ref().map_or("off", |h| mode(h.mode)),
             timer(self.keepalive.interval),
             timer(self.keepalive.upstream_interval),

@@ -96,6 +96,8 @@ pub struct Config {
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
     #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
+    #[serde(default)]
     pub hmac: Option<HmacConfig>,
     #[serde(default)]
     pub keepalive: Option<KeepaliveConfig>,
@@ -268,6 +270,64 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
     }
 }
 
+/// What an unreachable introspection endpoint means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IntrospectionOnError {
+    /// 503 with Retry-After.
+    #[default]
+    Deny,
+    /// Let the handshake through without claims (logged and counted).
+    Allow,
+}
+
+/// `introspection`: OAuth 2.0 token introspection (RFC 7662).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    #[serde(default)]
+    pub mode: Option<Spanned<Mode>>,
+    #[serde(default)]
+    pub url: Option<Str>,
+    #[serde(default)]
+    pub client_id: Option<Str>,
+    #[serde(default)]
+    pub client_secret_env: Option<Str>,
+    /// (wsguard addition) The client secret from a file instead.
+    #[serde(default)]
+    pub client_secret_file: Option<Str>,
+    #[serde(default)]
+    pub token_sources: Option<Vec<Str>>,
+    #[serde(default)]
+    pub cache_ttl: Option<Str>,
+    /// (wsguard addition) How long an inactive answer is reused.
+    #[serde(default)]
+    pub inactive_cache_ttl: Option<Str>,
+    /// (wsguard addition) Most answers kept in the cache.
+    #[serde(default)]
+    pub cache_max_entries: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub timeout: Option<Str>,
+    #[serde(default)]
+    pub on_error: Option<IntrospectionOnError>,
+    #[serde(default)]
+    pub forward_claims: Option<std::collections::BTreeMap<String, Str>>,
+    #[serde(default)]
+    pub close_on_expiry: Option<bool>,
+    /// (wsguard addition) As jwt.forward_token.
+    #[serde(default)]
+    pub forward_token: Option<bool>,
+    /// (wsguard addition) The answer's `iss` must equal this.
+    #[serde(default)]
+    pub issuer: Option<Str>,
+    /// (wsguard addition) The answer's `aud` must contain one of these.
+    #[serde(default)]
+    pub audience: Option<Vec<Str>>,
+    /// (wsguard addition) Clock tolerance for the answer's exp and nbf.
+    #[serde(default)]
+    pub leeway: Option<Str>,
+}
+
 /// An HMAC key reference: the secret is never inline.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,6 +337,10 @@ pub struct HmacKeyConfig {
     pub secret_env: Option<Str>,
     #[serde(default)]
     pub secret_file: Option<Str>,
+    /// (client keys) Derive each session's key from the secret and this
+    /// token claim (contract section 3).
+    #[serde(default)]
+    pub derive: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -395,6 +459,8 @@ pub struct RouteConfig {
     pub origin: Option<OriginConfig>,
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
     #[serde(default)]
     pub hmac: Option<HmacConfig>,
     #[serde(default)]

@@ -21,9 +21,17 @@ pub enum Reject {
     /// Token missing, invalid or expired.
     #[error("token refused: {0}")]
     Unauthorized(crate::guard::jwt::JwtError),
-    /// A token in more than one place (RFC 6750 section 2).
+    /// A token in more than one place (RFC 6750 section 2), with the
+    /// guard's rejection label (`jwt_ambiguous`, `introspection_ambiguous`).
     #[error("token in more than one place")]
-    AmbiguousToken,
+    AmbiguousToken(&'static str),
+    /// Introspection: token missing, inactive, unknown, expired or not
+    /// for this audience/issuer.
+    #[error("token refused by introspection: {0}")]
+    TokenInactive(crate::guard::introspect::IntrospectError),
+    /// The introspection endpoint is unreachable and `on_error: deny`.
+    #[error("{0}")]
+    IntrospectionUnavailable(crate::guard::introspect::IntrospectError),
     /// Per-IP handshake rate limit.
     #[error("handshake rate limit")]
     RateLimited { retry_after: u64 },
@@ -53,9 +61,9 @@ pub enum Reject {
 impl Reject {
     pub fn status(&self) -> StatusCode {
         match self {
-            Reject::BadRequest(_) | Reject::AmbiguousToken => StatusCode::BAD_REQUEST,
+            Reject::BadRequest(_) | Reject::AmbiguousToken(_) => StatusCode::BAD_REQUEST,
             Reject::Origin(_) => StatusCode::FORBIDDEN,
-            Reject::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Reject::Unauthorized(_) | Reject::TokenInactive(_) => StatusCode::UNAUTHORIZED,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -63,7 +71,8 @@ impl Reject {
             Reject::Capacity { .. }
             | Reject::CircuitOpen { .. }
             | Reject::ShuttingDown
-            | Reject::SharedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | Reject::SharedUnavailable
+            | Reject::IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -77,7 +86,8 @@ impl Reject {
             Reject::Version => "bad_version",
             Reject::Origin(e) => e.reason(),
             Reject::Unauthorized(e) => e.reason(),
-            Reject::AmbiguousToken => "jwt_ambiguous",
+            Reject::AmbiguousToken(label) => label,
+            Reject::TokenInactive(e) | Reject::IntrospectionUnavailable(e) => e.reason(),
             Reject::NotUpgrade => "not_upgrade",
             Reject::RateLimited { .. } => "handshake_rate",
             Reject::ConnectionCap { .. } => "connection_cap",
@@ -96,7 +106,9 @@ impl Reject {
             | Reject::ConnectionCap { retry_after }
             | Reject::Capacity { retry_after }
             | Reject::CircuitOpen { retry_after } => Some((*retry_after).max(1)),
-            Reject::ShuttingDown | Reject::SharedUnavailable => Some(1),
+            Reject::ShuttingDown
+            | Reject::SharedUnavailable
+            | Reject::IntrospectionUnavailable(_) => Some(1),
             _ => None,
         }
     }

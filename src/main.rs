@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncBufReadExt;
@@ -70,6 +71,10 @@ enum Cmd {
         bind: String,
         #[arg(long)]
         binary: bool,
+        /// Sign with the key derived from the secret for this claim value
+        /// (a client key with `derive: CLAIM`).
+        #[arg(long)]
+        derive_claim_value: Option<String>,
     },
     /// Verify a signed message read on stdin; print its payload.
     Verify {
@@ -84,6 +89,19 @@ enum Cmd {
         /// Check the timestamp against now (e.g. 30s); unchecked without it.
         #[arg(long)]
         max_skew: Option<String>,
+        /// Verify with the key derived from the secret for this claim value
+        /// (a client key with `derive: CLAIM`).
+        #[arg(long)]
+        derive_claim_value: Option<String>,
+    },
+    /// Print, in base64, the client key derived from a secret for one
+    /// token claim value (a client key with `derive: CLAIM`), for the
+    /// service that issues tokens to hand to its client.
+    DeriveKey {
+        #[command(flatten)]
+        key: KeyArgs,
+        #[arg(long)]
+        claim_value: String,
     },
     /// A tiny interactive client: sends each stdin line as a text message
     /// and prints what comes back.
@@ -132,14 +150,33 @@ fn main() -> ExitCode {
             ts,
             bind,
             binary,
-        } => sign_cmd(&key, &kid, dir, seq, ts, &bind, binary),
+            derive_claim_value,
+        } => sign_cmd(
+            &key,
+            &kid,
+            derive_claim_value.as_deref(),
+            dir,
+            seq,
+            ts,
+            &bind,
+            binary,
+        ),
         Cmd::Verify {
             key,
             dir,
             bind,
             binary,
             max_skew,
-        } => verify_cmd(&key, dir, &bind, binary, max_skew.as_deref()),
+            derive_claim_value,
+        } => verify_cmd(
+            &key,
+            derive_claim_value.as_deref(),
+            dir,
+            &bind,
+            binary,
+            max_skew.as_deref(),
+        ),
+        Cmd::DeriveKey { key, claim_value } => derive_key_cmd(&key, &claim_value),
         Cmd::Connect { url } => runtime(|| connect(url)),
     }
 }
@@ -276,8 +313,48 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
     run(policy, None).await
 }
 
-fn read_key(k: &KeyArgs, kid: &str) -> Result<Key, String> {
-    let text = match (&k.key_env, &k.key_file) {
+/// The key to sign or verify with: the secret itself, or the key derived
+/// from it for `derive` (a claim value).
+fn read_key(k: &KeyArgs, kid: &str, derive: Option<&str>) -> Result<Key, String> {
+    let text = read_key_text(k)?;
+    match derive {
+        None => Key::from_base64(kid, &text),
+        Some(value) => sign::DerivingKey::new(kid, &sign::decode_secret(kid, &text)?, "cli")?
+            .derive(value)
+            .ok_or_else(|| "--derive-claim-value must not be empty".to_string()),
+    }
+}
+
+fn derive_key_cmd(k: &KeyArgs, claim_value: &str) -> ExitCode {
+    let result = (|| {
+        if claim_value.is_empty() {
+            return Err("--claim-value must not be empty".to_string());
+        }
+        let secret = sign::decode_secret("key", &read_key_text(k)?)?;
+        if secret.len() < sign::MIN_KEY_LEN {
+            return Err(format!(
+                "the secret is {} bytes, at least {} are required",
+                secret.len(),
+                sign::MIN_KEY_LEN
+            ));
+        }
+        Ok(base64::engine::general_purpose::STANDARD
+            .encode(sign::derive_secret(&secret, claim_value)))
+    })();
+    match result {
+        Ok(b64) => {
+            println!("{b64}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsguard derive-key: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn read_key_text(k: &KeyArgs) -> Result<String, String> {
+    Ok(match (&k.key_env, &k.key_file) {
         (Some(env), _) => {
             std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))?
         }
@@ -285,8 +362,7 @@ fn read_key(k: &KeyArgs, kid: &str) -> Result<Key, String> {
             std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
         }
         (None, None) => return Err("--key-env or --key-file is required".into()),
-    };
-    Key::from_base64(kid, &text)
+    })
 }
 
 fn stdin_bytes() -> Result<Vec<u8>, String> {
@@ -297,9 +373,11 @@ fn stdin_bytes() -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sign_cmd(
     k: &KeyArgs,
     kid: &str,
+    derive: Option<&str>,
     dir: Direction,
     seq: u64,
     ts: Option<u64>,
@@ -307,7 +385,7 @@ fn sign_cmd(
     binary: bool,
 ) -> ExitCode {
     let result = (|| {
-        let key = read_key(k, kid)?;
+        let key = read_key(k, kid, derive)?;
         if seq == 0 {
             return Err("--seq must be above 0".to_string());
         }
@@ -351,6 +429,7 @@ fn sign_cmd(
 
 fn verify_cmd(
     k: &KeyArgs,
+    derive: Option<&str>,
     dir: Direction,
     bind: &str,
     binary: bool,
@@ -362,7 +441,7 @@ fn verify_cmd(
         let kid = sign::parse(&msg)
             .map(|e| e.kid.to_string())
             .map_err(|f| f.label().to_string())?;
-        let key = read_key(k, &kid)?;
+        let key = read_key(k, &kid, derive)?;
         let skew = match max_skew {
             Some(s) => u64::try_from(parse_duration(s)?.as_millis()).unwrap_or(u64::MAX),
             None => u64::MAX,

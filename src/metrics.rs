@@ -72,6 +72,9 @@ pub struct Metrics {
     pub messages_s2c: Counter,
     pub bytes_c2s: Counter,
     pub bytes_s2c: Counter,
+    /// Token introspection: cache hits/misses/coalesced waits and calls
+    /// to the endpoint by answer.
+    pub introspection: crate::guard::introspect::IntrospectionMetrics,
 }
 
 impl Metrics {
@@ -164,6 +167,17 @@ impl Metrics {
             "Shared-limit checks that found Redis slow or down (on_error applied)",
             shared_unavailable.clone(),
         );
+        let introspection = crate::guard::introspect::IntrospectionMetrics::default();
+        registry.register(
+            "introspection_cache",
+            "Token introspection lookups by result: hit (cached answer), miss (a call was made), coalesced (joined a call in flight)",
+            introspection.cache.clone(),
+        );
+        registry.register(
+            "introspection_requests",
+            "Calls to the token introspection endpoint by result (active, inactive, error)",
+            introspection.requests.clone(),
+        );
         let dir = |d| DirectionLabel { direction: d };
         let messages_c2s = messages.get_or_create(&dir("c2s")).clone();
         let messages_s2c = messages.get_or_create(&dir("s2c")).clone();
@@ -189,6 +203,7 @@ impl Metrics {
             route_connections_active,
             route_handshakes,
             shared_unavailable,
+            introspection,
         }
     }
 

@@ -112,6 +112,8 @@ pub struct Route {
     pub upstream: Upstream,
     pub origin: Option<OriginPolicy>,
     pub jwt: Option<Arc<Jwt>>,
+    /// OAuth 2.0 token introspection; never on together with `jwt`.
+    pub introspection: Option<Arc<crate::guard::introspect::Introspection>>,
     pub hmac: Option<Hmac>,
     pub keepalive: Keepalive,
     pub limits: Limits,
@@ -146,15 +148,21 @@ impl Policy {
     }
 
     /// Every header wsguard can set anywhere in this policy: the
-    /// `forward_claims` targets of every route and the mTLS subject header
+    /// `forward_claims` targets (jwt and introspection) of every route and
+    /// the mTLS subject header
     /// (the fixed ones, `X-Forwarded-*` and friends, are in
     /// [`crate::handshake::DROP`]).
     pub fn asserted_headers(&self) -> Vec<hyper::header::HeaderName> {
         let mut out: Vec<hyper::header::HeaderName> = Vec::new();
-        let claims = self
+        let jwt_claims = self
             .all_routes()
             .filter_map(|r| r.jwt.as_ref())
             .flat_map(|j| j.forward_claims.iter().map(|(_, h)| h.clone()));
+        let introspected_claims = self
+            .all_routes()
+            .filter_map(|r| r.introspection.as_ref())
+            .flat_map(|i| i.forward_claims.iter().map(|(_, h)| h.clone()));
+        let claims = jwt_claims.chain(introspected_claims);
         let subject = self
             .tls
             .as_ref()
@@ -200,7 +208,13 @@ pub struct Hmac {
     pub mode: Mode,
     /// JWT claim whose string value is bound into every signature.
     pub bind_claim: Option<String>,
+    /// The fixed client keys: all of them unless some are derived. A
+    /// session verifies with [`Hmac::session_client_keys`] when that is
+    /// `Some`, else with these.
     pub client_keys: Vec<sign::Key>,
+    /// Every client key in policy order, derived ones (`derive: CLAIM`)
+    /// included.
+    pub all_client_keys: Vec<sign::ClientKey>,
     /// The key wsguard signs with toward the backend: the first of
     /// `hmac.upstream_key` (see [`Hmac::upstream_signing_key`]).
     pub upstream_key: sign::Key,
@@ -214,6 +228,27 @@ pub struct Hmac {
 }
 
 impl Hmac {
+    /// The claim values this policy's derived keys need, from a session's
+    /// verified token (string claims only).
+    pub fn derive_inputs(&self, claims: &jwt::Claims) -> sign::DeriveInputs {
+        sign::DeriveInputs::collect(&self.all_client_keys, |name| {
+            claims.get(name).and_then(|v| v.as_str())
+        })
+    }
+
+    /// A session's own client keys when some are derived (None: use
+    /// `client_keys` as they are).
+    pub fn session_client_keys(&self, inputs: &sign::DeriveInputs) -> Option<Vec<sign::Key>> {
+        sign::session_keys(&self.all_client_keys, inputs)
+    }
+
+    /// Whether any client key is derived from a token claim.
+    pub fn derives(&self) -> bool {
+        self.all_client_keys
+            .iter()
+            .any(|k| matches!(k, sign::ClientKey::Derived(_)))
+    }
+
     /// The key wsguard signs with toward the backend: the first of
     /// `upstream_key`.
     pub fn upstream_signing_key(&self) -> &sign::Key {
@@ -603,6 +638,34 @@ fn mode_of(m: &Option<Spanned<Mode>>) -> (Mode, Location) {
 
 /// Reads an HMAC secret (base64) from the environment or a file.
 fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign::Key> {
+    let text = hmac_secret_text(c, k, path)?;
+    match sign::Key::from_base64(&k.id.value, &text) {
+        Ok(key) => Some(key),
+        Err(e) => {
+            c.push(k.id.referenced, path, e);
+            None
+        }
+    }
+}
+
+/// A client key: fixed, or (`derive: CLAIM`) derived per session.
+fn client_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign::ClientKey> {
+    let Some(claim) = &k.derive else {
+        return hmac_key(c, k, path).map(sign::ClientKey::Fixed);
+    };
+    let text = hmac_secret_text(c, k, path)?;
+    let made = sign::decode_secret(&k.id.value, &text)
+        .and_then(|secret| sign::DerivingKey::new(&k.id.value, &secret, &claim.value));
+    match made {
+        Ok(d) => Some(sign::ClientKey::Derived(d)),
+        Err(e) => {
+            c.push(k.id.referenced, path, e);
+            None
+        }
+    }
+}
+
+fn hmac_secret_text(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<String> {
     let text = match (&k.secret_env, &k.secret_file) {
         (Some(env), None) => match std::env::var(&env.value) {
             Ok(v) => v,
@@ -635,13 +698,7 @@ fn hmac_key(c: &mut Check, k: &config::HmacKeyConfig, path: &str) -> Option<sign
             return None;
         }
     };
-    match sign::Key::from_base64(&k.id.value, &text) {
-        Ok(key) => Some(key),
-        Err(e) => {
-            c.push(k.id.referenced, path, e);
-            None
-        }
-    }
+    Some(text)
 }
 
 impl TryFrom<&Config> for Policy {
@@ -689,11 +746,18 @@ impl TryFrom<&Config> for Policy {
             upstream: upstream(&mut c, cfg.upstream.as_ref(), "upstream"),
             origin: origin(&mut c, cfg.origin.as_ref(), "origin"),
             jwt: jwt(&mut c, cfg.jwt.as_ref(), "jwt"),
+            introspection: introspection(&mut c, cfg.introspection.as_ref(), "introspection"),
             hmac: hmac(&mut c, cfg.hmac.as_ref(), "hmac"),
             keepalive: keepalive(&mut c, cfg.keepalive.as_ref(), "keepalive"),
             limits: limits(&mut c, cfg.limits.as_ref(), "limits"),
         };
         check_bind(&mut c, cfg.hmac.as_ref(), &default_route, "hmac");
+        check_one_token_guard(
+            &mut c,
+            cfg.introspection.as_ref(),
+            &default_route,
+            "introspection",
+        );
 
         let mut routes: Vec<Route> = Vec::new();
         for (i, r) in cfg.routes.iter().flat_map(|r| r.value.iter()).enumerate() {
@@ -729,6 +793,10 @@ impl TryFrom<&Config> for Policy {
                     Some(j) => jwt(&mut c, Some(j), &format!("{path}.jwt")),
                     None => default_route.jwt.clone(),
                 },
+                introspection: match &r.introspection {
+                    Some(i) => introspection(&mut c, Some(i), &format!("{path}.introspection")),
+                    None => default_route.introspection.clone(),
+                },
                 hmac: match &r.hmac {
                     Some(h) => hmac(&mut c, Some(h), &format!("{path}.hmac")),
                     None => default_route.hmac.clone(),
@@ -747,6 +815,12 @@ impl TryFrom<&Config> for Policy {
                 r.hmac.as_ref().or(cfg.hmac.as_ref()),
                 &route,
                 &format!("{path}.hmac"),
+            );
+            check_one_token_guard(
+                &mut c,
+                r.introspection.as_ref().or(cfg.introspection.as_ref()),
+                &route,
+                &format!("{path}.introspection"),
             );
             routes.push(route);
         }
@@ -991,17 +1065,67 @@ fn jwt(c: &mut Check, j: Option<&config::JwtConfig>, path: &str) -> Option<Arc<J
     }
 }
 
-/// `hmac.bind_claim` needs a JWT on the same route to take the claim from.
+fn introspection(
+    c: &mut Check,
+    i: Option<&config::IntrospectionConfig>,
+    path: &str,
+) -> Option<Arc<crate::guard::introspect::Introspection>> {
+    match crate::guard::introspect::build(i?, path) {
+        Ok(v) => v.map(Arc::new),
+        Err(problems) => {
+            for (loc, p, msg) in problems {
+                c.push(loc, &p, msg);
+            }
+            None
+        }
+    }
+}
+
+/// On a route, at most one of `jwt` and `introspection` is on.
+fn check_one_token_guard(
+    c: &mut Check,
+    i: Option<&config::IntrospectionConfig>,
+    route: &Route,
+    path: &str,
+) {
+    if route.jwt.is_some() && route.introspection.is_some() {
+        let loc = i
+            .and_then(|i| i.mode.as_ref())
+            .map_or(Location::UNKNOWN, |m| m.referenced);
+        c.push(
+            loc,
+            &format!("{path}.mode"),
+            "jwt and introspection are both on for this route; at most one may be (set the other's mode: off)",
+        );
+    }
+}
+
+/// `hmac.bind_claim` and a client key's `derive` need a token (JWT or
+/// introspection) on the same route to take the claim from.
 fn check_bind(c: &mut Check, h: Option<&config::HmacConfig>, route: &Route, path: &str) {
-    let Some(b) = h.and_then(|h| h.bind_claim.as_ref()) else {
+    let Some(h) = h else {
         return;
     };
-    if route.hmac.is_some() && route.jwt.is_none() {
-        c.push(
-            b.referenced,
-            &format!("{path}.bind_claim"),
-            "needs jwt (mode enforce or report) on the same route",
-        );
+    if route.hmac.is_none() || route.jwt.is_some() || route.introspection.is_some() {
+        return;
+    }
+    let msg = "needs jwt or introspection (mode enforce or report) on the same route";
+    if let Some(b) = &h.bind_claim {
+        c.push(b.referenced, &format!("{path}.bind_claim"), msg);
+    }
+    for (i, k) in h
+        .client_keys
+        .iter()
+        .flat_map(|k| k.value.iter())
+        .enumerate()
+    {
+        if let Some(d) = &k.derive {
+            c.push(
+                d.referenced,
+                &format!("{path}.client_keys[{i}].derive"),
+                msg,
+            );
+        }
     }
 }
 
@@ -1015,8 +1139,11 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     match &h.client_keys {
         Some(keys) if !keys.value.is_empty() => {
             for (i, k) in keys.value.iter().enumerate() {
-                if let Some(key) = hmac_key(c, k, &format!("{path}.client_keys[{i}]")) {
-                    if client_keys.iter().any(|x: &sign::Key| x.kid() == key.kid()) {
+                if let Some(key) = client_key(c, k, &format!("{path}.client_keys[{i}]")) {
+                    if client_keys
+                        .iter()
+                        .any(|x: &sign::ClientKey| x.kid() == key.kid())
+                    {
                         c.push(
                             k.id.referenced,
                             &format!("{path}.client_keys[{i}].id"),
@@ -1056,6 +1183,13 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
                 } else {
                     format!("{path}.upstream_key")
                 };
+                if let Some(d) = &kc.derive {
+                    c.push(
+                        d.referenced,
+                        &format!("{kpath}.derive"),
+                        "only client keys can be derived (the backend holds one key)",
+                    );
+                }
                 match hmac_key(c, kc, &kpath) {
                     Some(key) => {
                         if upstream_keys.iter().any(|x| x.kid() == key.kid()) {
@@ -1087,7 +1221,8 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     }
     Some(Hmac {
         mode,
-        client_keys,
+        client_keys: sign::fixed_keys(&client_keys),
+        all_client_keys: client_keys,
         upstream_key,
         upstream_keys,
         verify_upstream: h.verify_upstream.unwrap_or(true),
@@ -1502,13 +1637,14 @@ impl Route {
         };
         let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| format!("{d:?}"));
         format!(
-            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt {}, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
+            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt {}, introspection {}, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
              max_message {} max_frame {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {} on_limit {:?}",
             self.upstream.url,
             self.upstream.connect_timeout,
             self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
             self.origin.as_ref().map_or("off", |o| mode(o.mode)),
             self.jwt.as_ref().map_or("off", |j| mode(j.mode)),
+            self.introspection.as_ref().map_or("off", |i| mode(i.mode)),
             self.hmac.as_ref().map_or("off", |h| mode(h.mode)),
             timer(self.keepalive.interval),
             timer(self.keepalive.upstream_interval),
@@ -1639,6 +1775,65 @@ mod tests {
         // Built features with bad material report the file instead.
         let p = problems("tls:\n  cert_file: /nonexistent/a\n  key_file: /nonexistent/b\n");
         assert!(p[0].message.contains("/nonexistent/a"), "{p:?}");
+    }
+
+    #[test]
+    fn derived_client_keys_need_a_token_and_are_client_only() {
+        let d = std::env::temp_dir().join(format!("wsguard-policy-derive-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        let k = d.join("k");
+        std::fs::write(&k, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let k = k.display();
+        let hmac = format!(
+            "hmac:\n  mode: enforce\n  client_keys: [{{ id: user, secret_file: \"{k}\", derive: sub }}]\n  upstream_key: {{ id: p1, secret_file: \"{k}\" }}\n"
+        );
+        let p = problems(&hmac);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "hmac.client_keys[0].derive");
+        let jwt =
+            "jwt:\n  mode: enforce\n  algorithms: [RS256]\n  jwks_url: https://idp.example/jwks\n";
+        let ok =
+            Policy::from_text("p.yaml", &format!("{jwt}{hmac}")).unwrap_or_else(|e| panic!("{e}"));
+        let h = ok
+            .default_route
+            .hmac
+            .as_ref()
+            .map(|h| (h.derives(), h.client_keys.len()));
+        assert_eq!(h, Some((true, 0)));
+        let p = problems(&format!(
+            "{jwt}hmac:\n  mode: enforce\n  client_keys: [{{ id: user, secret_file: \"{k}\" }}]\n  upstream_key: {{ id: p1, secret_file: \"{k}\", derive: sub }}\n"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "hmac.upstream_key.derive");
+    }
+
+    #[test]
+    fn at_most_one_token_guard_per_route() {
+        let d = std::env::temp_dir().join(format!("wsguard-policy-intro-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        let f = d.join("s");
+        std::fs::write(&f, "secret").unwrap_or_else(|e| panic!("{e}"));
+        let intro = format!(
+            "introspection: {{ mode: enforce, url: \"https://idp.example/introspect\", client_id: wsg, client_secret_file: \"{}\" }}\n",
+            f.display()
+        );
+        let jwt =
+            "jwt:\n  mode: enforce\n  algorithms: [RS256]\n  jwks_url: https://idp.example/jwks\n";
+        let ok = Policy::from_text("p.yaml", &intro).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ok.default_route.introspection.is_some());
+        let p = problems(&format!("{jwt}{intro}"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "introspection.mode");
+        assert!(p[0].message.contains("at most one"), "{p:?}");
+        // A route inheriting jwt must turn it off to use introspection.
+        let route = format!("{jwt}routes:\n  - path: /opaque\n    {}", intro.trim_end());
+        let p = problems(&route);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "routes[0].introspection.mode");
+        let fixed = format!("{route}\n    jwt: {{ mode: off }}\n");
+        let ok = Policy::from_text("p.yaml", &fixed).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ok.routes[0].introspection.is_some() && ok.routes[0].jwt.is_none());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct RouteRuntime {
     pub handshakes: Option<Arc<HandshakeLimiter>>,
     /// Token verification with this route's keys (and JWKS cache).
     pub jwt: Option<Verifier>,
+    /// Token introspection with its answer cache.
+    pub introspection: Option<Arc<crate::guard::introspect::Introspector>>,
     pub breaker: Option<Arc<Breaker>>,
     /// Toward the client: the policy's frame and message limits.
     pub ws_config: WebSocketConfig,
@@ -247,6 +249,12 @@ impl Shared {
                     // unknown kid also triggers a (throttled) fetch.
                     let cache = j.jwks_url.as_deref().and_then(|u| self.jwks_cache(u));
                     Verifier::with_cache(Arc::clone(j), cache)
+                }),
+                introspection: r.introspection.as_ref().map(|i| {
+                    Arc::new(crate::guard::introspect::Introspector::new(
+                        Arc::clone(i),
+                        self.metrics.introspection.clone(),
+                    ))
                 }),
                 handshakes: r.limits.per_ip_handshakes.map(|rate| {
                     // Reuse the limiter while the route and rate are unchanged:

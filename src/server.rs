@@ -35,7 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::config::Mode;
 use crate::config::OnError;
 use crate::error::Reject;
-use crate::guard::jwt::{self, JwtError};
+use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
@@ -319,10 +319,16 @@ fn reject_response(r: &Reject) -> Response<Body> {
             HeaderValue::from_static(e.www_authenticate()),
         );
     }
-    if let Reject::AmbiguousToken = r {
+    if let Reject::AmbiguousToken(_) = r {
         h.insert(
             hyper::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer error=\"invalid_request\""),
+        );
+    }
+    if let Reject::TokenInactive(e) = r {
+        h.insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(e.www_authenticate()),
         );
     }
     if let Some(secs) = r.retry_after() {
@@ -518,6 +524,7 @@ async fn upgrade(
         route: route_index,
         subject: auth.subject,
         bind: auth.bind,
+        derive: auth.derive,
         expires: auth.expires,
         subject_slot,
         shared_slot,
@@ -563,6 +570,8 @@ struct Auth {
     bind: String,
     /// When `close_on_expiry` ends the session.
     expires: Option<Instant>,
+    /// Claim values for the route's derived HMAC client keys.
+    derive: crate::sign::DeriveInputs,
 }
 
 /// The JWT guard: find the token in the configured sources, verify it,
@@ -585,54 +594,67 @@ async fn authenticate<B>(
         subject: None,
         bind: String::new(),
         expires: None,
+        derive: crate::sign::DeriveInputs::default(),
     };
-    let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
-        return Ok(auth);
+    let j = match (&route.jwt, &derived.jwt, &derived.introspection) {
+        (Some(j), Some(verifier), _) => TokenGuard::Jwt(j, verifier),
+        (None, _, Some(i)) => TokenGuard::Introspection(i),
+        _ => return Ok(auth),
     };
+    // Every configured source is looked at: a token in more than one place
+    // is refused (RFC 6750 section 2), whichever guard is on.
     let found = match jwt::find(
-        &j.token_sources,
+        j.token_sources(),
         req.headers(),
         &up.path_and_query,
         &up.protocols,
     ) {
         Ok(f) => f,
-        Err(jwt::Ambiguous) if j.mode == Mode::Enforce => return Err(Reject::AmbiguousToken),
         Err(jwt::Ambiguous) => {
-            shared.metrics.reject("jwt_report");
-            tracing::info!(client = %peer, reason = "jwt_ambiguous", "token would be refused (report mode)");
+            let r = Reject::AmbiguousToken(j.ambiguous_label());
+            if j.mode() == Mode::Enforce {
+                return Err(r);
+            }
+            shared.metrics.reject(j.report_label());
+            tracing::info!(client = %peer, reason = r.label(), "token would be refused (report mode)");
             None
         }
     };
-    let verdict = match &found {
-        None => Err(JwtError::Missing),
-        Some(f) => tokio::time::timeout_at(deadline, verifier.verify(&f.token))
-            .await
-            .unwrap_or(Err(JwtError::UnknownKey)),
-    };
-    let claims = match verdict {
+    let claims = match j
+        .verify(found.as_ref().map(|f| f.token.as_str()), deadline)
+        .await
+    {
         Ok(c) => Some(c),
-        Err(e) if j.mode == Mode::Enforce => return Err(Reject::Unauthorized(e)),
-        Err(e) => {
-            shared.metrics.reject("jwt_report");
-            tracing::info!(client = %peer, reason = e.reason(), "token would be refused (report mode)");
+        Err(Reject::IntrospectionUnavailable(e)) if j.allow_on_error() => {
+            shared.metrics.reject("introspection_unavailable_allowed");
+            tracing::warn!(client = %peer, error = %e, "introspection unavailable; letting the handshake through without claims (on_error: allow)");
+            None
+        }
+        Err(r) if j.mode() == Mode::Enforce => return Err(r),
+        Err(r) => {
+            shared.metrics.reject(j.report_label());
+            tracing::info!(client = %peer, reason = r.label(), "token would be refused (report mode)");
             None
         }
     };
     // Every configured source is emptied, not only the one used: a forged
     // token beside a valid one must never reach the backend. With
-    // forward_token, the consumed token alone passes.
+    // forward_token, the consumed token alone passes (and only once it was
+    // accepted).
     let keep = found
         .as_ref()
-        .filter(|_| j.forward_token && claims.is_some())
+        .filter(|_| j.forward_token() && claims.is_some())
         .map(|f| f.source);
     jwt::strip_sources(
-        &j.token_sources,
+        j.token_sources(),
         keep,
         &mut auth.headers,
         &mut auth.path_and_query,
         &mut auth.protocols,
     );
-    for (claim, header) in &j.forward_claims {
+    // Client copies of the claim headers are already gone: they are among
+    // the policy's asserted headers (contract section 7).
+    for (claim, header) in j.forward_claims() {
         if let Some(v) = claims
             .as_ref()
             .and_then(|c| c.get(claim))
@@ -649,6 +671,7 @@ async fn authenticate<B>(
         .and_then(|s| s.as_str())
         .map(str::to_string);
     if let Some(h) = &route.hmac {
+        auth.derive = h.derive_inputs(&claims);
         if let Some(name) = &h.bind_claim {
             match claims.get(name).and_then(|v| v.as_str()) {
                 // A newline would let the bind value run into the next
@@ -661,7 +684,7 @@ async fn authenticate<B>(
             }
         }
     }
-    if j.close_on_expiry {
+    if j.close_on_expiry() {
         auth.expires = j.session_deadline(&claims).map(|at| {
             let left = at
                 .duration_since(std::time::SystemTime::now())
@@ -670,6 +693,97 @@ async fn authenticate<B>(
         });
     }
     Ok(auth)
+}
+
+/// The token guard of a route: a JWT check or token introspection (policy
+/// load makes sure at most one is on).
+enum TokenGuard<'a> {
+    Jwt(&'a jwt::Jwt, &'a jwt::Verifier),
+    Introspection(&'a crate::guard::introspect::Introspector),
+}
+
+impl TokenGuard<'_> {
+    fn mode(&self) -> Mode {
+        match self {
+            TokenGuard::Jwt(j, _) => j.mode,
+            TokenGuard::Introspection(i) => i.policy().mode,
+        }
+    }
+
+    fn token_sources(&self) -> &[TokenSource] {
+        match self {
+            TokenGuard::Jwt(j, _) => &j.token_sources,
+            TokenGuard::Introspection(i) => &i.policy().token_sources,
+        }
+    }
+
+    fn forward_token(&self) -> bool {
+        match self {
+            TokenGuard::Jwt(j, _) => j.forward_token,
+            TokenGuard::Introspection(i) => i.policy().forward_token,
+        }
+    }
+
+    fn forward_claims(&self) -> &[(String, hyper::header::HeaderName)] {
+        match self {
+            TokenGuard::Jwt(j, _) => &j.forward_claims,
+            TokenGuard::Introspection(i) => &i.policy().forward_claims,
+        }
+    }
+
+    fn close_on_expiry(&self) -> bool {
+        match self {
+            TokenGuard::Jwt(j, _) => j.close_on_expiry,
+            TokenGuard::Introspection(i) => i.policy().close_on_expiry,
+        }
+    }
+
+    fn session_deadline(&self, claims: &jwt::Claims) -> Option<std::time::SystemTime> {
+        match self {
+            TokenGuard::Jwt(j, _) => j.session_deadline(claims),
+            TokenGuard::Introspection(i) => i.policy().session_deadline(claims),
+        }
+    }
+
+    fn allow_on_error(&self) -> bool {
+        matches!(self, TokenGuard::Introspection(i)
+            if i.policy().on_error == crate::config::IntrospectionOnError::Allow)
+    }
+
+    fn report_label(&self) -> &'static str {
+        match self {
+            TokenGuard::Jwt(..) => "jwt_report",
+            TokenGuard::Introspection(_) => "introspection_report",
+        }
+    }
+
+    /// The rejection label of a token found in more than one place.
+    fn ambiguous_label(&self) -> &'static str {
+        match self {
+            TokenGuard::Jwt(..) => "jwt_ambiguous",
+            TokenGuard::Introspection(_) => "introspection_ambiguous",
+        }
+    }
+
+    /// Checks the token found (None: none was) within the handshake's
+    /// deadline.
+    async fn verify(&self, token: Option<&str>, deadline: Instant) -> Result<jwt::Claims, Reject> {
+        match self {
+            TokenGuard::Jwt(_, verifier) => {
+                let token = token.ok_or(Reject::Unauthorized(JwtError::Missing))?;
+                tokio::time::timeout_at(deadline, verifier.verify(token))
+                    .await
+                    .unwrap_or(Err(JwtError::UnknownKey))
+                    .map_err(Reject::Unauthorized)
+            }
+            TokenGuard::Introspection(i) => i.check(token, deadline).await.map_err(|e| match e {
+                crate::guard::introspect::IntrospectError::Unavailable(_) => {
+                    Reject::IntrospectionUnavailable(e)
+                }
+                other => Reject::TokenInactive(other),
+            }),
+        }
+    }
 }
 
 /// The per-IP handshake rate: in Redis across replicas when `limits.shared`

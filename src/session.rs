@@ -53,6 +53,8 @@ pub struct SessionInfo {
     pub subject: Option<String>,
     /// The `hmac.bind_claim` value bound into every signature ("" if none).
     pub bind: String,
+    /// Claim values for derived client keys (`derive: CLAIM`).
+    pub derive: sign::DeriveInputs,
     /// `close_on_expiry`: when the token's exp (plus leeway) passes.
     pub expires: Option<Instant>,
     pub subject_slot: Option<ConnSlot<String>>,
@@ -88,6 +90,8 @@ enum End {
 struct Pumps<'a> {
     route: &'a Route,
     bind: &'a str,
+    /// The token claim values this session's derived client keys need.
+    derive: &'a sign::DeriveInputs,
     subject: Option<(&'a str, &'a SubjectLimiter)>,
     shared: &'a Shared,
     start: Instant,
@@ -230,6 +234,10 @@ fn resign(
 struct KeyView {
     generation: u64,
     current: Option<(Arc<Runtime>, usize)>,
+    /// This session's own client keys (derived ones) for the generation
+    /// in `derived_for`; None when the hmac in force derives none.
+    derived: Option<Vec<sign::Key>>,
+    derived_for: Option<u64>,
 }
 
 impl KeyView {
@@ -245,12 +253,23 @@ impl KeyView {
         self.current = index.map(|i| (rt, i));
     }
 
-    fn hmac<'a>(&'a self, original: &'a Route) -> Option<&'a Hmac> {
-        let now = self
+    /// The hmac in force and the client keys this session verifies with
+    /// (derived from its token's claims when the policy says `derive`).
+    fn hmac_keys<'a>(
+        &'a mut self,
+        original: &'a Route,
+        inputs: &sign::DeriveInputs,
+    ) -> Option<(&'a Hmac, &'a [sign::Key])> {
+        let h = self
             .current
             .as_ref()
-            .and_then(|(rt, i)| rt.policy.route(*i).hmac.as_ref());
-        now.or(original.hmac.as_ref())
+            .and_then(|(rt, i)| rt.policy.route(*i).hmac.as_ref())
+            .or(original.hmac.as_ref())?;
+        if self.derived_for != Some(self.generation) {
+            self.derived = h.session_client_keys(inputs);
+            self.derived_for = Some(self.generation);
+        }
+        Some((h, self.derived.as_deref().unwrap_or(&h.client_keys)))
     }
 }
 
@@ -329,14 +348,14 @@ where
                 p.touch();
                 let len = msg.len();
                 keys.refresh(p.shared, &p.route.prefix);
-                let msg = match keys.hmac(p.route) {
+                let msg = match keys.hmac_keys(p.route, p.derive) {
                     None => msg,
-                    Some(h) => match resign(
+                    Some((h, client_keys)) => match resign(
                         h,
                         p,
                         Direction::C2s,
                         true,
-                        &h.client_keys,
+                        client_keys,
                         h.upstream_signing_key(),
                         &mut seq_in,
                         &mut seq_out,
@@ -420,10 +439,10 @@ where
                 p.touch();
                 let len = msg.len();
                 keys.refresh(p.shared, &p.route.prefix);
-                let msg = match keys.hmac(p.route) {
+                let msg = match keys.hmac_keys(p.route, p.derive) {
                     None => msg,
-                    Some(h) => {
-                        let first = h.client_keys.first().unwrap_or(h.upstream_signing_key());
+                    Some((h, client_keys)) => {
+                        let first = client_keys.first().unwrap_or(h.upstream_signing_key());
                         let keys = h.upstream_verify_keys();
                         match resign(
                             h,
@@ -744,6 +763,7 @@ where
         let p = Pumps {
             route,
             bind: &info.bind,
+            derive: &info.derive,
             subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
             shared: &shared,
             start: Instant::now(),

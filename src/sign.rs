@@ -36,6 +36,7 @@ use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
+use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
@@ -205,19 +206,7 @@ impl Key {
     /// columns, files end with a newline) — but strict about the content: any
     /// other character is an error rather than silently ignored.
     pub fn from_base64(kid: &str, b64: &str) -> Result<Key, String> {
-        let compact: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        if compact.is_empty() {
-            return Err(format!("key {kid:?}: base64 secret is empty"));
-        }
-        let cfg =
-            GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
-        let standard = GeneralPurpose::new(&alphabet::STANDARD, cfg);
-        let url_safe = GeneralPurpose::new(&alphabet::URL_SAFE, cfg);
-        let secret = standard
-            .decode(compact.as_bytes())
-            .or_else(|_| url_safe.decode(compact.as_bytes()))
-            .map_err(|e| format!("key {kid:?}: secret is not valid base64: {e}"))?;
-        Key::new(kid, secret)
+        Key::new(kid, decode_secret(kid, b64)?)
     }
 
     /// The key id, as it appears in envelopes.
@@ -233,6 +222,181 @@ impl fmt::Debug for Key {
             .field("secret", &"<redacted>")
             .finish()
     }
+}
+
+/// Decodes a base64 secret the way [`Key::from_base64`] does (standard or
+/// URL-safe alphabet, padding optional, whitespace ignored), without
+/// building a key. `kid` only names the key in the error.
+pub fn decode_secret(kid: &str, b64: &str) -> Result<Vec<u8>, String> {
+    let compact: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    if compact.is_empty() {
+        return Err(format!("key {kid:?}: base64 secret is empty"));
+    }
+    let cfg = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let standard = GeneralPurpose::new(&alphabet::STANDARD, cfg);
+    let url_safe = GeneralPurpose::new(&alphabet::URL_SAFE, cfg);
+    standard
+        .decode(compact.as_bytes())
+        .or_else(|_| url_safe.decode(compact.as_bytes()))
+        .map_err(|e| format!("key {kid:?}: secret is not valid base64: {e}"))
+}
+
+/// What HKDF's `info` starts with for a derived client key (section 3 of
+/// the contract); the claim value follows it.
+pub const DERIVE_INFO_PREFIX: &[u8] = b"wsg1 client key\n";
+
+/// The derived client key for one claim value: HKDF-SHA256 (RFC 5869) with
+/// `secret` as input keying material, no salt, info
+/// `wsg1 client key\n` + `claim_value`, 32 bytes of output.
+pub fn derive_secret(secret: &[u8], claim_value: &str) -> [u8; 32] {
+    expand(&Hkdf::<Sha256>::new(None, secret), claim_value)
+}
+
+fn expand(hk: &Hkdf<Sha256>, claim_value: &str) -> [u8; 32] {
+    let mut okm = [0u8; 32];
+    // 32 bytes is one HKDF block (the limit is 255 blocks): cannot fail.
+    let _ = hk.expand_multi_info(&[DERIVE_INFO_PREFIX, claim_value.as_bytes()], &mut okm);
+    okm
+}
+
+/// A client key with `derive: CLAIM`: the configured secret, already
+/// through HKDF-Extract, from which each session's key is expanded with the
+/// value of CLAIM in that session's token. Every client holds its own key
+/// and wsguard stores none of them.
+#[derive(Clone)]
+pub struct DerivingKey {
+    kid: String,
+    claim: String,
+    /// HKDF state after Extract (holds the PRK, never the secret itself).
+    hk: Hkdf<Sha256>,
+}
+
+impl DerivingKey {
+    /// Checks the kid and the secret length like [`Key::new`].
+    pub fn new(kid: &str, secret: &[u8], claim: &str) -> Result<DerivingKey, String> {
+        // Validates kid and length with the same rules as a fixed key.
+        Key::new(kid, secret.to_vec())?;
+        if claim.is_empty() {
+            return Err(format!("key {kid:?}: derive needs a claim name"));
+        }
+        Ok(DerivingKey {
+            kid: kid.to_owned(),
+            claim: claim.to_owned(),
+            hk: Hkdf::<Sha256>::new(None, secret),
+        })
+    }
+
+    /// The key of the session whose token carries `claim_value` in the
+    /// claim. An empty value gives no key: every token without a real value
+    /// would otherwise share one.
+    pub fn derive(&self, claim_value: &str) -> Option<Key> {
+        if claim_value.is_empty() {
+            return None;
+        }
+        let okm = expand(&self.hk, claim_value);
+        let mac = HmacSha256::new_from_slice(&okm).ok()?;
+        Some(Key {
+            kid: self.kid.clone(),
+            mac,
+        })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The token claim the key is derived from.
+    pub fn claim(&self) -> &str {
+        &self.claim
+    }
+}
+
+impl fmt::Debug for DerivingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DerivingKey")
+            .field("kid", &self.kid)
+            .field("claim", &self.claim)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One configured client key: the same for every client, or derived per
+/// session from a token claim.
+#[derive(Clone, Debug)]
+pub enum ClientKey {
+    Fixed(Key),
+    Derived(DerivingKey),
+}
+
+impl ClientKey {
+    pub fn kid(&self) -> &str {
+        match self {
+            ClientKey::Fixed(k) => k.kid(),
+            ClientKey::Derived(d) => d.kid(),
+        }
+    }
+}
+
+/// The claim values a session's derived keys need, taken from its token
+/// at admission (claim name, string value). Empty for most sessions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeriveInputs(Vec<(String, String)>);
+
+impl DeriveInputs {
+    /// Collects, for every derived key in `keys`, the string value of its
+    /// claim as `lookup` finds it (non-string or absent claims are left
+    /// out, so the key is unusable for this session).
+    pub fn collect<'a>(keys: &[ClientKey], lookup: impl Fn(&str) -> Option<&'a str>) -> Self {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for k in keys {
+            if let ClientKey::Derived(d) = k {
+                if out.iter().any(|(c, _)| c == d.claim()) {
+                    continue;
+                }
+                if let Some(v) = lookup(d.claim()) {
+                    out.push((d.claim().to_owned(), v.to_owned()));
+                }
+            }
+        }
+        DeriveInputs(out)
+    }
+
+    fn get(&self, claim: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(c, _)| c == claim)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The keys one session verifies its client's messages with, in policy
+/// order (the first signs toward the client). `None` when no key is
+/// derived: the policy's fixed keys are then used as they are, without a
+/// copy per session. A derived key whose claim the session's token lacks is
+/// left out, so a message under its kid fails as `unknown_kid`.
+pub fn session_keys(keys: &[ClientKey], inputs: &DeriveInputs) -> Option<Vec<Key>> {
+    if !keys.iter().any(|k| matches!(k, ClientKey::Derived(_))) {
+        return None;
+    }
+    Some(
+        keys.iter()
+            .filter_map(|k| match k {
+                ClientKey::Fixed(k) => Some(k.clone()),
+                ClientKey::Derived(d) => inputs.get(d.claim()).and_then(|v| d.derive(v)),
+            })
+            .collect(),
+    )
+}
+
+/// The fixed keys of a key list (all of them when none is derived).
+pub fn fixed_keys(keys: &[ClientKey]) -> Vec<Key> {
+    keys.iter()
+        .filter_map(|k| match k {
+            ClientKey::Fixed(k) => Some(k.clone()),
+            ClientKey::Derived(_) => None,
+        })
+        .collect()
 }
 
 /// Why a message failed verification. Variants are listed in the order the
@@ -1217,6 +1381,105 @@ mod tests {
         let mut m = signed(5, T0, b"x");
         m[last] ^= 1;
         assert_eq!(check(&m, &mut st), Err(SigFailure::Replay));
+    }
+
+    // Derived client keys (contract section 3), computed with python3's
+    // standard library, HKDF by hand as RFC 5869 defines it (the same
+    // vector is in docs/signing.md):
+    // python3 -c 'import hmac,hashlib,base64;ikm=bytes(range(32));prk=hmac.new(b"\0"*32,ikm,hashlib.sha256).digest();print(base64.b64encode(hmac.new(prk,b"wsg1 client key\nalice\x01",hashlib.sha256).digest()).decode())'
+    #[test]
+    fn kat_derived_client_key() {
+        let secret: Vec<u8> = (0u8..32).collect();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(
+            b64.encode(derive_secret(&secret, "alice")),
+            "OrVOkVa9XdODhNO+zeCaM5suPhSujwo4lzJXn4hOnxk="
+        );
+        assert_eq!(
+            b64.encode(derive_secret(&secret, "bob")),
+            "sb53yVVhXIVS8yubP6z27IrJORkZ5+GxCU9uuwVxlEM="
+        );
+        // The session key signs like a fixed key holding the derived bytes.
+        let d = DerivingKey::new("user", &secret, "sub").unwrap();
+        let alice = d.derive("alice").unwrap();
+        let msg = sign(
+            &alice,
+            Direction::C2s,
+            1,
+            T0,
+            "",
+            MsgType::Text,
+            br#"{"op":"hello"}"#,
+        );
+        assert_eq!(
+            msg,
+            b"wsg1.user.1.1700000000000.1unlZ9CHMlxcTiFLQCmKZPPXdsr7PJJPhmTuazhTwW8\n{\"op\":\"hello\"}"
+        );
+        let fixed = Key::new("user", derive_secret(&secret, "alice").to_vec()).unwrap();
+        assert_eq!(
+            sign(
+                &fixed,
+                Direction::C2s,
+                1,
+                T0,
+                "",
+                MsgType::Text,
+                br#"{"op":"hello"}"#
+            ),
+            msg
+        );
+        // Another client's key does not verify it.
+        let bob = d.derive("bob").unwrap();
+        assert_eq!(
+            verify(
+                &[bob],
+                Direction::C2s,
+                "",
+                MsgType::Text,
+                &msg,
+                T0,
+                SKEW,
+                &mut SeqState::default()
+            ),
+            Err(SigFailure::BadMac)
+        );
+        assert!(d.derive("").is_none());
+        assert!(!format!("{d:?}").contains("0, 1, 2"));
+        assert!(DerivingKey::new("user", &secret[..31], "sub").is_err());
+        assert!(DerivingKey::new("bad kid", &secret, "sub").is_err());
+    }
+
+    #[test]
+    fn session_keys_follow_policy_order_and_claims() {
+        let fixed = Key::new("f", vec![7; 32]).unwrap();
+        let keys = [
+            ClientKey::Derived(DerivingKey::new("d", &[1; 32], "sub").unwrap()),
+            ClientKey::Fixed(fixed.clone()),
+            ClientKey::Derived(DerivingKey::new("t", &[2; 32], "tenant").unwrap()),
+        ];
+        assert!(session_keys(&[ClientKey::Fixed(fixed)], &DeriveInputs::default()).is_none());
+        let claims = |n: &str| match n {
+            "sub" => Some("alice"),
+            _ => None,
+        };
+        let inputs = DeriveInputs::collect(&keys, claims);
+        let got = session_keys(&keys, &inputs).unwrap();
+        let kids: Vec<&str> = got.iter().map(Key::kid).collect();
+        // `tenant` is absent: that key is not usable by this session.
+        assert_eq!(kids, ["d", "f"]);
+        assert_eq!(
+            sign(&got[0], Direction::S2c, 1, T0, "", MsgType::Text, b"x"),
+            sign(
+                &Key::new("d", derive_secret(&[1; 32], "alice").to_vec()).unwrap(),
+                Direction::S2c,
+                1,
+                T0,
+                "",
+                MsgType::Text,
+                b"x"
+            )
+        );
+        assert_eq!(fixed_keys(&keys).len(), 1);
     }
 
     #[test]

@@ -712,7 +712,7 @@ fn check_jwks_url(s: &str) -> Result<(), String> {
     }
 }
 
-fn forward_header(s: &str) -> Result<HeaderName, String> {
+pub(crate) fn forward_header(s: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(s.as_bytes())
         .map_err(|_| format!("`{s}` is not a valid header name"))?;
     let n = name.as_str();

@@ -2,6 +2,7 @@
 //! on every message). Each guard is small and synchronous on the hot path.
 
 pub mod breaker;
+pub mod introspect;
 pub mod jwt;
 pub mod limits;
 pub mod origin;

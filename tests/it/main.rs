@@ -7,6 +7,7 @@ mod common;
 mod core;
 mod guards;
 mod hmac;
+mod identity;
 mod integrity;
 mod jwt;
 mod process;

@@ -1806,6 +1806,49 @@ mod tests {
         ));
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].path, "hmac.upstream_key.derive");
+        // In a rotation list too.
+        let p = problems(&format!(
+            "{jwt}hmac:\n  mode: enforce\n  client_keys: [{{ id: user, secret_file: \"{k}\" }}]\n  upstream_key: [{{ id: p2, secret_file: \"{k}\" }}, {{ id: p1, secret_file: \"{k}\", derive: sub }}]\n"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "hmac.upstream_key[1].derive");
+    }
+
+    #[test]
+    fn introspection_forward_claims_are_asserted_and_validated_like_jwt() {
+        let d =
+            std::env::temp_dir().join(format!("wsguard-policy-intro-fc-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        let f = d.join("s");
+        std::fs::write(&f, "secret").unwrap_or_else(|e| panic!("{e}"));
+        let route = |target: &str| {
+            format!(
+                "routes:\n  - path: /intro\n    introspection: {{ mode: enforce, url: \"https://idp.example/introspect\", client_id: wsg, client_secret_file: \"{}\", forward_claims: {{ sub: {target} }} }}\n",
+                f.display()
+            )
+        };
+        // Asserted on every route, the top level (no token guard) included.
+        let ok = Policy::from_text("p.yaml", &route("x-introspected-sub"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let asserted = ok.asserted_headers();
+        let names: Vec<&str> = asserted.iter().map(|h| h.as_str()).collect();
+        assert_eq!(names, vec!["x-introspected-sub"]);
+        // The names jwt.forward_claims refuses are refused here too.
+        for bad in [
+            "x-forwarded-for",
+            "x-request-id",
+            "host",
+            "sec-websocket-protocol",
+            "x_sub",
+        ] {
+            let p = problems(&route(bad));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(
+                p[0].path, "routes[0].introspection.forward_claims.sub",
+                "{bad}"
+            );
+            assert!(p[0].message.contains("cannot carry a claim"), "{p:?}");
+        }
     }
 
     #[test]

@@ -723,6 +723,13 @@ pub(crate) fn forward_header(s: &str) -> Result<HeaderName, String> {
             "`{n}` cannot carry a claim: wsguard sets it itself or it is hop-by-hop"
         ));
     }
+    // A name with `_` is never forwarded (contract section 7): the claim
+    // would never reach the backend.
+    if n.contains('_') {
+        return Err(format!(
+            "`{n}` cannot carry a claim: a header name with `_` is never forwarded (use `-`)"
+        ));
+    }
     Ok(name)
 }
 

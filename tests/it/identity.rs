@@ -315,17 +315,17 @@ fn cli_derive_key_sign_and_verify_match_the_pinned_vector() {
 /// `act-NAME` active for subject NAME (exp in 10 min), `short-NAME` active
 /// with exp in 2 s, `expired` active but past exp, `inactive`; anything
 /// else inactive. While `hold` is set, answers wait for `release`.
-struct Idp {
-    addr: std::net::SocketAddr,
+pub(crate) struct Idp {
+    pub(crate) addr: std::net::SocketAddr,
     calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     gate: tokio::sync::watch::Sender<bool>,
 }
 
-const IDP_ID: &str = "wsguard";
+pub(crate) const IDP_ID: &str = "wsguard";
 const IDP_SECRET: &str = "idp-client-secret:with/odd chars";
 
 impl Idp {
-    async fn start(hold: bool) -> Idp {
+    pub(crate) async fn start(hold: bool) -> Idp {
         use http_body_util::BodyExt as _;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -413,7 +413,7 @@ impl Idp {
         Idp { addr, calls, gate }
     }
 
-    fn calls(&self) -> usize {
+    pub(crate) fn calls(&self) -> usize {
         self.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
@@ -422,7 +422,7 @@ impl Idp {
     }
 }
 
-fn idp_secret_file() -> String {
+pub(crate) fn idp_secret_file() -> String {
     let f = dir("introspect").join("client.secret");
     std::fs::write(&f, format!("{IDP_SECRET}\n")).unwrap();
     f.display().to_string()
@@ -430,7 +430,7 @@ fn idp_secret_file() -> String {
 
 /// An introspection policy toward `url`, with extra keys in the section
 /// (indented two spaces) and extra top-level YAML.
-fn introspection_policy(url: &str, section: &str, top: &str) -> String {
+pub(crate) fn introspection_policy(url: &str, section: &str, top: &str) -> String {
     format!(
         "introspection:\n  mode: enforce\n  url: \"{url}\"\n  client_id: {IDP_ID}\n  client_secret_file: \"{}\"\n  issuer: https://idp.example\n  audience: [chat]\n  forward_claims: {{ sub: x-auth-subject, scope: x-auth-scope }}\n{section}\
          keepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  per_ip: null\n  per_connection: null\n{top}",
@@ -438,7 +438,7 @@ fn introspection_policy(url: &str, section: &str, top: &str) -> String {
     )
 }
 
-fn bearer(t: &str) -> String {
+pub(crate) fn bearer(t: &str) -> String {
     format!("Authorization: Bearer {t}\r\n")
 }
 

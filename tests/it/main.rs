@@ -4,6 +4,7 @@
 
 mod access;
 mod common;
+mod compose;
 mod core;
 mod guards;
 mod hmac;

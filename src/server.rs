@@ -556,7 +556,8 @@ async fn upgrade(
     Ok(resp)
 }
 
-/// What the JWT step decided, and the request as it travels upstream.
+/// What the token guard (jwt or introspection) decided, and the request as
+/// it travels upstream.
 struct Auth {
     /// The client's headers minus every token source.
     headers: hyper::HeaderMap,
@@ -574,9 +575,11 @@ struct Auth {
     derive: crate::sign::DeriveInputs,
 }
 
-/// The JWT guard: find the token in the configured sources, verify it,
-/// remove it before forwarding (unless `forward_token`), and turn claims
-/// into headers, the subject, the HMAC bind value and the expiry.
+/// The token guard (jwt or introspection): find the token in the configured
+/// sources (one place only), verify it, empty every configured source
+/// before forwarding (`forward_token` keeps the consumed one), and turn
+/// claims into headers, the subject, the HMAC bind value, the derived-key
+/// inputs and the expiry.
 async fn authenticate<B>(
     req: &Request<B>,
     up: &handshake::Upgrade,

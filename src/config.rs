@@ -327,6 +327,9 @@ pub struct PerIpConfig {
     pub handshakes: Tri<RateConfig>,
     #[serde(default)]
     pub connections: Tri<Spanned<u32>>,
+    /// Handshakes in progress at once per client IP (top level only).
+    #[serde(default)]
+    pub pending_handshakes: Tri<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -371,6 +374,10 @@ pub struct LimitsConfig {
     pub max_frame_size: Option<Spanned<SizeValue>>,
     #[serde(default)]
     pub handshake_timeout: Option<Str>,
+    /// (wsguard addition) Handshakes in progress at once, all clients
+    /// together (top level only).
+    #[serde(default)]
+    pub max_pending_handshakes: Option<Spanned<u64>>,
     #[serde(default)]
     pub trusted_proxies: Option<Vec<Str>>,
     #[serde(default)]

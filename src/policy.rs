@@ -72,6 +72,12 @@ pub struct Policy {
     pub log_level: String,
     /// Limits that only make sense for the whole process.
     pub max_connections: u64,
+    /// `limits.max_pending_handshakes`: connections still in the handshake
+    /// (TLS, request head, upstream dial), all clients together.
+    pub max_pending_handshakes: u64,
+    /// `limits.per_ip.pending_handshakes`: handshakes in progress per client
+    /// IP (after `trusted_proxies`); None = no cap.
+    pub per_ip_pending_handshakes: Option<u32>,
     pub handshake_timeout: Duration,
     pub trusted_proxies: Vec<Cidr>,
     /// Per JWT subject (`sub`), across all routes: concurrent sessions and
@@ -764,6 +770,8 @@ impl TryFrom<&Config> for Policy {
                 log_format,
                 log_level,
                 max_connections: global.max_connections,
+                max_pending_handshakes: global.max_pending_handshakes,
+                per_ip_pending_handshakes: global.per_ip_pending_handshakes,
                 handshake_timeout: global.handshake_timeout,
                 trusted_proxies: global.trusted_proxies,
                 per_subject_connections: global.per_subject_connections,
@@ -1248,8 +1256,31 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
             },
         ),
     };
+    let max_pending_handshakes = l
+        .max_pending_handshakes
+        .as_ref()
+        .map_or(DEFAULT_MAX_PENDING_HANDSHAKES, |v| v.value);
+    if let Some(v) = l.max_pending_handshakes.as_ref().filter(|v| v.value == 0) {
+        c.push(
+            v.referenced,
+            &format!("{path}.max_pending_handshakes"),
+            "must be at least 1",
+        );
+    }
+    let per_ip_pending_handshakes = match &l.per_ip {
+        Tri::Null => None,
+        Tri::Missing => Some(32),
+        Tri::Set(p) => cap(
+            c,
+            &p.pending_handshakes,
+            32,
+            &format!("{path}.per_ip.pending_handshakes"),
+        ),
+    };
     Global {
         max_connections,
+        max_pending_handshakes,
+        per_ip_pending_handshakes,
         handshake_timeout,
         trusted_proxies,
         per_subject_connections,
@@ -1258,8 +1289,15 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     }
 }
 
+/// `limits.max_pending_handshakes` when omitted: enough for bursts of
+/// legitimate upgrades, while idle pre-upgrade sockets stay far below the
+/// default `max_connections` and the usual file-descriptor limits.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: u64 = 1024;
+
 struct Global {
     max_connections: u64,
+    max_pending_handshakes: u64,
+    per_ip_pending_handshakes: Option<u32>,
     handshake_timeout: Duration,
     trusted_proxies: Vec<Cidr>,
     per_subject_connections: Option<u32>,
@@ -1275,6 +1313,24 @@ fn route_only_limits(c: &mut Check, l: &config::LimitsConfig, path: &str) {
     }
     if let Some(v) = &l.handshake_timeout {
         c.push(v.referenced, &format!("{path}.handshake_timeout"), top);
+    }
+    if let Some(v) = &l.max_pending_handshakes {
+        c.push(v.referenced, &format!("{path}.max_pending_handshakes"), top);
+    }
+    if let Tri::Set(p) = &l.per_ip {
+        match &p.pending_handshakes {
+            Tri::Set(v) => c.push(
+                v.referenced,
+                &format!("{path}.per_ip.pending_handshakes"),
+                top,
+            ),
+            Tri::Null => c.push(
+                Location::UNKNOWN,
+                &format!("{path}.per_ip.pending_handshakes"),
+                top,
+            ),
+            Tri::Missing => {}
+        }
     }
     if let Some(v) = l.trusted_proxies.as_ref().and_then(|t| t.first()) {
         c.push(v.referenced, &format!("{path}.trusted_proxies"), top);
@@ -1534,6 +1590,35 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(p) => p.list,
         }
+    }
+
+    #[test]
+    fn pending_handshake_caps() {
+        let p = Policy::from_text("p.yaml", "{}").unwrap();
+        assert_eq!(p.per_ip_pending_handshakes, Some(32));
+        assert_eq!(p.max_pending_handshakes, DEFAULT_MAX_PENDING_HANDSHAKES);
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  max_pending_handshakes: 7\n  per_ip:\n    pending_handshakes: 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.max_pending_handshakes, p.per_ip_pending_handshakes),
+            (7, Some(3))
+        );
+        let p = Policy::from_text("p.yaml", "limits:\n  per_ip: null\n").unwrap();
+        assert_eq!(p.per_ip_pending_handshakes, None);
+        let probs = problems("limits:\n  max_pending_handshakes: 0\n  per_ip:\n    pending_handshakes: 0\nroutes:\n  - path: /a\n    limits:\n      max_pending_handshakes: 5\n      per_ip: { pending_handshakes: 4 }\n");
+        let paths: Vec<&str> = probs.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "limits.max_pending_handshakes",
+                "limits.per_ip.pending_handshakes",
+                "routes[0].limits.max_pending_handshakes",
+                "routes[0].limits.per_ip.pending_handshakes"
+            ]
+        );
     }
 
     #[test]

@@ -76,8 +76,12 @@ pub struct Shared {
     current: ArcSwap<Runtime>,
     pub metrics: Metrics,
     pub counts: Arc<ConnCounts>,
-    /// Connections still in the handshake, per peer address.
+    /// Connections still in the handshake, per peer address (a trusted
+    /// proxy's connections are counted in the total only).
     pub pending: Arc<ConnCounts>,
+    /// Handshakes in progress per client IP taken from a trusted proxy's
+    /// `X-Forwarded-For` (`limits.per_ip.pending_handshakes`).
+    pub pending_clients: Arc<ConnCounts>,
     /// Live sessions per JWT subject.
     pub subjects: Arc<ConnCounts<String>>,
     pub shutdown: CancellationToken,
@@ -137,6 +141,7 @@ impl Shared {
             metrics,
             counts: Arc::new(ConnCounts::default()),
             pending: Arc::new(ConnCounts::default()),
+            pending_clients: Arc::new(ConnCounts::default()),
             subjects: Arc::new(ConnCounts::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

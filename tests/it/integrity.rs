@@ -695,3 +695,54 @@ mod caps {
         assert_echo(p.addr).await;
     }
 }
+
+mod admin {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use crate::common::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> u16 {
+        let (_r, h) = Raw::request(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        h.status
+    }
+
+    #[tokio::test]
+    async fn admin_connections_are_capped_and_idle_ones_closed() {
+        let p = proxy(echo_backend().await, "").await;
+        let a = p.admin_addr;
+        let mut idle = Vec::new();
+        for _ in 0..wsguard::admin::MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(a).await.unwrap());
+        }
+        // One over the cap: refused at once, nothing read.
+        let (_r, h) = Raw::request(a, "").await;
+        assert_eq!(h.status, 503, "{}", h.text);
+        // An idle admin socket is closed after the header timeout; the
+        // proxy frees its slot before closing it.
+        let mut first = idle.remove(0);
+        let started = std::time::Instant::now();
+        let mut b = [0u8; 64];
+        let n = within("header timeout", first.read(&mut b))
+            .await
+            .unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&b[..n]).contains("408"),
+            "{n}"
+        );
+        assert!(
+            started.elapsed() < wsguard::admin::HEADER_TIMEOUT + std::time::Duration::from_secs(1)
+        );
+        assert_eq!(get(a, "/healthz").await, 200);
+        for mut s in idle {
+            s.shutdown().await.unwrap();
+            while within("close", s.read(&mut b)).await.unwrap_or(0) > 0 {}
+        }
+        assert_eq!(get(a, "/metrics").await, 200);
+        assert_echo(p.addr).await;
+    }
+}

@@ -26,6 +26,7 @@ pub mod gate;
 pub mod guard;
 pub mod handshake;
 pub mod keepalive;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod pongs;

@@ -183,8 +183,8 @@ fn check(path: &Path, explain: bool) -> ExitCode {
 /// full, lines are dropped (and the count of dropped lines is reported by
 /// the writer) instead of blocking. The guard flushes the queue at exit.
 fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WSGUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // The WebSocket library is capped at info: below, it logs payloads.
+    let filter = wsguard::logging::filter(std::env::var("WSGUARD_LOG").ok().as_deref(), level);
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(64 * 1024)
         .lossy(true)

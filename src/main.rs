@@ -34,8 +34,17 @@ struct Cli {
 enum Cmd {
     /// Run the proxy until SIGTERM/SIGINT (SIGHUP reloads the policy).
     Run {
+        /// The policy file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Also reload the policy whenever the file's content changes, as on
+        /// SIGHUP. Follows symlinks, so a Kubernetes ConfigMap update (an
+        /// atomic swap of its ..data symlink) is picked up without a signal.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch reads the file (e.g. 2s, 500ms).
+        #[arg(long, default_value = "2s", value_name = "DUR", requires = "watch")]
+        watch_interval: String,
     },
     /// Validate a policy file.
     Check {
@@ -116,8 +125,25 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Check { config, explain } => check(&config, explain),
-        Cmd::Run { config } => match Policy::load(&config) {
-            Ok(p) => runtime(|| run(p, Some(config))),
+        Cmd::Run {
+            config,
+            watch,
+            watch_interval,
+        } => match Policy::load(&config) {
+            Ok(p) => {
+                let every = match parse_duration(&watch_interval) {
+                    Ok(d) if watch && d < Duration::from_millis(10) => {
+                        eprintln!("wsguard: --watch-interval must be at least 10ms");
+                        return ExitCode::from(1);
+                    }
+                    Ok(d) => watch.then_some(d),
+                    Err(e) => {
+                        eprintln!("wsguard: --watch-interval: {e}");
+                        return ExitCode::from(1);
+                    }
+                };
+                runtime(|| run(p, Some(config), every))
+            }
             Err(problems) => {
                 eprintln!("{problems}");
                 ExitCode::from(1)
@@ -199,7 +225,7 @@ fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::
     guard
 }
 
-async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
+async fn run(policy: Policy, config: Option<PathBuf>, watch: Option<Duration>) -> ExitCode {
     let _logs = init_logs(policy.log_format, &policy.log_level);
     let grace = policy.shutdown_grace;
     let listen = policy.listen;
@@ -212,6 +238,14 @@ async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
         }
     };
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, "wsguard listening");
+    if let (Some(every), Some(path)) = (watch, &config) {
+        tracing::info!(file = %path.display(), ?every, "watching the policy file");
+        drop(wsguard::reload::spawn_watch(
+            std::sync::Arc::clone(&running.shared),
+            path.clone(),
+            every,
+        ));
+    }
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
@@ -273,7 +307,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
     println!("         (or: cargo run -- connect ws://{listen}/ and type lines)");
     println!("Ctrl-C stops it.");
     let _ = std::io::stdout().flush();
-    run(policy, None).await
+    run(policy, None, None).await
 }
 
 fn read_key(k: &KeyArgs, kid: &str) -> Result<Key, String> {

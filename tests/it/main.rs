@@ -8,6 +8,7 @@ mod core;
 mod guards;
 mod hmac;
 mod jwt;
+mod ops;
 mod process;
 mod redis;
 mod soak;

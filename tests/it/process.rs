@@ -184,9 +184,15 @@ pub(crate) struct Proc {
 
 impl Proc {
     pub(crate) fn spawn(config: &std::path::Path) -> Proc {
+        Proc::spawn_args(config, &[])
+    }
+
+    /// `wsguard run -c CONFIG ARGS...`
+    pub(crate) fn spawn_args(config: &std::path::Path, args: &[&str]) -> Proc {
         let mut child = tokio::process::Command::new(BIN)
             .args(["run", "-c"])
             .arg(config)
+            .args(args)
             .env("WSGUARD_LOG", "info")
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -29,6 +29,7 @@ pub mod keepalive;
 pub mod metrics;
 pub mod policy;
 pub mod pongs;
+pub mod reject_log;
 pub mod reload;
 pub mod runtime;
 pub mod server;

@@ -257,6 +257,11 @@ async fn handle(
             .prefix
             .clone()
     };
+    let client = client_ip_of(
+        peer.ip(),
+        req.headers(),
+        &shared.runtime().policy.trusted_proxies,
+    );
     match upgrade(req, &conn, &shared, deadline).await {
         Ok(resp) => {
             shared.metrics.handshake("ok");
@@ -269,7 +274,7 @@ async fn handle(
             if !matches!(r, Reject::NotUpgrade) {
                 shared.metrics.reject(r.label());
             }
-            tracing::debug!(client = %peer, status = r.status().as_u16(), error = %r, "handshake refused");
+            shared.refusals.refused(peer, client, &r);
             reject_response(&r)
         }
     }

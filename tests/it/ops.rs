@@ -143,3 +143,55 @@ async fn run_watch_flag_reloads_without_a_signal() {
     p.signal("TERM");
     assert_eq!(p.exit_code().await, Some(0));
 }
+
+#[tokio::test]
+async fn refused_handshakes_are_logged_at_info_without_the_token() {
+    let backend = echo_backend().await;
+    let port = free_port();
+    let secret = std::env::temp_dir().join(format!("wsguard-ops-hs-{}", std::process::id()));
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
+    let f = crate::process::policy_file(
+        "refusals",
+        &format!(
+            "listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\n\
+             origin: {{ mode: enforce, allow: [\"http://a.example\"], allow_missing: true }}\n\
+             jwt:\n  mode: enforce\n  algorithms: [HS256]\n  keys: [{{ secret_file: \"{}\" }}]\n  token_sources: [header, \"query:access_token\"]\n",
+            secret.display()
+        ),
+    );
+    // At the default level (info), as an operator runs it.
+    let mut p = Proc::spawn(&f);
+    p.log_line("wsguard listening").await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    assert_eq!(status_with_origin(addr, "http://evil.example").await, 403);
+    let line = p.log_line("handshake refused").await;
+    assert!(line.contains("\"status\":403"), "{line}");
+    assert!(line.contains("origin_not_allowed"), "{line}");
+    assert!(line.contains("127.0.0.1"), "{line}");
+
+    let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.SECRETSIGNATURE";
+    let (_, h) = Raw::upgrade(addr, "/", &format!("Authorization: Bearer {token}\r\n")).await;
+    assert_eq!(h.status, 401);
+    let line = p.log_line("handshake refused").await;
+    assert!(line.contains("\"status\":401"), "{line}");
+    assert!(
+        !line.contains("SECRETSIGNATURE") && !line.contains("eyJ"),
+        "{line}"
+    );
+    let (_, h) = Raw::upgrade(addr, &format!("/x?access_token={token}"), "").await;
+    assert_eq!(h.status, 401);
+    let line = p.log_line("handshake refused").await;
+    assert!(
+        !line.contains("SECRETSIGNATURE") && !line.contains("/x"),
+        "{line}"
+    );
+
+    let (_, h) = Raw::request(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(h.status, 426);
+    let line = p.log_line("handshake refused").await;
+    assert!(line.contains("\"status\":426"), "{line}");
+    p.signal("TERM");
+    assert_eq!(p.exit_code().await, Some(0));
+    let _ = std::fs::remove_file(secret);
+}

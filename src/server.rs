@@ -412,6 +412,7 @@ async fn upgrade(
     if let Some(p) = dialed
         .protocol
         .as_deref()
+        .or(auth.token_protocol.as_deref())
         .and_then(|p| HeaderValue::from_str(p).ok())
     {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p);
@@ -465,6 +466,10 @@ struct Auth {
     bind: String,
     /// When `close_on_expiry` ends the session.
     expires: Option<Instant>,
+    /// The client offered nothing but its token subprotocol: answered to
+    /// the client when the backend selects none (browsers abort a handshake
+    /// that offered a subprotocol and got none back). Never sent upstream.
+    token_protocol: Option<String>,
 }
 
 /// The JWT guard: find the token in the configured sources, verify it,
@@ -486,6 +491,7 @@ async fn authenticate<B>(
         subject: None,
         bind: String::new(),
         expires: None,
+        token_protocol: None,
     };
     let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
         return Ok(auth);
@@ -532,7 +538,10 @@ async fn authenticate<B>(
                 }
             }
             Some(TokenSource::Subprotocol(prefix)) => {
-                auth.protocols = jwt::strip_subprotocol(&auth.protocols, prefix)
+                auth.protocols = jwt::strip_subprotocol(&auth.protocols, prefix);
+                if auth.protocols.is_empty() {
+                    auth.token_protocol = Some(format!("{prefix}{}", f.token));
+                }
             }
             None => {}
         }

@@ -1352,10 +1352,13 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         &format!("{path}.max_message_size"),
         1 << 20,
     );
+    // Unset (or null): one frame may be as large as one message. Clients
+    // (Python websockets, Node ws, websocat, browsers) send a message as one
+    // frame, so a smaller default would cut them off below the message limit.
     let max_frame = c.size(
         &l.max_frame_size,
         &format!("{path}.max_frame_size"),
-        256 << 10,
+        max_message,
     );
     // 128 bytes is below any useful message; 1 GiB is above any sane one and
     // would let one client pin that much memory.
@@ -1475,16 +1478,29 @@ fn cap(c: &mut Check, v: &Tri<Spanned<u32>>, default: u32, path: &str) -> Option
 impl Policy {
     /// Parses and validates policy text; `file` is used in problem lines.
     pub fn from_text(file: &str, text: &str) -> Result<Policy, Problems> {
-        let cfg = config::parse(text).map_err(|p| Problems {
-            file: file.to_string(),
-            list: vec![Problem {
+        // Structural problems (syntax, unknown keys, wrong types) and
+        // semantic ones are reported together: the semantic checks run on
+        // what remains readable once the structural problems are set aside.
+        let parsed = config::parse(text);
+        let mut list: Vec<Problem> = parsed
+            .problems
+            .into_iter()
+            .map(|p| Problem {
                 line: p.line,
                 col: p.col,
                 path: p.path,
                 message: p.message,
-            }],
-        })?;
-        Policy::try_from(&cfg).map_err(|list| Problems {
+            })
+            .collect();
+        if let Some(cfg) = parsed.config {
+            match Policy::try_from(&cfg) {
+                Ok(p) if list.is_empty() => return Ok(p),
+                Ok(_) => {}
+                Err(semantic) => list.extend(semantic),
+            }
+        }
+        list.sort_by_key(|p| (p.line, p.col));
+        Err(Problems {
             file: file.to_string(),
             list,
         })
@@ -1667,7 +1683,7 @@ mod tests {
         assert_eq!(p.listen, "0.0.0.0:8080".parse().unwrap());
         let r = &p.default_route;
         assert_eq!(r.limits.max_message_size, 1 << 20);
-        assert_eq!(r.limits.max_frame_size, 256 << 10);
+        assert_eq!(r.limits.max_frame_size, 1 << 20);
         assert_eq!(r.keepalive.interval, Some(Duration::from_secs(25)));
         assert_eq!(r.upstream.breaker.map(|b| b.consecutive_failures), Some(5));
         assert_eq!(r.limits.per_ip_handshakes.map(|r| r.burst.get()), Some(20));
@@ -1697,6 +1713,83 @@ mod tests {
                 (6, "limits.per_connection.messages.rate")
             ]
         );
+    }
+
+    #[test]
+    fn structural_and_semantic_problems_in_one_run() {
+        let p = problems(concat!(
+            "listen: \"127.0.0.1:8080\"\n",
+            "origin:\n",
+            "  mode: enforce\n",
+            "  allwo: [\"https://a.example\"]\n",
+            "  allow: [\"https://a.example\"]\n",
+            "keepalive:\n",
+            "  interval: 5x\n",
+            "  bogus: 1\n",
+            "limits:\n",
+            "  per_connection:\n",
+            "    messages: { rate: 0/s, burst: 1 }\n",
+            "  max_conections: 5\n",
+        ));
+        let got: Vec<_> = p.iter().map(|p| (p.line, p.col, p.path.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (4, 3, "origin.allwo"),
+                (7, 13, "keepalive.interval"),
+                (8, 3, "keepalive.bogus"),
+                (11, 23, "limits.per_connection.messages.rate"),
+                (12, 3, "limits.max_conections"),
+            ]
+        );
+        let shown = Problems {
+            file: "p.yaml".into(),
+            list: p,
+        }
+        .to_string();
+        assert_eq!(shown.lines().count(), 5);
+        assert!(!shown.contains(".value"), "{shown}");
+    }
+
+    #[test]
+    fn type_error_list_where_a_map_is_expected() {
+        let p = problems("origin:\n  - mode: enforce\nkeepalive:\n  interval: 5x\n");
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.line, p.col, p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, 3, "origin", "wrong type: expected a mapping"),
+                (
+                    4,
+                    13,
+                    "keepalive.interval",
+                    "`5x` is not a duration (use e.g. 500ms, 25s, 10m, 1h)"
+                ),
+            ]
+        );
+        let p = problems("routes:\n  - path: /a\n    limits:\n      max_connections: x\n");
+        assert_eq!(p[0].path, "routes[0].limits.max_connections", "{p:?}");
+    }
+
+    #[test]
+    fn frame_limit_follows_the_message_limit_unless_set() {
+        for text in [
+            "limits:\n  max_message_size: 64KiB\n",
+            "limits:\n  max_message_size: 64KiB\n  max_frame_size: null\n",
+        ] {
+            let p = Policy::from_text("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+            let l = &p.default_route.limits;
+            assert_eq!((l.max_message_size, l.max_frame_size), (65536, 65536));
+        }
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  max_message_size: 4MiB\n  max_frame_size: 64KiB\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.default_route.limits.max_frame_size, 65536);
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct Shared {
     /// connection and outage state survive reloads).
     shared_limiter: Mutex<Option<(SharedSettings, Arc<SharedLimiter>)>>,
     pub ready: std::sync::atomic::AtomicBool,
+    /// Refused handshakes are logged at info through this rate limit.
+    pub refusals: crate::reject_log::RefusalLog,
     /// The generation of `current`, readable without touching the ArcSwap.
     generation: std::sync::atomic::AtomicU64,
 }
@@ -150,6 +152,7 @@ impl Shared {
             jwks: Mutex::new(HashMap::new()),
             shared_limiter: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
+            refusals: crate::reject_log::RefusalLog::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
         });
         shared.install(policy);

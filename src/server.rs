@@ -35,7 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::config::Mode;
 use crate::config::OnError;
 use crate::error::Reject;
-use crate::guard::jwt::{self, JwtError};
+use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
@@ -371,6 +371,11 @@ async fn handle(
             .prefix
             .clone()
     };
+    let client = client_ip_of(
+        peer.ip(),
+        req.headers(),
+        &shared.runtime().policy.trusted_proxies,
+    );
     match upgrade(req, &conn, &shared, deadline).await {
         Ok(resp) => {
             shared.metrics.handshake("ok");
@@ -383,7 +388,7 @@ async fn handle(
             if !matches!(r, Reject::NotUpgrade) {
                 shared.metrics.reject(r.label());
             }
-            tracing::debug!(client = %peer, status = r.status().as_u16(), error = %r, "handshake refused");
+            shared.refusals.refused(peer, client, &r);
             reject_response(&r)
         }
     }
@@ -540,6 +545,7 @@ async fn upgrade(
     if let Some(p) = dialed
         .protocol
         .as_deref()
+        .or(auth.token_protocol.as_deref())
         .and_then(|p| HeaderValue::from_str(p).ok())
     {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p);
@@ -595,6 +601,10 @@ struct Auth {
     bind: String,
     /// When `close_on_expiry` ends the session.
     expires: Option<Instant>,
+    /// The client offered nothing but its token subprotocol: answered to
+    /// the client when the backend selects none (browsers abort a handshake
+    /// that offered a subprotocol and got none back). Never sent upstream.
+    token_protocol: Option<String>,
 }
 
 /// The JWT guard: find the token in the configured sources, verify it,
@@ -617,6 +627,7 @@ async fn authenticate<B>(
         subject: None,
         bind: String::new(),
         expires: None,
+        token_protocol: None,
     };
     let (Some(j), Some(verifier)) = (&route.jwt, &derived.jwt) else {
         return Ok(auth);
@@ -664,6 +675,16 @@ async fn authenticate<B>(
         &mut auth.path_and_query,
         &mut auth.protocols,
     );
+    // A browser that offered only the token subprotocol aborts unless the
+    // answer names one of its offers: echo the consumed entry back to it
+    // (the token itself is never forwarded upstream).
+    if let Some(f) = &found {
+        if let Some(TokenSource::Subprotocol(prefix)) = j.token_sources.get(f.source) {
+            if auth.protocols.is_empty() {
+                auth.token_protocol = Some(format!("{prefix}{}", f.token));
+            }
+        }
+    }
     for (claim, header) in &j.forward_claims {
         if let Some(v) = claims
             .as_ref()

@@ -9,6 +9,7 @@ mod guards;
 mod hmac;
 mod integrity;
 mod jwt;
+mod ops;
 mod process;
 mod redis;
 mod soak;

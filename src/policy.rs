@@ -171,6 +171,8 @@ pub struct BreakerPolicy {
     pub open_for: Duration,
     pub max_open_for: Duration,
     pub half_open_probes: u32,
+    /// Keep the state in `limits.shared`'s Redis, for every replica.
+    pub shared: bool,
 }
 
 #[derive(Clone)]
@@ -294,6 +296,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 /// Collects problems while walking the raw config.
 struct Check {
     problems: Vec<Problem>,
+    /// `limits.shared` is set (a shared circuit breaker needs it).
+    shared_redis: bool,
 }
 
 fn at(loc: Location) -> (u64, u64) {
@@ -608,6 +612,7 @@ impl TryFrom<&Config> for Policy {
     fn try_from(cfg: &Config) -> Result<Policy, Vec<Problem>> {
         let mut c = Check {
             problems: Vec::new(),
+            shared_redis: cfg.limits.as_ref().is_some_and(|l| l.shared.is_some()),
         };
         let listen = c.addr(&cfg.listen, "listen", "0.0.0.0:8080");
         let tls = cfg.tls.as_ref().and_then(|t| server_tls(&mut c, t));
@@ -913,6 +918,18 @@ fn breaker(c: &mut Check, b: &config::BreakerConfig, up: &str) -> BreakerPolicy 
         open_for,
         max_open_for,
         half_open_probes,
+        shared: match &b.shared {
+            Some(v) if v.value && !c.shared_redis => {
+                c.push(
+                    v.referenced,
+                    &format!("{path}.shared"),
+                    "needs limits.shared (the Redis the replicas share)",
+                );
+                false
+            }
+            Some(v) => v.value,
+            None => false,
+        },
     }
 }
 
@@ -1118,18 +1135,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     }
     let shared = l.shared.as_ref().and_then(|sh| {
         let v = &sh.value;
-        let Some(url) = &v.redis_url else {
-            c.push(
-                sh.referenced,
-                &format!("{path}.shared.redis_url"),
-                "required",
-            );
-            return None;
-        };
-        if let Err(e) = crate::guard::shared::validate_url(&url.value) {
-            c.push(url.referenced, &format!("{path}.shared.redis_url"), e);
-            return None;
-        }
+        let target = redis_target(c, sh, &format!("{path}.shared"))?;
         let timeout = c.duration(
             &v.timeout,
             &format!("{path}.shared.timeout"),
@@ -1152,7 +1158,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
             );
         }
         Some(crate::guard::shared::SharedSettings {
-            redis_url: url.value.clone(),
+            target,
             prefix,
             timeout,
             on_error: v.on_error.unwrap_or_default(),
@@ -1184,6 +1190,84 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
         per_subject_messages,
         shared,
     }
+}
+
+/// `limits.shared`: exactly one of `redis_url`, `sentinel`, `cluster`.
+fn redis_target(
+    c: &mut Check,
+    sh: &Spanned<config::SharedConfig>,
+    path: &str,
+) -> Option<crate::guard::shared::RedisTarget> {
+    use crate::guard::shared::{validate_target, RedisTarget};
+    let v = &sh.value;
+    let given = usize::from(v.redis_url.is_some())
+        + usize::from(v.sentinel.is_some())
+        + usize::from(v.cluster.is_some());
+    if given != 1 {
+        let msg = if given == 0 {
+            "set one of redis_url, sentinel and cluster"
+        } else {
+            "set only one of redis_url, sentinel and cluster"
+        };
+        c.push(sh.referenced, path, msg);
+        return None;
+    }
+    let (target, loc, key) = if let Some(url) = &v.redis_url {
+        (
+            RedisTarget::Url(url.value.clone()),
+            url.referenced,
+            "redis_url",
+        )
+    } else if let Some(st) = &v.sentinel {
+        let sp = format!("{path}.sentinel");
+        let Some(master) = &st.value.master else {
+            c.push(st.referenced, &format!("{sp}.master"), "required");
+            return None;
+        };
+        let addresses: Vec<String> = st
+            .value
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| a.value.clone())
+            .collect();
+        let password = match &st.value.password_env {
+            None => None,
+            Some(env) => match std::env::var(&env.value) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    c.push(
+                        env.referenced,
+                        &format!("{sp}.password_env"),
+                        format!("environment variable `{}` is not set", env.value),
+                    );
+                    return None;
+                }
+            },
+        };
+        (
+            RedisTarget::Sentinel {
+                master: master.value.clone(),
+                addresses,
+                password,
+            },
+            st.referenced,
+            "sentinel",
+        )
+    } else if let Some(nodes) = &v.cluster {
+        (
+            RedisTarget::Cluster(nodes.value.iter().map(|n| n.value.clone()).collect()),
+            nodes.referenced,
+            "cluster",
+        )
+    } else {
+        return None;
+    };
+    if let Err(e) = validate_target(&target) {
+        c.push(loc, &format!("{path}.{key}"), e);
+        return None;
+    }
+    Some(target)
 }
 
 struct Global {

@@ -1549,6 +1549,75 @@ mod tests {
     }
 
     #[test]
+    fn shared_redis_is_one_of_url_sentinel_cluster() {
+        use crate::guard::shared::RedisTarget;
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  shared:\n    sentinel:\n      master: mymaster\n      addresses: [redis://10.0.0.1:26379, \"redis://:pw@10.0.0.2:26379\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = p.shared.unwrap_or_else(|| panic!("shared"));
+        assert!(
+            matches!(&s.target, RedisTarget::Sentinel { master, addresses, password: None }
+                if master == "mymaster" && addresses.len() == 2),
+            "{s:?}"
+        );
+        assert!(!format!("{s:?}").contains("pw"), "{s:?}");
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  shared:\n    cluster: [redis://10.0.0.1:6379, redis://10.0.0.2:6379]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            p.shared.map(|s| s.target),
+            Some(RedisTarget::Cluster(n)) if n.len() == 2
+        ));
+        for (text, line, path) in [
+            (
+                "limits:\n  shared:\n    redis_url: redis://a\n    cluster: [redis://b]\n",
+                3,
+                "limits.shared",
+            ),
+            ("limits:\n  shared:\n    prefix: x\n", 3, "limits.shared"),
+            (
+                "limits:\n  shared:\n    sentinel: { addresses: [redis://a:26379] }\n",
+                3,
+                "limits.shared.sentinel.master",
+            ),
+            (
+                "limits:\n  shared:\n    sentinel: { master: m, addresses: [] }\n",
+                3,
+                "limits.shared.sentinel",
+            ),
+            (
+                "limits:\n  shared:\n    cluster: [http://a]\n",
+                3,
+                "limits.shared.cluster",
+            ),
+            (
+                "limits:\n  shared:\n    sentinel: { master: m, addresses: [redis://a:26379], password_env: WSG_NO_SUCH_VAR }\n",
+                3,
+                "limits.shared.sentinel.password_env",
+            ),
+            (
+                "upstream:\n  circuit_breaker:\n    shared: true\n",
+                3,
+                "upstream.circuit_breaker.shared",
+            ),
+        ] {
+            let p = problems(text);
+            assert_eq!(p.len(), 1, "{text}: {p:?}");
+            assert_eq!((p[0].line, p[0].path.as_str()), (line, path), "{text}: {p:?}");
+        }
+        let p = Policy::from_text(
+            "p.yaml",
+            "upstream:\n  circuit_breaker: { shared: true }\nlimits:\n  shared: { redis_url: redis://a }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.default_route.upstream.breaker.is_some_and(|b| b.shared));
+    }
+
+    #[test]
     fn empty_policy_is_all_defaults() {
         let p = Policy::from_text("p.yaml", "{}").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.listen, "0.0.0.0:8080".parse().unwrap());

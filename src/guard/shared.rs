@@ -162,20 +162,31 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 "#;
 
-/// KEYS[1] lease set; ARGV[1] lease TTL in ms; ARGV[2..] live lease ids of
-/// one replica. Renews them (re-adding any that lapsed while Redis was out
-/// of reach) and drops expired ones. Returns the number of leases.
+/// KEYS[1] lease set; ARGV[1] lease TTL in ms; ARGV[2] '0': renew only
+/// leases that are still there, '1': also put back the ones that lapsed;
+/// ARGV[3..] live lease ids of one replica. Drops expired leases. Returns
+/// the ids that were not there (with '0').
+///
+/// Renewing only what is there keeps a lease released between the
+/// replica's snapshot and this call from coming back; a lapsed lease (Redis
+/// out of reach for longer than the TTL) is put back by a second call for
+/// the ids the replica still holds.
 const RENEW_LUA: &str = r#"
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+local missing = {}
+for i = 3, #ARGV do
+  if ARGV[2] == '1' or redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
-return redis.call('ZCARD', KEYS[1])
+if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return missing
 "#;
 
 /// KEYS[1] lease set; ARGV[1] lease id. Removes it; deletes the key when
@@ -814,22 +825,42 @@ impl SharedLimiter {
             .iter()
             .map(|(k, ids)| (k.clone(), ids.iter().cloned().collect()))
             .collect();
-        let ttl_ms = ms(self.lease_ttl);
         for (set, ids) in snapshot {
-            let _ = self
-                .call(|mut conn| {
-                    let (set, ids) = (&set, &ids);
-                    async move {
-                        let mut inv = self.renew.key(set);
-                        inv.arg(ttl_ms);
-                        for id in ids {
-                            inv.arg(id);
-                        }
-                        inv.invoke_async::<i64>(&mut conn).await
-                    }
-                })
-                .await;
+            let Some(missing) = self.renew_leases(&set, &ids, false).await else {
+                continue;
+            };
+            // Lapsed (not released: a release forgets the lease here
+            // first): put back those this replica still holds.
+            let live: Vec<String> = {
+                let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                missing
+                    .into_iter()
+                    .filter(|id| leases.get(&set).is_some_and(|l| l.contains(id)))
+                    .collect()
+            };
+            if !live.is_empty() {
+                tracing::debug!(
+                    leases = live.len(),
+                    "shared limits: putting back lapsed leases"
+                );
+                let _ = self.renew_leases(&set, &live, true).await;
+            }
         }
+    }
+
+    /// One renewal call; the ids that were not there (None on an error).
+    async fn renew_leases(&self, set: &str, ids: &[String], put_back: bool) -> Option<Vec<String>> {
+        let ttl_ms = ms(self.lease_ttl);
+        self.call(|mut conn| async move {
+            let mut inv = self.renew.key(set);
+            inv.arg(ttl_ms).arg(if put_back { "1" } else { "0" });
+            for id in ids {
+                inv.arg(id);
+            }
+            inv.invoke_async::<Vec<String>>(&mut conn).await
+        })
+        .await
+        .ok()
     }
 
     /// Calls answered `Unavailable` since start (failures, timeouts, and
@@ -1724,7 +1755,29 @@ mod tests {
             assert_eq!(leases(&mut c, set).await, 1, "a live lease lapsed");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // A lease Redis lost (an outage longer than the TTL, a failover) is
+        // put back by the next renewal.
+        let _: () = redis::cmd("DEL")
+            .arg(set)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let t = Instant::now();
+        while leases(&mut c, set).await != 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "lapsed lease not put back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let id = held.lease.as_ref().unwrap().1.clone();
         held.release().await;
+        assert_eq!(leases(&mut c, set).await, 0);
+        // A renewal that races the release does not bring it back.
+        let missing = live
+            .renew_leases(set, std::slice::from_ref(&id), false)
+            .await;
+        assert_eq!(missing, Some(vec![id]));
         assert_eq!(leases(&mut c, set).await, 0);
     }
 

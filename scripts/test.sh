@@ -5,11 +5,13 @@
 # runs unit, integration, process and corpus-replay tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "== installing redis-server (needed by the shared-limit tests)"
+# redis-server also runs the Sentinel (`--sentinel`); redis-cli (redis-tools)
+# builds the test Cluster.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "== installing redis-server and redis-cli (needed by the shared-limit, Sentinel and Cluster tests)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 # The browser test (the demo page in headless Chromium) needs chromium: about
 # 80 MB to download and 130 packages, so it is installed only on request.

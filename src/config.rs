@@ -167,6 +167,9 @@ pub struct BreakerConfig {
     pub max_open_for: Option<Str>,
     #[serde(default)]
     pub half_open_probes: Option<Spanned<u32>>,
+    /// Share the breaker's state through `limits.shared`'s Redis.
+    #[serde(default)]
+    pub shared: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,12 +358,34 @@ pub struct PerConnectionConfig {
 pub struct SharedConfig {
     #[serde(default)]
     pub redis_url: Option<Str>,
+    /// A Sentinel-managed primary: exactly one of `redis_url`, `sentinel`
+    /// and `cluster`.
+    #[serde(default)]
+    pub sentinel: Option<Spanned<SentinelConfig>>,
+    /// Redis Cluster: the seed nodes' URLs.
+    #[serde(default)]
+    pub cluster: Option<Spanned<Vec<Str>>>,
     #[serde(default)]
     pub prefix: Option<Str>,
     #[serde(default)]
     pub timeout: Option<Str>,
     #[serde(default)]
     pub on_error: Option<OnError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under.
+    #[serde(default)]
+    pub master: Option<Str>,
+    /// The sentinels' URLs (`redis://host:26379`).
+    #[serde(default)]
+    pub addresses: Option<Vec<Str>>,
+    /// Environment variable holding the primary's password (the sentinels'
+    /// own credentials go in their URLs).
+    #[serde(default)]
+    pub password_env: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -199,6 +199,8 @@ pub struct BreakerPolicy {
     pub open_for: Duration,
     pub max_open_for: Duration,
     pub half_open_probes: u32,
+    /// Keep the state in `limits.shared`'s Redis, for every replica.
+    pub shared: bool,
 }
 
 #[derive(Clone)]
@@ -342,6 +344,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 /// Collects problems while walking the raw config.
 struct Check {
     problems: Vec<Problem>,
+    /// `limits.shared` is set (a shared circuit breaker needs it).
+    shared_redis: bool,
 }
 
 fn at(loc: Location) -> (u64, u64) {
@@ -656,6 +660,7 @@ impl TryFrom<&Config> for Policy {
     fn try_from(cfg: &Config) -> Result<Policy, Vec<Problem>> {
         let mut c = Check {
             problems: Vec::new(),
+            shared_redis: cfg.limits.as_ref().is_some_and(|l| l.shared.is_some()),
         };
         let listen = c.addr(&cfg.listen, "listen", "0.0.0.0:8080");
         let tls = cfg.tls.as_ref().and_then(|t| server_tls(&mut c, t));
@@ -963,6 +968,18 @@ fn breaker(c: &mut Check, b: &config::BreakerConfig, up: &str) -> BreakerPolicy 
         open_for,
         max_open_for,
         half_open_probes,
+        shared: match &b.shared {
+            Some(v) if v.value && !c.shared_redis => {
+                c.push(
+                    v.referenced,
+                    &format!("{path}.shared"),
+                    "needs limits.shared (the Redis the replicas share)",
+                );
+                false
+            }
+            Some(v) => v.value,
+            None => false,
+        },
     }
 }
 
@@ -1198,18 +1215,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     }
     let shared = l.shared.as_ref().and_then(|sh| {
         let v = &sh.value;
-        let Some(url) = &v.redis_url else {
-            c.push(
-                sh.referenced,
-                &format!("{path}.shared.redis_url"),
-                "required",
-            );
-            return None;
-        };
-        if let Err(e) = crate::guard::shared::validate_url(&url.value) {
-            c.push(url.referenced, &format!("{path}.shared.redis_url"), e);
-            return None;
-        }
+        let target = redis_target(c, sh, &format!("{path}.shared"))?;
         let timeout = c.duration(
             &v.timeout,
             &format!("{path}.shared.timeout"),
@@ -1232,7 +1238,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
             );
         }
         Some(crate::guard::shared::SharedSettings {
-            redis_url: url.value.clone(),
+            target,
             prefix,
             timeout,
             on_error: v.on_error.unwrap_or_default(),
@@ -1293,6 +1299,83 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
 /// legitimate upgrades, while idle pre-upgrade sockets stay far below the
 /// default `max_connections` and the usual file-descriptor limits.
 pub const DEFAULT_MAX_PENDING_HANDSHAKES: u64 = 1024;
+/// `limits.shared`: exactly one of `redis_url`, `sentinel`, `cluster`.
+fn redis_target(
+    c: &mut Check,
+    sh: &Spanned<config::SharedConfig>,
+    path: &str,
+) -> Option<crate::guard::shared::RedisTarget> {
+    use crate::guard::shared::{validate_target, RedisTarget};
+    let v = &sh.value;
+    let given = usize::from(v.redis_url.is_some())
+        + usize::from(v.sentinel.is_some())
+        + usize::from(v.cluster.is_some());
+    if given != 1 {
+        let msg = if given == 0 {
+            "set one of redis_url, sentinel and cluster"
+        } else {
+            "set only one of redis_url, sentinel and cluster"
+        };
+        c.push(sh.referenced, path, msg);
+        return None;
+    }
+    let (target, loc, key) = if let Some(url) = &v.redis_url {
+        (
+            RedisTarget::Url(url.value.clone()),
+            url.referenced,
+            "redis_url",
+        )
+    } else if let Some(st) = &v.sentinel {
+        let sp = format!("{path}.sentinel");
+        let Some(master) = &st.value.master else {
+            c.push(st.referenced, &format!("{sp}.master"), "required");
+            return None;
+        };
+        let addresses: Vec<String> = st
+            .value
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| a.value.clone())
+            .collect();
+        let password = match &st.value.password_env {
+            None => None,
+            Some(env) => match std::env::var(&env.value) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    c.push(
+                        env.referenced,
+                        &format!("{sp}.password_env"),
+                        format!("environment variable `{}` is not set", env.value),
+                    );
+                    return None;
+                }
+            },
+        };
+        (
+            RedisTarget::Sentinel {
+                master: master.value.clone(),
+                addresses,
+                password,
+            },
+            st.referenced,
+            "sentinel",
+        )
+    } else if let Some(nodes) = &v.cluster {
+        (
+            RedisTarget::Cluster(nodes.value.iter().map(|n| n.value.clone()).collect()),
+            nodes.referenced,
+            "cluster",
+        )
+    } else {
+        return None;
+    };
+    if let Err(e) = validate_target(&target) {
+        c.push(loc, &format!("{path}.{key}"), e);
+        return None;
+    }
+    Some(target)
+}
 
 struct Global {
     max_connections: u64,
@@ -1675,6 +1758,75 @@ mod tests {
         assert_eq!(p[0].path, "hmac.upstream_key");
         let p = problems(&yaml(&format!("[{{ id: p1, secret_fil: \"{f}\" }}]")));
         assert!(p[0].message.contains("unknown field"), "{p:?}");
+    }
+
+    #[test]
+    fn shared_redis_is_one_of_url_sentinel_cluster() {
+        use crate::guard::shared::RedisTarget;
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  shared:\n    sentinel:\n      master: mymaster\n      addresses: [redis://10.0.0.1:26379, \"redis://:pw@10.0.0.2:26379\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = p.shared.unwrap_or_else(|| panic!("shared"));
+        assert!(
+            matches!(&s.target, RedisTarget::Sentinel { master, addresses, password: None }
+                if master == "mymaster" && addresses.len() == 2),
+            "{s:?}"
+        );
+        assert!(!format!("{s:?}").contains("pw"), "{s:?}");
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  shared:\n    cluster: [redis://10.0.0.1:6379, redis://10.0.0.2:6379]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            p.shared.map(|s| s.target),
+            Some(RedisTarget::Cluster(n)) if n.len() == 2
+        ));
+        for (text, line, path) in [
+            (
+                "limits:\n  shared:\n    redis_url: redis://a\n    cluster: [redis://b]\n",
+                3,
+                "limits.shared",
+            ),
+            ("limits:\n  shared:\n    prefix: x\n", 3, "limits.shared"),
+            (
+                "limits:\n  shared:\n    sentinel: { addresses: [redis://a:26379] }\n",
+                3,
+                "limits.shared.sentinel.master",
+            ),
+            (
+                "limits:\n  shared:\n    sentinel: { master: m, addresses: [] }\n",
+                3,
+                "limits.shared.sentinel",
+            ),
+            (
+                "limits:\n  shared:\n    cluster: [http://a]\n",
+                3,
+                "limits.shared.cluster",
+            ),
+            (
+                "limits:\n  shared:\n    sentinel: { master: m, addresses: [redis://a:26379], password_env: WSG_NO_SUCH_VAR }\n",
+                3,
+                "limits.shared.sentinel.password_env",
+            ),
+            (
+                "upstream:\n  circuit_breaker:\n    shared: true\n",
+                3,
+                "upstream.circuit_breaker.shared",
+            ),
+        ] {
+            let p = problems(text);
+            assert_eq!(p.len(), 1, "{text}: {p:?}");
+            assert_eq!((p[0].line, p[0].path.as_str()), (line, path), "{text}: {p:?}");
+        }
+        let p = Policy::from_text(
+            "p.yaml",
+            "upstream:\n  circuit_breaker: { shared: true }\nlimits:\n  shared: { redis_url: redis://a }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.default_route.upstream.breaker.is_some_and(|b| b.shared));
     }
 
     #[test]

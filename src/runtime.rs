@@ -107,7 +107,7 @@ pub struct Shared {
     generation: std::sync::atomic::AtomicU64,
 }
 
-type BreakerKey = (u32, u128, u128, u32);
+type BreakerKey = (u32, u128, u128, u32, bool);
 
 /// One JWKS URL's cache and the refresher that keeps it fresh.
 struct JwksEntry {
@@ -124,6 +124,7 @@ fn breaker_key(b: &BreakerPolicy) -> BreakerKey {
         b.open_for.as_nanos(),
         b.max_open_for.as_nanos(),
         b.half_open_probes,
+        b.shared,
     )
 }
 
@@ -244,6 +245,35 @@ impl Shared {
             .collect();
         // Forget breakers of upstreams that are no longer configured.
         map.retain(|k, _| wanted.contains(k));
+        let shared_limiter = {
+            let mut slot = self
+                .shared_limiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match &policy.shared {
+                None => {
+                    *slot = None;
+                    None
+                }
+                Some(settings) => match slot.as_ref() {
+                    Some((old, l)) if old == settings => Some(Arc::clone(l)),
+                    _ => match SharedLimiter::new(settings.clone()) {
+                        Ok(l) => {
+                            let l = Arc::new(l.with_tracker(self.tracker.clone()));
+                            // Shared breakers follow the new Redis.
+                            map.retain(|_, b| !b.is_shared());
+                            *slot = Some((settings.clone(), Arc::clone(&l)));
+                            Some(l)
+                        }
+                        // Validated at load; unreachable in practice.
+                        Err(e) => {
+                            tracing::error!(error = %e, "shared limits disabled");
+                            None
+                        }
+                    },
+                },
+            }
+        };
         let routes = policy
             .all_routes()
             .map(|r| RouteRuntime {
@@ -276,7 +306,11 @@ impl Shared {
                                 upstream: r.upstream.url.clone(),
                             })
                             .clone();
-                        Arc::new(Breaker::new(b, r.upstream.url.clone(), gauge))
+                        let breaker = Breaker::new(b, r.upstream.url.clone(), gauge);
+                        Arc::new(match (&shared_limiter, b.shared) {
+                            (Some(l), true) => breaker.shared(Arc::clone(l)),
+                            _ => breaker,
+                        })
                     }))
                 }),
             })
@@ -294,33 +328,6 @@ impl Shared {
                 _ => Arc::new(SubjectLimiter::keyed(crate::guard::limits::quota(&r))),
             }
         });
-        let shared_limiter = {
-            let mut slot = self
-                .shared_limiter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match &policy.shared {
-                None => {
-                    *slot = None;
-                    None
-                }
-                Some(settings) => match slot.as_ref() {
-                    Some((old, l)) if old == settings => Some(Arc::clone(l)),
-                    _ => match SharedLimiter::new(settings.clone()) {
-                        Ok(l) => {
-                            let l = Arc::new(l);
-                            *slot = Some((settings.clone(), Arc::clone(&l)));
-                            Some(l)
-                        }
-                        // Validated at load; unreachable in practice.
-                        Err(e) => {
-                            tracing::error!(error = %e, "shared limits disabled");
-                            None
-                        }
-                    },
-                },
-            }
-        };
         let asserted_headers = policy.asserted_headers();
         self.current.store(Arc::new(Runtime {
             asserted_headers,

@@ -460,7 +460,7 @@ async fn upgrade(
         })?;
     let permit = match &derived.breaker {
         None => None,
-        Some(b) => Some(b.try_acquire().map_err(|wait| Reject::CircuitOpen {
+        Some(b) => Some(b.acquire().await.map_err(|wait| Reject::CircuitOpen {
             retry_after: crate::guard::limits::ceil_secs(wait),
         })?),
     };
@@ -511,7 +511,7 @@ async fn upgrade(
     let dialed = match dialed {
         Ok(d) => {
             if let Some(p) = permit {
-                p.success();
+                p.success().await;
             }
             d
         }
@@ -519,8 +519,8 @@ async fn upgrade(
             if let Some(p) = permit {
                 match (&e, backend_bound) {
                     (DialError::Timeout, false) => drop(p),
-                    _ if e.is_backend_failure() => p.failure(),
-                    _ => p.success(),
+                    _ if e.is_backend_failure() => p.failure().await,
+                    _ => p.success().await,
                 }
             }
             tracing::warn!(client = %peer, upstream = %route.upstream.url, error = %e, "upstream handshake failed");

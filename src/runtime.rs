@@ -234,10 +234,12 @@ impl Shared {
                             })
                             .clone();
                         let breaker = Breaker::new(b, r.upstream.url.clone(), gauge);
-                        Arc::new(match (&shared_limiter, b.shared) {
+                        let breaker = Arc::new(match (&shared_limiter, b.shared) {
                             (Some(l), true) => breaker.shared(Arc::clone(l)),
                             _ => breaker,
-                        })
+                        });
+                        breaker.watch();
+                        breaker
                     }))
                 }),
             })

@@ -182,6 +182,9 @@ impl Shared {
                     _ => match SharedLimiter::new(settings.clone()) {
                         Ok(l) => {
                             let l = Arc::new(l.with_tracker(self.tracker.clone()));
+                            if tokio::runtime::Handle::try_current().is_ok() {
+                                l.warm_up();
+                            }
                             // Shared breakers follow the new Redis.
                             map.retain(|_, b| !b.is_shared());
                             *slot = Some((settings.clone(), Arc::clone(&l)));

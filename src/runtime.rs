@@ -260,6 +260,9 @@ impl Shared {
                     _ => match SharedLimiter::new(settings.clone()) {
                         Ok(l) => {
                             let l = Arc::new(l.with_tracker(self.tracker.clone()));
+                            if tokio::runtime::Handle::try_current().is_ok() {
+                                l.warm_up();
+                            }
                             // Shared breakers follow the new Redis.
                             map.retain(|_, b| !b.is_shared());
                             *slot = Some((settings.clone(), Arc::clone(&l)));
@@ -307,10 +310,12 @@ impl Shared {
                             })
                             .clone();
                         let breaker = Breaker::new(b, r.upstream.url.clone(), gauge);
-                        Arc::new(match (&shared_limiter, b.shared) {
+                        let breaker = Arc::new(match (&shared_limiter, b.shared) {
                             (Some(l), true) => breaker.shared(Arc::clone(l)),
                             _ => breaker,
-                        })
+                        });
+                        breaker.watch();
+                        breaker
                     }))
                 }),
             })

@@ -127,6 +127,20 @@ end
 return 0
 "#;
 
+/// KEYS[1]. Reads the state without changing it: 0 closed, 1 open, 2
+/// half-open (open_for has passed).
+const PEEK_LUA: &str = r#"
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until'))
+if open_until == nil then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now < open_until then return 1 end
+return 2
+"#;
+
+/// How often a shared breaker reads the shared state for its gauge.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The shared breaker's scripts, one per transition (kept on the
 /// [`SharedLimiter`], which preloads them with its own).
 #[derive(Clone)]
@@ -135,6 +149,7 @@ pub struct SharedScripts {
     failure: Script,
     success: Script,
     release: Script,
+    peek: Script,
 }
 
 impl Default for SharedScripts {
@@ -150,15 +165,17 @@ impl SharedScripts {
             failure: Script::new(FAILURE_LUA),
             success: Script::new(SUCCESS_LUA),
             release: Script::new(RELEASE_LUA),
+            peek: Script::new(PEEK_LUA),
         }
     }
 
-    pub fn all(&self) -> [Script; 4] {
+    pub fn all(&self) -> [Script; 5] {
         [
             self.acquire.clone(),
             self.failure.clone(),
             self.success.clone(),
             self.release.clone(),
+            self.peek.clone(),
         ]
     }
 }
@@ -286,6 +303,51 @@ impl Breaker {
             }
             // Unreachable or a reply this version does not know.
             _ => self.try_acquire(),
+        }
+    }
+
+    /// Shared mode: keeps the gauge on the shared state while no handshake
+    /// reads it (another replica opened the circuit), one read per
+    /// [`WATCH_INTERVAL`]; ends when the breaker is dropped (a reload that
+    /// forgets it).
+    pub fn watch(self: &Arc<Self>) {
+        if self.shared.is_none() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(WATCH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(b) = weak.upgrade() else { return };
+                b.peek().await;
+            }
+        });
+    }
+
+    async fn peek(&self) {
+        let Some(link) = &self.shared else { return };
+        let reply = link
+            .limiter
+            .call(|mut conn| async move {
+                link.limiter
+                    .breaker_scripts
+                    .peek
+                    .key(&link.key)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        match reply {
+            Ok(code @ 0..=2) => self.show(code),
+            // Unreachable: the local state is what decides, so show it.
+            _ => {
+                self.gauge.set(self.state_code());
+            }
         }
     }
 

@@ -611,6 +611,13 @@ impl SharedLimiter {
         })
     }
 
+    /// Starts connecting now (in the background, on the current runtime),
+    /// so the first handshakes do not fall to `on_error` while a Sentinel
+    /// lookup or a Cluster's slot map is under way.
+    pub fn warm_up(&self) {
+        let _ = self.start_dial();
+    }
+
     /// Lifetime of connection-slot leases (default [`DEFAULT_LEASE_TTL`],
     /// at least 1 s); live ones are renewed every third of it.
     pub fn with_lease_ttl(mut self, ttl: Duration) -> SharedLimiter {

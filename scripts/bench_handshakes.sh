@@ -41,12 +41,12 @@ run "jwt HS256" "$nolimits
 jwt: { mode: enforce, algorithms: [HS256], keys: [{ secret_file: \"$tmp/hs.secret\" }] }" --hs-secret "$secret"
 run "jwt RS256" "$nolimits
 jwt: { mode: enforce, algorithms: [RS256], keys: [{ file: \"$PWD/tests/fixtures/jwt/rsa_public.pem\" }] }" --rs-key tests/fixtures/jwt/rsa_private.pem
-hi="limits: { per_connection: null, per_subject: null, per_ip: { handshakes: { rate: 1000000/s, burst: 1000000 }, connections: null } }"
+hi="limits: { per_connection: null, per_subject: null, per_ip: { handshakes: { rate: 1000000/s, burst: 1000000 }, connections: null, pending_handshakes: null } }"
 run "per-ip limit, local" "$hi"
 if command -v redis-server >/dev/null; then
   run "per-ip limit, shared (Redis)" "limits:
   per_connection: null
   per_subject: null
-  per_ip: { handshakes: { rate: 1000000/s, burst: 1000000 }, connections: null }
+  per_ip: { handshakes: { rate: 1000000/s, burst: 1000000 }, connections: null, pending_handshakes: null }
   shared: { redis_url: \"redis://127.0.0.1:$redis_port\", timeout: 50ms }"
 fi

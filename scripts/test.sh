@@ -5,10 +5,26 @@
 # runs unit, integration, process and corpus-replay tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "== installing redis-server (needed by the shared-limit tests)"
+# redis-server also runs the Sentinel (`--sentinel`); redis-cli (redis-tools)
+# builds the test Cluster.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "== installing redis-server and redis-cli (needed by the shared-limit, Sentinel and Cluster tests)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+# The browser test (the demo page in headless Chromium) needs chromium: about
+# 80 MB to download and 130 packages, so it is installed only on request.
+# Without it that one test passes as skipped and says so on stderr.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "${WSGUARD_BROWSER_TESTS:-0}" = 1 ]; then
+    echo "== installing chromium (needed by the browser test)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  else
+    echo "== chromium not installed: ops::the_demo_page_works_in_headless_chromium will be skipped"
+    echo "   (WSGUARD_BROWSER_TESTS=1 scripts/test.sh installs it first)"
+  fi
 fi
 cargo test --locked --no-fail-fast "$@"

@@ -57,12 +57,27 @@ fn route<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
+/// Admin connections served at once; beyond, a connection gets a 503 and
+/// is closed before anything is read. Probes and scrapers need a handful;
+/// a flood of idle sockets cannot take the process's file descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive this soon after the connection opens (and
+/// after each keep-alive response).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// No admin connection lives longer than this, whatever it does.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoints until the process exits. It keeps answering
 /// during the shutdown drain (with `/readyz` = 503).
 pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
             continue;
         };
         let shared = Arc::clone(&shared);
@@ -72,9 +87,16 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(16 * 1024)
+                .max_headers(32)
                 .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            tokio::pin!(conn);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, &mut conn).await;
+            // Freed while `conn` still holds the socket: a client that sees
+            // the close can count on the slot being free.
+            drop(slot);
         });
     }
 }

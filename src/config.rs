@@ -169,6 +169,9 @@ pub struct BreakerConfig {
     pub max_open_for: Option<Str>,
     #[serde(default)]
     pub half_open_probes: Option<Spanned<u32>>,
+    /// Share the breaker's state through `limits.shared`'s Redis.
+    #[serde(default)]
+    pub shared: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +394,9 @@ pub struct PerIpConfig {
     pub handshakes: Tri<RateConfig>,
     #[serde(default)]
     pub connections: Tri<Spanned<u32>>,
+    /// Handshakes in progress at once per client IP (top level only).
+    #[serde(default)]
+    pub pending_handshakes: Tri<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -416,12 +422,34 @@ pub struct PerConnectionConfig {
 pub struct SharedConfig {
     #[serde(default)]
     pub redis_url: Option<Str>,
+    /// A Sentinel-managed primary: exactly one of `redis_url`, `sentinel`
+    /// and `cluster`.
+    #[serde(default)]
+    pub sentinel: Option<Spanned<SentinelConfig>>,
+    /// Redis Cluster: the seed nodes' URLs.
+    #[serde(default)]
+    pub cluster: Option<Spanned<Vec<Str>>>,
     #[serde(default)]
     pub prefix: Option<Str>,
     #[serde(default)]
     pub timeout: Option<Str>,
     #[serde(default)]
     pub on_error: Option<OnError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under.
+    #[serde(default)]
+    pub master: Option<Str>,
+    /// The sentinels' URLs (`redis://host:26379`).
+    #[serde(default)]
+    pub addresses: Option<Vec<Str>>,
+    /// Environment variable holding the primary's password (the sentinels'
+    /// own credentials go in their URLs).
+    #[serde(default)]
+    pub password_env: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,6 +463,10 @@ pub struct LimitsConfig {
     pub max_frame_size: Option<Spanned<SizeValue>>,
     #[serde(default)]
     pub handshake_timeout: Option<Str>,
+    /// (wsguard addition) Handshakes in progress at once, all clients
+    /// together (top level only).
+    #[serde(default)]
+    pub max_pending_handshakes: Option<Spanned<u64>>,
     #[serde(default)]
     pub trusted_proxies: Option<Vec<Str>>,
     #[serde(default)]
@@ -470,8 +502,9 @@ pub struct RouteConfig {
 }
 
 /// A structural problem found while reading the YAML (syntax, unknown key,
-/// wrong type). serde stops at the first one, so there is at most one.
-#[derive(Debug)]
+/// wrong type, duplicate key), at the line and column of the offending key
+/// or value.
+#[derive(Debug, Clone)]
 pub struct ParseProblem {
     pub line: u64,
     pub col: u64,
@@ -495,119 +528,658 @@ fn options() -> serde_saphyr::Options {
     }
 }
 
-/// Reads a policy document. On failure, reports where and under which key
-/// path the first structural problem is.
-pub fn parse(text: &str) -> Result<Config, ParseProblem> {
+/// How many structural problems one run reports at most; past this the
+/// file is not a policy with typos but something else.
+const MAX_STRUCTURAL: usize = 50;
+
+/// The outcome of reading a policy document: every structural problem, and
+/// the configuration read from what remains once the offending keys and
+/// values are set aside (None when the YAML itself cannot be read: a
+/// syntax error, a broken budget, or more than [`MAX_STRUCTURAL`] problems).
+/// Positions in the configuration are those of the original text, so the
+/// semantic checks run on it point at the right places too.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: Option<Config>,
+    pub problems: Vec<ParseProblem>,
+}
+
+/// Reads a policy document and reports every structural problem.
+///
+/// serde stops at the first error, so this reads the document, notes the
+/// error, blanks out the offending entry (an unknown or duplicate key with
+/// its value) or value (a wrong type, which then reads as null) in a copy
+/// of the text, keeping every other character where it was, and reads
+/// again, until the rest deserialises. The error's key path is resolved
+/// against the YAML node tree ([`Node`]) so that each problem is reported
+/// at its own key or value with a clean path (`origin.allwo`,
+/// `routes[0].mode`).
+pub fn parse(text: &str) -> Parsed {
     if text.len() > 1 << 20 {
-        return Err(ParseProblem {
-            line: 1,
-            col: 1,
-            path: "(file)".into(),
-            message: "policy file larger than 1 MiB".into(),
-        });
+        return Parsed {
+            config: None,
+            problems: vec![ParseProblem {
+                line: 1,
+                col: 1,
+                path: "(file)".into(),
+                message: "policy file larger than 1 MiB".into(),
+            }],
+        };
     }
+    // A syntax error first: nothing after it can be read reliably.
+    if let Err(e) = Node::parse(text) {
+        let (line, col, message) = e.unwrap_or((1, 1, "invalid YAML".into()));
+        return Parsed {
+            config: None,
+            problems: vec![ParseProblem {
+                line,
+                col,
+                path: "(syntax)".into(),
+                message,
+            }],
+        };
+    }
+    let mut chars: Vec<char> = text.chars().collect();
+    let mut current = text.to_string();
+    let mut problems = Vec::new();
+    // Nodes already reported (by the start of their key, or their own), and
+    // those whose value was blanked for a wrong type: an error that blanking
+    // causes around them ("missing field", "null") is a consequence, not a
+    // new problem.
+    let mut reported: Vec<usize> = Vec::new();
+    let mut blanked: Vec<usize> = Vec::new();
+    for _ in 0..=MAX_STRUCTURAL * 2 {
+        let (err, segments) = match read(&current) {
+            Ok(cfg) => {
+                return Parsed {
+                    config: Some(cfg),
+                    problems,
+                }
+            }
+            Err(e) => e,
+        };
+        let message = clean_message(&err);
+        let location = err.location().map(|l| (l.line(), l.column()));
+        let fatal = |problems: &mut Vec<ParseProblem>, path: String| {
+            problems.push(ParseProblem {
+                line: location.map_or(1, |l| l.0),
+                col: location.map_or(1, |l| l.1),
+                path,
+                message: message.clone(),
+            });
+        };
+        if matches!(err.without_snippet(), serde_saphyr::Error::Budget { .. }) {
+            fatal(&mut problems, "(file)".into());
+            return Parsed {
+                config: None,
+                problems,
+            };
+        }
+        let Ok(root) = Node::parse(&current) else {
+            fatal(&mut problems, "(syntax)".into());
+            return Parsed {
+                config: None,
+                problems,
+            };
+        };
+        let before = chars.clone();
+        if let Some(dup) = message.strip_prefix("duplicate mapping key") {
+            // Reported at the second occurrence; drop that one and go on.
+            let _ = dup;
+            match location.and_then(|l| root.entry_at(l.0, l.1)) {
+                Some((path, entry)) => {
+                    problems.push(ParseProblem {
+                        line: entry.key.line,
+                        col: entry.key.col,
+                        path,
+                        message: message.clone(),
+                    });
+                    blank(&mut chars, entry.key.start, entry.end(), true);
+                }
+                None => fatal(&mut problems, "(root)".into()),
+            }
+        } else {
+            let found = root.resolve(&segments);
+            let unknown = message.starts_with("unknown field");
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next());
+            match found {
+                Resolved {
+                    path,
+                    node: Some(node),
+                    entry,
+                    rest_is_key: false,
+                } => {
+                    // A value keeps its identity by its key's position: once
+                    // blanked, the value itself moves.
+                    let id = entry.map_or(node.start, |e| e.key.start);
+                    let again = reported.contains(&id);
+                    let consequence = (missing.is_some() || message.contains("null"))
+                        && blanked
+                            .iter()
+                            .any(|b| (node.start..=node.end).contains(b) || *b == id);
+                    let (line, col) = match (&entry, unknown || missing.is_some()) {
+                        (Some(e), true) => (e.key.line, e.key.col),
+                        _ => (node.line, node.col),
+                    };
+                    if !again && !consequence {
+                        problems.push(ParseProblem {
+                            line,
+                            col,
+                            path: if path.is_empty() {
+                                "(root)".into()
+                            } else {
+                                path.clone()
+                            },
+                            message: message.clone(),
+                        });
+                        reported.push(id);
+                    }
+                    match (&entry, unknown || again) {
+                        // An unknown key, or a value that is still wrong
+                        // once blanked (a required key): drop the entry.
+                        (Some(e), true) => {
+                            if again {
+                                blanked.push(id);
+                            }
+                            blank(&mut chars, e.key.start, e.end(), e.in_flow);
+                        }
+                        // A wrong type: blank the value, which reads as null.
+                        (_, false) if node.start < node.end => {
+                            blanked.push(id);
+                            blank(&mut chars, node.start, node.end, false);
+                        }
+                        _ => {}
+                    }
+                }
+                Resolved { path, .. } => {
+                    let path = if path.is_empty() {
+                        "(root)".into()
+                    } else {
+                        path
+                    };
+                    fatal(&mut problems, path);
+                }
+            }
+        }
+        if chars == before || problems.len() > MAX_STRUCTURAL {
+            return Parsed {
+                config: None,
+                problems,
+            };
+        }
+        current = chars.iter().collect();
+    }
+    Parsed {
+        config: None,
+        problems,
+    }
+}
+
+/// One serde pass; on failure, the error and its key path.
+fn read(text: &str) -> Result<Config, (serde_saphyr::Error, Vec<Seg>)> {
     // The key path of a failure is kept aside: the closure must return
     // serde-saphyr's own error so that it stops reading the document.
-    let mut path = String::new();
+    let mut segments = Vec::new();
     let outcome = serde_saphyr::with_deserializer_from_str_with_options(text, options(), |de| {
         serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
-            path = e.path().to_string();
+            segments = e
+                .path()
+                .iter()
+                .filter_map(|s| match s {
+                    serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                    serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
+                    _ => None,
+                })
+                .collect();
             e.into_inner()
         })
     });
-    let err = match outcome {
-        Ok(cfg) => return Ok(cfg),
-        Err(e) => e,
-    };
-    let located = err.location().map(|l| (l.line(), l.column()));
-    // The error's Display carries a source snippet; keep the first line only
-    // so every problem stays one line, without the trailing position.
-    let shown = err.without_snippet().to_string();
-    let first = shown.lines().next().unwrap_or("invalid YAML");
-    let message = match first.rfind(" at line ") {
-        Some(i) => first.get(..i).unwrap_or(first),
-        None => first,
-    }
-    .to_string();
-    // serde's "unknown field" errors carry no position: find the key.
-    let (line, col) = match located {
-        Some(lc) if lc != (1, 1) => lc,
-        _ => locate(text, &path).or(located).unwrap_or((1, 1)),
-    };
-    let path = if path.is_empty() || path == "." {
-        "(root)".to_string()
-    } else {
-        path
-    };
-    Err(ParseProblem {
-        line,
-        col,
-        path,
-        message,
-    })
+    outcome.map_err(|e| (e, segments))
 }
 
-/// Finds where a key path (`limits.per_ip.handshakes`) is written, by
-/// searching for each segment after the previous one. Used only to place
-/// serde errors that have no position of their own.
-fn locate(text: &str, path: &str) -> Option<(u64, u64)> {
-    let mut from = 0usize;
-    let mut found = None;
-    for seg in path.split('.') {
-        let key = seg.split('[').next().unwrap_or(seg);
-        if key.is_empty() || key == "?" {
-            continue;
-        }
-        let rest = text.get(from..)?;
-        let mut search = 0usize;
-        let pos = loop {
-            let i = rest.get(search..)?.find(key)? + search;
-            let before_ok = i == 0
-                || rest
-                    .get(..i)
-                    .and_then(|b| b.chars().next_back())
-                    .is_some_and(|c| {
-                        c.is_whitespace() || c == '{' || c == ',' || c == '"' || c == '\''
-                    });
-            let after = rest.get(i + key.len()..).unwrap_or("");
-            let after = after.trim_start_matches(['"', '\'']);
-            if before_ok && after.trim_start_matches(' ').starts_with(':') {
-                break i;
-            }
-            search = i + key.len();
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// One line, no snippet, no trailing position, and the Rust type names of
+/// the schema turned into what an operator wrote.
+fn clean_message(err: &serde_saphyr::Error) -> String {
+    let shown = err.without_snippet().to_string();
+    let first = shown.lines().next().unwrap_or("invalid YAML");
+    let first = match first.rfind(" at line ") {
+        Some(i) => first.get(..i).unwrap_or(first),
+        None => first,
+    };
+    if let Some(what) = first.strip_prefix("unexpected event: expected ") {
+        let what = what.trim_end_matches(" start").trim_end_matches(" scalar");
+        let what = match what {
+            "mapping" => "a mapping",
+            "sequence" => "a list",
+            "string" => "a string",
+            other => other,
         };
-        from += pos;
-        found = Some(from);
+        return format!("wrong type: expected {what}");
     }
-    let at = found?;
-    let before = text.get(..at)?;
-    let line = before.matches('\n').count() as u64 + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u64 + 1;
-    Some((line, col))
+    if first.contains("untagged enum SizeValue") {
+        return "expected a size: a number of bytes or a string like 64KiB".into();
+    }
+    let mut m = first.to_string();
+    if let Some(i) = m.find("expected struct ") {
+        m.truncate(i);
+        m.push_str("expected a mapping");
+    } else if let Some(i) = m.find("expected a span-aware newtype wrapper") {
+        m.truncate(i);
+        m.push_str("expected a value");
+    }
+    m.replace("invalid type: map,", "invalid type: mapping,")
+}
+
+/// Replaces `chars[start..end]` with spaces, keeping line breaks, so that
+/// every other character keeps its line and column. In a flow collection
+/// the comma that separated the entry goes too.
+fn blank(chars: &mut [char], start: usize, end: usize, in_flow: bool) {
+    let end = end.min(chars.len());
+    if start >= end {
+        return;
+    }
+    for c in chars.iter_mut().take(end).skip(start) {
+        if *c != '\n' && *c != '\r' {
+            *c = ' ';
+        }
+    }
+    if in_flow {
+        // `{a: 1, bad: 2}` -> `{a: 1         }`; `{bad: 2, a: 1}` -> `{        a: 1}`.
+        let after = chars.iter().skip(end).position(|c| !c.is_whitespace());
+        if let Some(i) = after.map(|i| i + end) {
+            if chars.get(i) == Some(&',') {
+                if let Some(c) = chars.get_mut(i) {
+                    *c = ' ';
+                }
+                return;
+            }
+        }
+        let before = chars
+            .get(..start)
+            .and_then(|b| b.iter().rposition(|c| !c.is_whitespace()));
+        if let Some(i) = before {
+            if chars.get(i) == Some(&',') {
+                if let Some(c) = chars.get_mut(i) {
+                    *c = ' ';
+                }
+            }
+        }
+    }
+}
+
+/// A YAML node with its position: `start..end` in characters (as the
+/// parser counts them), `line`/`col` 1-based at its start.
+#[derive(Debug)]
+struct Node {
+    start: usize,
+    end: usize,
+    line: u64,
+    col: u64,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Leaf,
+    Map(Vec<Entry>),
+    Seq(Vec<Node>),
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The key's text when it is a scalar.
+    name: Option<String>,
+    key: Node,
+    value: Node,
+    in_flow: bool,
+}
+
+impl Entry {
+    fn end(&self) -> usize {
+        self.value.end.max(self.key.end)
+    }
+}
+
+/// Where a serde key path lands in the node tree.
+struct Resolved<'a> {
+    /// The clean key path, as the operator reads it.
+    path: String,
+    node: Option<&'a Node>,
+    /// The mapping entry whose value is `node`.
+    entry: Option<&'a Entry>,
+    /// The path went on past the tree (a key that is not written).
+    rest_is_key: bool,
+}
+
+/// Deepest nesting the tree builder follows (serde's budget stops at 32).
+const MAX_TREE_DEPTH: usize = 64;
+
+impl Node {
+    /// The document's root node, or where and why it cannot be read
+    /// (None when the tree is deeper than [`MAX_TREE_DEPTH`]).
+    fn parse(text: &str) -> Result<Node, Option<(u64, u64, String)>> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut events = saphyr_parser::Parser::new_from_str(text);
+        let mut error = None;
+        let root = Node::read_stream(&chars, &mut || match events.next_event() {
+            Some(Ok((ev, span))) => Ok((ev, span)),
+            Some(Err(e)) => {
+                let m = e.marker();
+                error = Some((m.line() as u64, m.col() as u64 + 1, e.info().to_string()));
+                Err(())
+            }
+            None => Err(()),
+        });
+        root.map_err(|()| error)
+    }
+
+    fn read_stream<'t>(
+        chars: &[char],
+        next: &mut dyn FnMut() -> Result<(saphyr_parser::Event<'t>, saphyr_parser::Span), ()>,
+    ) -> Result<Node, ()> {
+        // StreamStart, DocumentStart, the root node.
+        let root = loop {
+            let Ok((ev, span)) = next() else {
+                break Err(());
+            };
+            match ev {
+                saphyr_parser::Event::StreamStart | saphyr_parser::Event::DocumentStart(_) => {}
+                saphyr_parser::Event::StreamEnd => break Ok(Node::leaf(&span)),
+                ev => break Node::build(ev, span, chars, next, 0),
+            }
+        };
+        // The rest of the stream must scan too (a syntax error after the
+        // first document's root, or a second document).
+        root.and_then(|root| loop {
+            match next() {
+                Ok((saphyr_parser::Event::StreamEnd, _)) => break Ok(root),
+                Ok(_) => {}
+                Err(()) => break Err(()),
+            }
+        })
+    }
+
+    fn leaf(span: &saphyr_parser::Span) -> Node {
+        Node {
+            start: span.start.index(),
+            end: span.end.index(),
+            line: span.start.line() as u64,
+            col: span.start.col() as u64 + 1,
+            kind: Kind::Leaf,
+        }
+    }
+
+    fn build<'t>(
+        ev: saphyr_parser::Event<'t>,
+        span: saphyr_parser::Span,
+        text: &[char],
+        next: &mut dyn FnMut() -> Result<(saphyr_parser::Event<'t>, saphyr_parser::Span), ()>,
+        depth: usize,
+    ) -> Result<Node, ()> {
+        use saphyr_parser::Event;
+        if depth > MAX_TREE_DEPTH {
+            return Err(());
+        }
+        let mut node = Node::leaf(&span);
+        match ev {
+            Event::MappingStart(..) => {
+                let mut entries = Vec::new();
+                let flow = text.get(node.start) == Some(&'{');
+                loop {
+                    let (ev, span) = next()?;
+                    if matches!(ev, Event::MappingEnd) {
+                        if flow {
+                            node.end = span.end.index();
+                        }
+                        break;
+                    }
+                    let name = match &ev {
+                        Event::Scalar(v, ..) => Some(v.to_string()),
+                        _ => None,
+                    };
+                    let key = Node::build(ev, span, text, next, depth + 1)?;
+                    let (ev, span) = next()?;
+                    let value = Node::build(ev, span, text, next, depth + 1)?;
+                    if !flow {
+                        node.end = node.end.max(value.end).max(key.end);
+                    }
+                    entries.push(Entry {
+                        name,
+                        key,
+                        value,
+                        in_flow: flow,
+                    });
+                }
+                node.kind = Kind::Map(entries);
+            }
+            Event::SequenceStart(..) => {
+                let mut items = Vec::new();
+                let flow = text.get(node.start) == Some(&'[');
+                loop {
+                    let (ev, span) = next()?;
+                    if matches!(ev, Event::SequenceEnd) {
+                        if flow {
+                            node.end = span.end.index();
+                        }
+                        break;
+                    }
+                    let item = Node::build(ev, span, text, next, depth + 1)?;
+                    if !flow {
+                        node.end = node.end.max(item.end);
+                    }
+                    items.push(item);
+                }
+                node.kind = Kind::Seq(items);
+            }
+            Event::Scalar(..) | Event::Alias(..) => {}
+            _ => return Err(()),
+        }
+        Ok(node)
+    }
+
+    /// Follows a serde path. `value` segments that name no key are the
+    /// [`Spanned`] wrapper's own field and are skipped.
+    fn resolve(&self, segments: &[Seg]) -> Resolved<'_> {
+        let mut path = String::new();
+        let mut node = self;
+        let mut entry = None;
+        for seg in segments {
+            match (seg, &node.kind) {
+                (Seg::Key(k), Kind::Map(entries)) => {
+                    match entries
+                        .iter()
+                        .find(|e| e.name.as_deref() == Some(k.as_str()))
+                    {
+                        Some(e) => {
+                            if !path.is_empty() {
+                                path.push('.');
+                            }
+                            path.push_str(k);
+                            node = &e.value;
+                            entry = Some(e);
+                        }
+                        None if k == "value" => {}
+                        None => {
+                            if !path.is_empty() {
+                                path.push('.');
+                            }
+                            path.push_str(k);
+                            return Resolved {
+                                path,
+                                node: Some(node),
+                                entry,
+                                rest_is_key: true,
+                            };
+                        }
+                    }
+                }
+                (Seg::Key(k), _) if k == "value" => {}
+                (Seg::Index(i), Kind::Seq(items)) => match items.get(*i) {
+                    Some(item) => {
+                        path.push_str(&format!("[{i}]"));
+                        node = item;
+                        entry = None;
+                    }
+                    None => {
+                        path.push_str(&format!("[{i}]"));
+                        return Resolved {
+                            path,
+                            node: None,
+                            entry: None,
+                            rest_is_key: false,
+                        };
+                    }
+                },
+                (Seg::Key(k), _) => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                    return Resolved {
+                        path,
+                        node: None,
+                        entry: None,
+                        rest_is_key: false,
+                    };
+                }
+                (Seg::Index(i), _) => {
+                    path.push_str(&format!("[{i}]"));
+                    return Resolved {
+                        path,
+                        node: None,
+                        entry: None,
+                        rest_is_key: false,
+                    };
+                }
+            }
+        }
+        Resolved {
+            path,
+            node: Some(node),
+            entry,
+            rest_is_key: false,
+        }
+    }
+
+    /// The mapping entry whose key starts at `line:col`, with its path.
+    fn entry_at(&self, line: u64, col: u64) -> Option<(String, &Entry)> {
+        match &self.kind {
+            Kind::Leaf => None,
+            Kind::Map(entries) => entries.iter().find_map(|e| {
+                let name = e.name.clone().unwrap_or_else(|| "?".into());
+                if (e.key.line, e.key.col) == (line, col) {
+                    return Some((name, e));
+                }
+                e.value
+                    .entry_at(line, col)
+                    .map(|(p, x)| (format!("{name}.{p}").replace(".[", "["), x))
+            }),
+            Kind::Seq(items) => items.iter().enumerate().find_map(|(i, n)| {
+                n.entry_at(line, col)
+                    .map(|(p, x)| (format!("[{i}].{p}"), x))
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn locates_nested_keys() {
-        let t = "limits:\n  per_ip:\n    handshakes: {rate: 5/s, bogus: 1}\n  max_conections: 5\n";
-        assert_eq!(locate(t, "limits.max_conections"), Some((4, 3)));
-        assert_eq!(locate(t, "limits.per_ip.handshakes.bogus"), Some((3, 29)));
-        assert_eq!(locate(t, "nothing"), None);
+    fn problems(text: &str) -> Vec<(u64, u64, String)> {
+        parse(text)
+            .problems
+            .into_iter()
+            .map(|p| (p.line, p.col, p.path))
+            .collect()
     }
 
     #[test]
     fn unknown_key_points_at_the_key() {
-        let e =
-            parse("listen: \"127.0.0.1:1\"\nkeepalive:\n  interval: 5s\nbogus: 1\n").unwrap_err();
+        let p = parse("listen: \"127.0.0.1:1\"\nkeepalive:\n  interval: 5s\nbogus: 1\n");
+        assert_eq!(p.problems.len(), 1);
+        let e = &p.problems[0];
         assert_eq!((e.line, e.col, e.path.as_str()), (4, 1, "bogus"));
         assert!(
             e.message.starts_with("unknown field `bogus`"),
             "{}",
             e.message
         );
+        // The rest is still read, for the semantic checks.
+        assert!(p.config.is_some_and(|c| c.keepalive.is_some()));
+    }
+
+    #[test]
+    fn every_structural_problem_at_its_own_place() {
+        let t = "origin:\n  mode: enforce\n  allwo: []\nlimits:\n  per_ip:\n    handshakes: {rate: 5/s, bogus: 1, burst: 3}\n  max_connections: -1\nroutes:\n  - path: /a\n    mode: x\n";
+        assert_eq!(
+            problems(t),
+            vec![
+                (3, 3, "origin.allwo".to_string()),
+                (6, 29, "limits.per_ip.handshakes.bogus".to_string()),
+                (7, 20, "limits.max_connections".to_string()),
+                (10, 5, "routes[0].mode".to_string()),
+            ]
+        );
+        let p = parse(t);
+        let cfg = p.config.unwrap_or_else(|| panic!("no config"));
+        // The flow mapping stays readable once `bogus` is blanked.
+        let burst = cfg
+            .limits
+            .and_then(|l| match l.per_ip {
+                Tri::Set(p) => Some(p.handshakes),
+                _ => None,
+            })
+            .and_then(|h| match h {
+                Tri::Set(r) => r.burst.map(|b| b.value),
+                _ => None,
+            });
+        assert!(matches!(burst, Some(SizeValue::Bytes(3))), "{burst:?}");
+    }
+
+    #[test]
+    fn wrong_types_and_duplicates() {
+        let p = parse("origin:\n  - mode: enforce\nlimits:\n  per_ip:\n    handshakes: { rate: [1], burst: 2 }\n");
+        let got: Vec<_> = p
+            .problems
+            .iter()
+            .map(|p| (p.line, p.col, p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, 3, "origin", "wrong type: expected a mapping"),
+                (
+                    5,
+                    25,
+                    "limits.per_ip.handshakes.rate",
+                    "wrong type: expected a string"
+                ),
+            ]
+        );
+        let p = problems("a: 1\nlimits:\n  max_connections: 5\n  max_connections: 6\n");
+        assert!(
+            p.contains(&(4, 3, "limits.max_connections".to_string())),
+            "{p:?}"
+        );
+        assert!(p.contains(&(1, 1, "a".to_string())), "{p:?}");
+    }
+
+    #[test]
+    fn syntax_error_is_reported_alone() {
+        let p = parse("bogus: 1\nlimits: [\n");
+        assert!(p.config.is_none());
+        assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+        assert_eq!(p.problems[0].path, "(syntax)");
+        assert_eq!(p.problems[0].line, 2);
     }
 
     #[test]
@@ -623,6 +1195,7 @@ mod tests {
                 }
             ));
         }
-        assert!(parse(&doc).is_err());
+        let p = parse(&doc);
+        assert!(p.config.is_none() && !p.problems.is_empty());
     }
 }

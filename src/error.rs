@@ -38,6 +38,11 @@ pub enum Reject {
     /// Per-IP (or per-subject) concurrent connection cap.
     #[error("connection cap for this client")]
     ConnectionCap { retry_after: u64 },
+    /// `limits.per_ip.pending_handshakes`: too many handshakes in progress
+    /// from this client IP (behind a trusted proxy; a direct peer is
+    /// refused before its request is read).
+    #[error("too many handshakes in progress from this client")]
+    PendingCap { retry_after: u64 },
     /// `max_connections` reached.
     #[error("proxy at max_connections")]
     Capacity { retry_after: u64 },
@@ -65,9 +70,9 @@ impl Reject {
             Reject::Origin(_) => StatusCode::FORBIDDEN,
             Reject::Unauthorized(_) | Reject::TokenInactive(_) => StatusCode::UNAUTHORIZED,
             Reject::Version | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
-            Reject::RateLimited { .. } | Reject::ConnectionCap { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Reject::RateLimited { .. }
+            | Reject::ConnectionCap { .. }
+            | Reject::PendingCap { .. } => StatusCode::TOO_MANY_REQUESTS,
             Reject::Capacity { .. }
             | Reject::CircuitOpen { .. }
             | Reject::ShuttingDown
@@ -91,6 +96,7 @@ impl Reject {
             Reject::NotUpgrade => "not_upgrade",
             Reject::RateLimited { .. } => "handshake_rate",
             Reject::ConnectionCap { .. } => "connection_cap",
+            Reject::PendingCap { .. } => "pending_limit",
             Reject::Capacity { .. } => "max_connections",
             Reject::CircuitOpen { .. } => "circuit_open",
             Reject::BadGateway(_) => "bad_gateway",
@@ -104,6 +110,7 @@ impl Reject {
         match self {
             Reject::RateLimited { retry_after }
             | Reject::ConnectionCap { retry_after }
+            | Reject::PendingCap { retry_after }
             | Reject::Capacity { retry_after }
             | Reject::CircuitOpen { retry_after } => Some((*retry_after).max(1)),
             Reject::ShuttingDown

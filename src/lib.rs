@@ -26,9 +26,11 @@ pub mod gate;
 pub mod guard;
 pub mod handshake;
 pub mod keepalive;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod pongs;
+pub mod reject_log;
 pub mod reload;
 pub mod runtime;
 pub mod server;
@@ -60,8 +62,14 @@ pub struct Running {
 /// Tests pass `127.0.0.1:0` addresses and read the real ones back.
 pub async fn start(policy: Policy) -> std::io::Result<Running> {
     tls::install_provider();
-    let listener = TcpListener::bind(policy.listen).await?;
-    let admin_listener = TcpListener::bind(policy.admin_listen).await?;
+    // The error names the address, so that "address in use" says which.
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {what} {addr}: {e}")))
+    };
+    let listener = bind(policy.listen, "the listen address").await?;
+    let admin_listener = bind(policy.admin_listen, "the admin address").await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let shared = Shared::new(policy);

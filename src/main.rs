@@ -35,8 +35,17 @@ struct Cli {
 enum Cmd {
     /// Run the proxy until SIGTERM/SIGINT (SIGHUP reloads the policy).
     Run {
+        /// The policy file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Also reload the policy whenever the file's content changes, as on
+        /// SIGHUP. Follows symlinks, so a Kubernetes ConfigMap update (an
+        /// atomic swap of its ..data symlink) is picked up without a signal.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch reads the file (e.g. 2s, 500ms).
+        #[arg(long, default_value = "2s", value_name = "DUR", requires = "watch")]
+        watch_interval: String,
     },
     /// Validate a policy file.
     Check {
@@ -51,8 +60,12 @@ enum Cmd {
         /// Where the demo proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where the admin endpoints (/metrics, /healthz, /readyz) listen.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
+        /// Where the demo page is served (an origin the demo policy allows).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        page: SocketAddr,
     },
     /// Sign a payload read on stdin (wire format v1).
     Sign {
@@ -134,14 +147,35 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Check { config, explain } => check(&config, explain),
-        Cmd::Run { config } => match Policy::load(&config) {
-            Ok(p) => runtime(|| run(p, Some(config))),
+        Cmd::Run {
+            config,
+            watch,
+            watch_interval,
+        } => match Policy::load(&config) {
+            Ok(p) => {
+                let every = match parse_duration(&watch_interval) {
+                    Ok(d) if watch && d < Duration::from_millis(10) => {
+                        eprintln!("wsguard: --watch-interval must be at least 10ms");
+                        return ExitCode::from(1);
+                    }
+                    Ok(d) => watch.then_some(d),
+                    Err(e) => {
+                        eprintln!("wsguard: --watch-interval: {e}");
+                        return ExitCode::from(1);
+                    }
+                };
+                runtime(|| run(p, Some(config), every))
+            }
             Err(problems) => {
                 eprintln!("{problems}");
                 ExitCode::from(1)
             }
         },
-        Cmd::Demo { listen, admin } => runtime(|| demo(listen, admin)),
+        Cmd::Demo {
+            listen,
+            admin,
+            page,
+        } => runtime(|| demo(listen, admin, page)),
         Cmd::Sign {
             key,
             kid,
@@ -220,8 +254,8 @@ fn check(path: &Path, explain: bool) -> ExitCode {
 /// full, lines are dropped (and the count of dropped lines is reported by
 /// the writer) instead of blocking. The guard flushes the queue at exit.
 fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WSGUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // The WebSocket library is capped at info: below, it logs payloads.
+    let filter = wsguard::logging::filter(std::env::var("WSGUARD_LOG").ok().as_deref(), level);
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(64 * 1024)
         .lossy(true)
@@ -236,19 +270,36 @@ fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::
     guard
 }
 
-async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
+async fn run(policy: Policy, config: Option<PathBuf>, watch: Option<Duration>) -> ExitCode {
     let _logs = init_logs(policy.log_format, &policy.log_level);
-    let grace = policy.shutdown_grace;
-    let listen = policy.listen;
     let running = match wsguard::start(policy).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot bind");
-            eprintln!("wsguard: cannot bind {listen} or the admin address: {e}");
+            eprintln!("wsguard: {e}");
             return ExitCode::from(2);
         }
     };
+    serve(running, config, watch).await
+}
+
+/// Runs a started proxy until SIGTERM/SIGINT, reloading on SIGHUP (and on
+/// file changes with `watch`), then drains it.
+async fn serve(
+    running: wsguard::Running,
+    config: Option<PathBuf>,
+    watch: Option<Duration>,
+) -> ExitCode {
+    let grace = running.shared.runtime().policy.shutdown_grace;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, "wsguard listening");
+    if let (Some(every), Some(path)) = (watch, &config) {
+        tracing::info!(file = %path.display(), ?every, "watching the policy file");
+        drop(wsguard::reload::spawn_watch(
+            std::sync::Arc::clone(&running.shared),
+            path.clone(),
+            every,
+        ));
+    }
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
@@ -294,23 +345,56 @@ async fn run(policy: Policy, config: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
-    let policy = match wsguard::demo::prepare(listen, admin).await {
-        Ok(p) => p,
+async fn demo(listen: SocketAddr, admin: SocketAddr, page: SocketAddr) -> ExitCode {
+    let demo = match wsguard::demo::prepare(listen, admin, page).await {
+        Ok(d) => d,
         Err(e) => {
             eprintln!("wsguard demo: {e}");
             return ExitCode::from(2);
         }
     };
+    let wsguard::demo::Demo {
+        policy,
+        page,
+        page_addr,
+        token,
+        secret: _secret,
+    } = demo;
+    let _logs = init_logs(policy.log_format, &policy.log_level);
     let backend = policy.default_route.upstream.url.clone();
+    // Bind first: the banner promises addresses that already accept.
+    let running = match wsguard::start(policy).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wsguard demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (listen, admin) = (running.addr, running.admin_addr);
+    let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(wsguard::demo::serve_page(
+        page,
+        wsguard::demo::page_html(listen, &token),
+        tx,
+    ));
+    tokio::spawn(async move {
+        while let Some(r) = reports.recv().await {
+            println!("wsguard demo: the page reports: {r}");
+        }
+    });
     let exe = std::env::args().next().unwrap_or_else(|| "wsguard".into());
+    let secure = wsguard::demo::SECURE_PATH;
     println!("wsguard demo: echo backend on {backend}");
     println!("wsguard demo: proxy on ws://{listen}/  (admin: http://{admin}/metrics)");
+    println!("wsguard demo: open http://{page_addr}/ in a browser: the page connects to");
+    println!(
+        "              ws://{listen}{secure} (origin and token enforced, token in a subprotocol)"
+    );
     println!("try it:  echo hello | {exe} connect ws://{listen}/");
     println!("         (or: cargo run -- connect ws://{listen}/ and type lines)");
     println!("Ctrl-C stops it.");
     let _ = std::io::stdout().flush();
-    run(policy, None).await
+    serve(running, None, None).await
 }
 
 /// The key to sign or verify with: the secret itself, or the key derived

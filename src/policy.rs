@@ -72,6 +72,12 @@ pub struct Policy {
     pub log_level: String,
     /// Limits that only make sense for the whole process.
     pub max_connections: u64,
+    /// `limits.max_pending_handshakes`: connections still in the handshake
+    /// (TLS, request head, upstream dial), all clients together.
+    pub max_pending_handshakes: u64,
+    /// `limits.per_ip.pending_handshakes`: handshakes in progress per client
+    /// IP (after `trusted_proxies`); None = no cap.
+    pub per_ip_pending_handshakes: Option<u32>,
     pub handshake_timeout: Duration,
     pub trusted_proxies: Vec<Cidr>,
     /// Per JWT subject (`sub`), across all routes: concurrent sessions and
@@ -201,6 +207,8 @@ pub struct BreakerPolicy {
     pub open_for: Duration,
     pub max_open_for: Duration,
     pub half_open_probes: u32,
+    /// Keep the state in `limits.shared`'s Redis, for every replica.
+    pub shared: bool,
 }
 
 #[derive(Clone)]
@@ -371,6 +379,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 /// Collects problems while walking the raw config.
 struct Check {
     problems: Vec<Problem>,
+    /// `limits.shared` is set (a shared circuit breaker needs it).
+    shared_redis: bool,
 }
 
 fn at(loc: Location) -> (u64, u64) {
@@ -707,6 +717,7 @@ impl TryFrom<&Config> for Policy {
     fn try_from(cfg: &Config) -> Result<Policy, Vec<Problem>> {
         let mut c = Check {
             problems: Vec::new(),
+            shared_redis: cfg.limits.as_ref().is_some_and(|l| l.shared.is_some()),
         };
         let listen = c.addr(&cfg.listen, "listen", "0.0.0.0:8080");
         let tls = cfg.tls.as_ref().and_then(|t| server_tls(&mut c, t));
@@ -838,6 +849,8 @@ impl TryFrom<&Config> for Policy {
                 log_format,
                 log_level,
                 max_connections: global.max_connections,
+                max_pending_handshakes: global.max_pending_handshakes,
+                per_ip_pending_handshakes: global.per_ip_pending_handshakes,
                 handshake_timeout: global.handshake_timeout,
                 trusted_proxies: global.trusted_proxies,
                 per_subject_connections: global.per_subject_connections,
@@ -1029,6 +1042,18 @@ fn breaker(c: &mut Check, b: &config::BreakerConfig, up: &str) -> BreakerPolicy 
         open_for,
         max_open_for,
         half_open_probes,
+        shared: match &b.shared {
+            Some(v) if v.value && !c.shared_redis => {
+                c.push(
+                    v.referenced,
+                    &format!("{path}.shared"),
+                    "needs limits.shared (the Redis the replicas share)",
+                );
+                false
+            }
+            Some(v) => v.value,
+            None => false,
+        },
     }
 }
 
@@ -1325,18 +1350,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     }
     let shared = l.shared.as_ref().and_then(|sh| {
         let v = &sh.value;
-        let Some(url) = &v.redis_url else {
-            c.push(
-                sh.referenced,
-                &format!("{path}.shared.redis_url"),
-                "required",
-            );
-            return None;
-        };
-        if let Err(e) = crate::guard::shared::validate_url(&url.value) {
-            c.push(url.referenced, &format!("{path}.shared.redis_url"), e);
-            return None;
-        }
+        let target = redis_target(c, sh, &format!("{path}.shared"))?;
         let timeout = c.duration(
             &v.timeout,
             &format!("{path}.shared.timeout"),
@@ -1359,7 +1373,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
             );
         }
         Some(crate::guard::shared::SharedSettings {
-            redis_url: url.value.clone(),
+            target,
             prefix,
             timeout,
             on_error: v.on_error.unwrap_or_default(),
@@ -1383,8 +1397,31 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
             },
         ),
     };
+    let max_pending_handshakes = l
+        .max_pending_handshakes
+        .as_ref()
+        .map_or(DEFAULT_MAX_PENDING_HANDSHAKES, |v| v.value);
+    if let Some(v) = l.max_pending_handshakes.as_ref().filter(|v| v.value == 0) {
+        c.push(
+            v.referenced,
+            &format!("{path}.max_pending_handshakes"),
+            "must be at least 1",
+        );
+    }
+    let per_ip_pending_handshakes = match &l.per_ip {
+        Tri::Null => None,
+        Tri::Missing => Some(32),
+        Tri::Set(p) => cap(
+            c,
+            &p.pending_handshakes,
+            32,
+            &format!("{path}.per_ip.pending_handshakes"),
+        ),
+    };
     Global {
         max_connections,
+        max_pending_handshakes,
+        per_ip_pending_handshakes,
         handshake_timeout,
         trusted_proxies,
         per_subject_connections,
@@ -1393,8 +1430,92 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     }
 }
 
+/// `limits.max_pending_handshakes` when omitted: enough for bursts of
+/// legitimate upgrades, while idle pre-upgrade sockets stay far below the
+/// default `max_connections` and the usual file-descriptor limits.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: u64 = 1024;
+/// `limits.shared`: exactly one of `redis_url`, `sentinel`, `cluster`.
+fn redis_target(
+    c: &mut Check,
+    sh: &Spanned<config::SharedConfig>,
+    path: &str,
+) -> Option<crate::guard::shared::RedisTarget> {
+    use crate::guard::shared::{validate_target, RedisTarget};
+    let v = &sh.value;
+    let given = usize::from(v.redis_url.is_some())
+        + usize::from(v.sentinel.is_some())
+        + usize::from(v.cluster.is_some());
+    if given != 1 {
+        let msg = if given == 0 {
+            "set one of redis_url, sentinel and cluster"
+        } else {
+            "set only one of redis_url, sentinel and cluster"
+        };
+        c.push(sh.referenced, path, msg);
+        return None;
+    }
+    let (target, loc, key) = if let Some(url) = &v.redis_url {
+        (
+            RedisTarget::Url(url.value.clone()),
+            url.referenced,
+            "redis_url",
+        )
+    } else if let Some(st) = &v.sentinel {
+        let sp = format!("{path}.sentinel");
+        let Some(master) = &st.value.master else {
+            c.push(st.referenced, &format!("{sp}.master"), "required");
+            return None;
+        };
+        let addresses: Vec<String> = st
+            .value
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| a.value.clone())
+            .collect();
+        let password = match &st.value.password_env {
+            None => None,
+            Some(env) => match std::env::var(&env.value) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    c.push(
+                        env.referenced,
+                        &format!("{sp}.password_env"),
+                        format!("environment variable `{}` is not set", env.value),
+                    );
+                    return None;
+                }
+            },
+        };
+        (
+            RedisTarget::Sentinel {
+                master: master.value.clone(),
+                addresses,
+                password,
+            },
+            st.referenced,
+            "sentinel",
+        )
+    } else if let Some(nodes) = &v.cluster {
+        (
+            RedisTarget::Cluster(nodes.value.iter().map(|n| n.value.clone()).collect()),
+            nodes.referenced,
+            "cluster",
+        )
+    } else {
+        return None;
+    };
+    if let Err(e) = validate_target(&target) {
+        c.push(loc, &format!("{path}.{key}"), e);
+        return None;
+    }
+    Some(target)
+}
+
 struct Global {
     max_connections: u64,
+    max_pending_handshakes: u64,
+    per_ip_pending_handshakes: Option<u32>,
     handshake_timeout: Duration,
     trusted_proxies: Vec<Cidr>,
     per_subject_connections: Option<u32>,
@@ -1410,6 +1531,24 @@ fn route_only_limits(c: &mut Check, l: &config::LimitsConfig, path: &str) {
     }
     if let Some(v) = &l.handshake_timeout {
         c.push(v.referenced, &format!("{path}.handshake_timeout"), top);
+    }
+    if let Some(v) = &l.max_pending_handshakes {
+        c.push(v.referenced, &format!("{path}.max_pending_handshakes"), top);
+    }
+    if let Tri::Set(p) = &l.per_ip {
+        match &p.pending_handshakes {
+            Tri::Set(v) => c.push(
+                v.referenced,
+                &format!("{path}.per_ip.pending_handshakes"),
+                top,
+            ),
+            Tri::Null => c.push(
+                Location::UNKNOWN,
+                &format!("{path}.per_ip.pending_handshakes"),
+                top,
+            ),
+            Tri::Missing => {}
+        }
     }
     if let Some(v) = l.trusted_proxies.as_ref().and_then(|t| t.first()) {
         c.push(v.referenced, &format!("{path}.trusted_proxies"), top);
@@ -1431,10 +1570,13 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         &format!("{path}.max_message_size"),
         1 << 20,
     );
+    // Unset (or null): one frame may be as large as one message. Clients
+    // (Python websockets, Node ws, websocat, browsers) send a message as one
+    // frame, so a smaller default would cut them off below the message limit.
     let max_frame = c.size(
         &l.max_frame_size,
         &format!("{path}.max_frame_size"),
-        256 << 10,
+        max_message,
     );
     // 128 bytes is below any useful message; 1 GiB is above any sane one and
     // would let one client pin that much memory.
@@ -1554,16 +1696,29 @@ fn cap(c: &mut Check, v: &Tri<Spanned<u32>>, default: u32, path: &str) -> Option
 impl Policy {
     /// Parses and validates policy text; `file` is used in problem lines.
     pub fn from_text(file: &str, text: &str) -> Result<Policy, Problems> {
-        let cfg = config::parse(text).map_err(|p| Problems {
-            file: file.to_string(),
-            list: vec![Problem {
+        // Structural problems (syntax, unknown keys, wrong types) and
+        // semantic ones are reported together: the semantic checks run on
+        // what remains readable once the structural problems are set aside.
+        let parsed = config::parse(text);
+        let mut list: Vec<Problem> = parsed
+            .problems
+            .into_iter()
+            .map(|p| Problem {
                 line: p.line,
                 col: p.col,
                 path: p.path,
                 message: p.message,
-            }],
-        })?;
-        Policy::try_from(&cfg).map_err(|list| Problems {
+            })
+            .collect();
+        if let Some(cfg) = parsed.config {
+            match Policy::try_from(&cfg) {
+                Ok(p) if list.is_empty() => return Ok(p),
+                Ok(_) => {}
+                Err(semantic) => list.extend(semantic),
+            }
+        }
+        list.sort_by_key(|p| (p.line, p.col));
+        Err(Problems {
             file: file.to_string(),
             list,
         })
@@ -1673,6 +1828,35 @@ mod tests {
     }
 
     #[test]
+    fn pending_handshake_caps() {
+        let p = Policy::from_text("p.yaml", "{}").unwrap();
+        assert_eq!(p.per_ip_pending_handshakes, Some(32));
+        assert_eq!(p.max_pending_handshakes, DEFAULT_MAX_PENDING_HANDSHAKES);
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  max_pending_handshakes: 7\n  per_ip:\n    pending_handshakes: 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.max_pending_handshakes, p.per_ip_pending_handshakes),
+            (7, Some(3))
+        );
+        let p = Policy::from_text("p.yaml", "limits:\n  per_ip: null\n").unwrap();
+        assert_eq!(p.per_ip_pending_handshakes, None);
+        let probs = problems("limits:\n  max_pending_handshakes: 0\n  per_ip:\n    pending_handshakes: 0\nroutes:\n  - path: /a\n    limits:\n      max_pending_handshakes: 5\n      per_ip: { pending_handshakes: 4 }\n");
+        let paths: Vec<&str> = probs.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "limits.max_pending_handshakes",
+                "limits.per_ip.pending_handshakes",
+                "routes[0].limits.max_pending_handshakes",
+                "routes[0].limits.per_ip.pending_handshakes"
+            ]
+        );
+    }
+
+    #[test]
     fn upstream_key_takes_one_key_or_a_list() {
         let dir = std::env::temp_dir().join(format!("wsguard-policy-uk-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1709,7 +1893,80 @@ mod tests {
         let p = problems(&yaml("[]"));
         assert_eq!(p[0].path, "hmac.upstream_key");
         let p = problems(&yaml(&format!("[{{ id: p1, secret_fil: \"{f}\" }}]")));
-        assert!(p[0].message.contains("unknown field"), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.path == "hmac.upstream_key[0].secret_fil"
+                && p.message.contains("unknown field")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn shared_redis_is_one_of_url_sentinel_cluster() {
+        use crate::guard::shared::RedisTarget;
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  shared:\n    sentinel:\n      master: mymaster\n      addresses: [redis://10.0.0.1:26379, \"redis://:pw@10.0.0.2:26379\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = p.shared.unwrap_or_else(|| panic!("shared"));
+        assert!(
+            matches!(&s.target, RedisTarget::Sentinel { master, addresses, password: None }
+                if master == "mymaster" && addresses.len() == 2),
+            "{s:?}"
+        );
+        assert!(!format!("{s:?}").contains("pw"), "{s:?}");
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  shared:\n    cluster: [redis://10.0.0.1:6379, redis://10.0.0.2:6379]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            p.shared.map(|s| s.target),
+            Some(RedisTarget::Cluster(n)) if n.len() == 2
+        ));
+        for (text, line, path) in [
+            (
+                "limits:\n  shared:\n    redis_url: redis://a\n    cluster: [redis://b]\n",
+                3,
+                "limits.shared",
+            ),
+            ("limits:\n  shared:\n    prefix: x\n", 3, "limits.shared"),
+            (
+                "limits:\n  shared:\n    sentinel: { addresses: [redis://a:26379] }\n",
+                3,
+                "limits.shared.sentinel.master",
+            ),
+            (
+                "limits:\n  shared:\n    sentinel: { master: m, addresses: [] }\n",
+                3,
+                "limits.shared.sentinel",
+            ),
+            (
+                "limits:\n  shared:\n    cluster: [http://a]\n",
+                3,
+                "limits.shared.cluster",
+            ),
+            (
+                "limits:\n  shared:\n    sentinel: { master: m, addresses: [redis://a:26379], password_env: WSG_NO_SUCH_VAR }\n",
+                3,
+                "limits.shared.sentinel.password_env",
+            ),
+            (
+                "upstream:\n  circuit_breaker:\n    shared: true\n",
+                3,
+                "upstream.circuit_breaker.shared",
+            ),
+        ] {
+            let p = problems(text);
+            assert_eq!(p.len(), 1, "{text}: {p:?}");
+            assert_eq!((p[0].line, p[0].path.as_str()), (line, path), "{text}: {p:?}");
+        }
+        let p = Policy::from_text(
+            "p.yaml",
+            "upstream:\n  circuit_breaker: { shared: true }\nlimits:\n  shared: { redis_url: redis://a }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.default_route.upstream.breaker.is_some_and(|b| b.shared));
     }
 
     #[test]
@@ -1718,7 +1975,7 @@ mod tests {
         assert_eq!(p.listen, "0.0.0.0:8080".parse().unwrap());
         let r = &p.default_route;
         assert_eq!(r.limits.max_message_size, 1 << 20);
-        assert_eq!(r.limits.max_frame_size, 256 << 10);
+        assert_eq!(r.limits.max_frame_size, 1 << 20);
         assert_eq!(r.keepalive.interval, Some(Duration::from_secs(25)));
         assert_eq!(r.upstream.breaker.map(|b| b.consecutive_failures), Some(5));
         assert_eq!(r.limits.per_ip_handshakes.map(|r| r.burst.get()), Some(20));
@@ -1748,6 +2005,83 @@ mod tests {
                 (6, "limits.per_connection.messages.rate")
             ]
         );
+    }
+
+    #[test]
+    fn structural_and_semantic_problems_in_one_run() {
+        let p = problems(concat!(
+            "listen: \"127.0.0.1:8080\"\n",
+            "origin:\n",
+            "  mode: enforce\n",
+            "  allwo: [\"https://a.example\"]\n",
+            "  allow: [\"https://a.example\"]\n",
+            "keepalive:\n",
+            "  interval: 5x\n",
+            "  bogus: 1\n",
+            "limits:\n",
+            "  per_connection:\n",
+            "    messages: { rate: 0/s, burst: 1 }\n",
+            "  max_conections: 5\n",
+        ));
+        let got: Vec<_> = p.iter().map(|p| (p.line, p.col, p.path.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (4, 3, "origin.allwo"),
+                (7, 13, "keepalive.interval"),
+                (8, 3, "keepalive.bogus"),
+                (11, 23, "limits.per_connection.messages.rate"),
+                (12, 3, "limits.max_conections"),
+            ]
+        );
+        let shown = Problems {
+            file: "p.yaml".into(),
+            list: p,
+        }
+        .to_string();
+        assert_eq!(shown.lines().count(), 5);
+        assert!(!shown.contains(".value"), "{shown}");
+    }
+
+    #[test]
+    fn type_error_list_where_a_map_is_expected() {
+        let p = problems("origin:\n  - mode: enforce\nkeepalive:\n  interval: 5x\n");
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.line, p.col, p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, 3, "origin", "wrong type: expected a mapping"),
+                (
+                    4,
+                    13,
+                    "keepalive.interval",
+                    "`5x` is not a duration (use e.g. 500ms, 25s, 10m, 1h)"
+                ),
+            ]
+        );
+        let p = problems("routes:\n  - path: /a\n    limits:\n      max_connections: x\n");
+        assert_eq!(p[0].path, "routes[0].limits.max_connections", "{p:?}");
+    }
+
+    #[test]
+    fn frame_limit_follows_the_message_limit_unless_set() {
+        for text in [
+            "limits:\n  max_message_size: 64KiB\n",
+            "limits:\n  max_message_size: 64KiB\n  max_frame_size: null\n",
+        ] {
+            let p = Policy::from_text("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+            let l = &p.default_route.limits;
+            assert_eq!((l.max_message_size, l.max_frame_size), (65536, 65536));
+        }
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  max_message_size: 4MiB\n  max_frame_size: 64KiB\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.default_route.limits.max_frame_size, 65536);
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! SIGHUP: re-read the policy file and swap it in atomically.
+//! SIGHUP (or a change seen by `run --watch`): re-read the policy file and
+//! swap it in atomically.
 //!
 //! A reload never touches live sessions: each keeps the policy generation
 //! it started with. Changes that cannot apply without a restart (the listen
 //! addresses) are reported and otherwise ignored.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::policy::Policy;
 use crate::runtime::Shared;
@@ -49,4 +52,69 @@ pub fn reload(shared: &Shared, path: &Path) -> bool {
             false
         }
     }
+}
+
+/// What the policy file holds now: a SHA-256 of its bytes, read through
+/// any symlinks (None while it cannot be read, e.g. mid-swap).
+async fn fingerprint(path: &Path) -> Option<[u8; 32]> {
+    // Off the async workers: a read on a network volume may block.
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || fingerprint_now(&path))
+        .await
+        .ok()?
+}
+
+fn fingerprint_now(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).ok()?;
+    Some(sha2::Sha256::digest(&bytes).into())
+}
+
+/// `run --watch`: reloads the policy whenever the file's content changes,
+/// exactly as SIGHUP does (an invalid file is logged and counted, and the
+/// old policy stays).
+///
+/// It polls: every `every` it reads the file through its symlinks and
+/// compares a hash of the bytes. That catches what inotify-style watchers
+/// miss or need special handling for: a Kubernetes ConfigMap update, where
+/// the kubelet writes a new timestamped directory and atomically replaces
+/// the `..data` symlink that `policy.yaml -> ..data/policy.yaml` goes
+/// through (the watched path itself never changes), editors that replace
+/// the file by rename, and files on network volumes. Reading a policy file
+/// (at most 1 MiB, usually a few KiB) every few seconds costs nothing
+/// measurable.
+///
+/// Returns the number of reloads attempted so far (applied or refused),
+/// which changes after each one; the task stops at shutdown.
+pub fn spawn_watch(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    every: Duration,
+) -> tokio::sync::watch::Receiver<u64> {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    // The baseline is read now, not in the task: a change made right after
+    // this returns must count as a change.
+    let mut last = fingerprint_now(&path);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut attempts = 0u64;
+        loop {
+            tokio::select! {
+                () = shared.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = fingerprint(&path).await;
+            if now.is_none() || now == last {
+                continue;
+            }
+            last = now;
+            tracing::info!(file = %path.display(), "policy file changed; reloading");
+            reload(&shared, &path);
+            attempts += 1;
+            tx.send_replace(attempts);
+        }
+    });
+    rx
 }

@@ -78,8 +78,12 @@ pub struct Shared {
     current: ArcSwap<Runtime>,
     pub metrics: Metrics,
     pub counts: Arc<ConnCounts>,
-    /// Connections still in the handshake, per peer address.
+    /// Connections still in the handshake, per peer address (a trusted
+    /// proxy's connections are counted in the total only).
     pub pending: Arc<ConnCounts>,
+    /// Handshakes in progress per client IP taken from a trusted proxy's
+    /// `X-Forwarded-For` (`limits.per_ip.pending_handshakes`).
+    pub pending_clients: Arc<ConnCounts>,
     /// Live sessions per JWT subject.
     pub subjects: Arc<ConnCounts<String>>,
     pub shutdown: CancellationToken,
@@ -99,11 +103,13 @@ pub struct Shared {
     /// connection and outage state survive reloads).
     shared_limiter: Mutex<Option<(SharedSettings, Arc<SharedLimiter>)>>,
     pub ready: std::sync::atomic::AtomicBool,
+    /// Refused handshakes are logged at info through this rate limit.
+    pub refusals: crate::reject_log::RefusalLog,
     /// The generation of `current`, readable without touching the ArcSwap.
     generation: std::sync::atomic::AtomicU64,
 }
 
-type BreakerKey = (u32, u128, u128, u32);
+type BreakerKey = (u32, u128, u128, u32, bool);
 
 /// One JWKS URL's cache and the refresher that keeps it fresh.
 struct JwksEntry {
@@ -120,6 +126,7 @@ fn breaker_key(b: &BreakerPolicy) -> BreakerKey {
         b.open_for.as_nanos(),
         b.max_open_for.as_nanos(),
         b.half_open_probes,
+        b.shared,
     )
 }
 
@@ -139,6 +146,7 @@ impl Shared {
             metrics,
             counts: Arc::new(ConnCounts::default()),
             pending: Arc::new(ConnCounts::default()),
+            pending_clients: Arc::new(ConnCounts::default()),
             subjects: Arc::new(ConnCounts::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -147,6 +155,7 @@ impl Shared {
             jwks: Mutex::new(HashMap::new()),
             shared_limiter: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
+            refusals: crate::reject_log::RefusalLog::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
         });
         shared.install(policy);
@@ -238,6 +247,38 @@ impl Shared {
             .collect();
         // Forget breakers of upstreams that are no longer configured.
         map.retain(|k, _| wanted.contains(k));
+        let shared_limiter = {
+            let mut slot = self
+                .shared_limiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match &policy.shared {
+                None => {
+                    *slot = None;
+                    None
+                }
+                Some(settings) => match slot.as_ref() {
+                    Some((old, l)) if old == settings => Some(Arc::clone(l)),
+                    _ => match SharedLimiter::new(settings.clone()) {
+                        Ok(l) => {
+                            let l = Arc::new(l.with_tracker(self.tracker.clone()));
+                            if tokio::runtime::Handle::try_current().is_ok() {
+                                l.warm_up();
+                            }
+                            // Shared breakers follow the new Redis.
+                            map.retain(|_, b| !b.is_shared());
+                            *slot = Some((settings.clone(), Arc::clone(&l)));
+                            Some(l)
+                        }
+                        // Validated at load; unreachable in practice.
+                        Err(e) => {
+                            tracing::error!(error = %e, "shared limits disabled");
+                            None
+                        }
+                    },
+                },
+            }
+        };
         let routes = policy
             .all_routes()
             .map(|r| RouteRuntime {
@@ -276,7 +317,13 @@ impl Shared {
                                 upstream: r.upstream.url.clone(),
                             })
                             .clone();
-                        Arc::new(Breaker::new(b, r.upstream.url.clone(), gauge))
+                        let breaker = Breaker::new(b, r.upstream.url.clone(), gauge);
+                        let breaker = Arc::new(match (&shared_limiter, b.shared) {
+                            (Some(l), true) => breaker.shared(Arc::clone(l)),
+                            _ => breaker,
+                        });
+                        breaker.watch();
+                        breaker
                     }))
                 }),
             })
@@ -294,33 +341,6 @@ impl Shared {
                 _ => Arc::new(SubjectLimiter::keyed(crate::guard::limits::quota(&r))),
             }
         });
-        let shared_limiter = {
-            let mut slot = self
-                .shared_limiter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match &policy.shared {
-                None => {
-                    *slot = None;
-                    None
-                }
-                Some(settings) => match slot.as_ref() {
-                    Some((old, l)) if old == settings => Some(Arc::clone(l)),
-                    _ => match SharedLimiter::new(settings.clone()) {
-                        Ok(l) => {
-                            let l = Arc::new(l);
-                            *slot = Some((settings.clone(), Arc::clone(&l)));
-                            Some(l)
-                        }
-                        // Validated at load; unreachable in practice.
-                        Err(e) => {
-                            tracing::error!(error = %e, "shared limits disabled");
-                            None
-                        }
-                    },
-                },
-            }
-        };
         let asserted_headers = policy.asserted_headers();
         self.current.store(Arc::new(Runtime {
             asserted_headers,

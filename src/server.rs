@@ -49,15 +49,16 @@ type Body = Full<Bytes>;
 /// hyper's read buffer bound: a request head larger than this is 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
-/// Connections from one peer address that may sit in the handshake at
-/// once. Counted before a byte is read, so a flood of idle sockets from one
-/// host cannot exhaust file descriptors for everyone.
-const MAX_PENDING_PER_IP: u32 = 256;
-
-/// Refuses a connection before reading it: one non-blocking write of a
-/// 503 and a close. Never waits on the peer.
-fn refuse_now(stream: &TcpStream) {
-    let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+/// Refuses a connection before reading it: one non-blocking write of the
+/// answer and a close. Never waits on the peer.
+fn refuse_now(stream: &TcpStream, e: &SlotError) {
+    let answer: &[u8] = match e {
+        // `limits.max_pending_handshakes`: the proxy is busy.
+        SlotError::Global => b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        // `limits.per_ip.pending_handshakes`: this client is.
+        SlotError::PerIp => b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    };
+    let _ = stream.try_write(answer);
 }
 
 /// Accepts until shutdown. Every connection, handshake and session runs on
@@ -72,24 +73,39 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                // Pending handshakes are capped like sessions: globally by
-                // max_connections and per peer address.
-                let cap = shared.runtime().policy.max_connections;
-                let Ok(pending) =
-                    shared
-                        .pending
-                        .acquire(IpKey::new(peer.ip()), cap, Some(MAX_PENDING_PER_IP))
-                else {
-                    shared.metrics.handshake("pending_limit");
-                    shared.metrics.reject("pending_limit");
-                    refuse_now(&stream);
-                    continue;
+                // Handshakes in progress are capped before a byte is read,
+                // so idle sockets cannot exhaust file descriptors or
+                // sessions' room: globally (limits.max_pending_handshakes)
+                // and per peer address (limits.per_ip.pending_handshakes).
+                // A trusted proxy's own address is never capped per IP: its
+                // clients are counted by their forwarded IP once the
+                // request head is read.
+                let rt = shared.runtime();
+                let trusted = rt
+                    .policy
+                    .trusted_proxies
+                    .iter()
+                    .any(|c| c.contains(peer.ip()));
+                let per_ip = rt.policy.per_ip_pending_handshakes.filter(|_| !trusted);
+                let acquired = shared.pending.acquire(
+                    IpKey::new(peer.ip()),
+                    rt.policy.max_pending_handshakes,
+                    per_ip,
+                );
+                drop(rt);
+                let pending = match acquired {
+                    Ok(p) => p,
+                    Err(e) => {
+                        shared.metrics.handshake("pending_limit");
+                        shared.metrics.reject("pending_limit");
+                        refuse_now(&stream, &e);
+                        continue;
+                    }
                 };
                 let shared2 = Arc::clone(&shared);
-                shared.tracker.spawn(async move {
-                    connection(stream, peer, shared2).await;
-                    drop(pending);
-                });
+                shared
+                    .tracker
+                    .spawn(connection(stream, peer, shared2, pending));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -209,7 +225,10 @@ fn scanned<S>(inner: S) -> (Scanned<S>, Arc<AtomicBool>) {
     )
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// One accepted connection. `pending` is its place among the handshakes in
+/// progress, released when the handshake is over (before the socket closes,
+/// so a client that sees the close can count on the slot being free).
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: ConnSlot) {
     let _ = stream.set_nodelay(true);
     let rt = shared.runtime();
     let deadline = Instant::now() + rt.policy.handshake_timeout;
@@ -223,7 +242,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             client_subject: None,
             bare_lf,
         };
-        return serve(TokioIo::new(stream), conn, shared, deadline).await;
+        return serve(TokioIo::new(stream), conn, shared, deadline, pending).await;
     };
     // The TLS handshake counts toward handshake_timeout.
     let accepted = tokio::select! {
@@ -241,7 +260,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 client_subject,
                 bare_lf,
             };
-            serve(TokioIo::new(stream), conn, shared, deadline).await;
+            serve(TokioIo::new(stream), conn, shared, deadline, pending).await;
         }
         Ok(Err(e)) => {
             shared.metrics.handshake("tls_error");
@@ -255,7 +274,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-async fn serve<I>(io: I, conn: Conn, shared: Arc<Shared>, deadline: Instant)
+async fn serve<I>(io: I, conn: Conn, shared: Arc<Shared>, deadline: Instant, pending: ConnSlot)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -293,6 +312,8 @@ where
         }
         () = shared.shutdown.cancelled() => {}
     }
+    // Released while `conn` still holds the socket.
+    drop(pending);
 }
 
 fn reject_response(r: &Reject) -> Response<Body> {
@@ -356,6 +377,11 @@ async fn handle(
             .prefix
             .clone()
     };
+    let client = client_ip_of(
+        peer.ip(),
+        req.headers(),
+        &shared.runtime().policy.trusted_proxies,
+    );
     match upgrade(req, &conn, &shared, deadline).await {
         Ok(resp) => {
             shared.metrics.handshake("ok");
@@ -368,7 +394,7 @@ async fn handle(
             if !matches!(r, Reject::NotUpgrade) {
                 shared.metrics.reject(r.label());
             }
-            tracing::debug!(client = %peer, status = r.status().as_u16(), error = %r, "handshake refused");
+            shared.refusals.refused(peer, client, &r);
             reject_response(&r)
         }
     }
@@ -401,6 +427,17 @@ async fn upgrade(
     let ip = client_ip_of(peer.ip(), req.headers(), &policy.trusted_proxies);
     let peer_trusted = policy.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let key = IpKey::new(ip);
+    // Behind a trusted proxy, the pending-handshake cap applies to the
+    // forwarded client IP (held until this handshake is answered).
+    let _pending_client = match policy.per_ip_pending_handshakes {
+        Some(cap) if peer_trusted => Some(
+            shared
+                .pending_clients
+                .acquire(key, u64::MAX, Some(cap))
+                .map_err(|_| Reject::PendingCap { retry_after: 1 })?,
+        ),
+        _ => None,
+    };
 
     if let Some(origin) = &route.origin {
         let values: Vec<&[u8]> = req
@@ -429,7 +466,7 @@ async fn upgrade(
         })?;
     let permit = match &derived.breaker {
         None => None,
-        Some(b) => Some(b.try_acquire().map_err(|wait| Reject::CircuitOpen {
+        Some(b) => Some(b.acquire().await.map_err(|wait| Reject::CircuitOpen {
             retry_after: crate::guard::limits::ceil_secs(wait),
         })?),
     };
@@ -480,7 +517,7 @@ async fn upgrade(
     let dialed = match dialed {
         Ok(d) => {
             if let Some(p) = permit {
-                p.success();
+                p.success().await;
             }
             d
         }
@@ -488,8 +525,8 @@ async fn upgrade(
             if let Some(p) = permit {
                 match (&e, backend_bound) {
                     (DialError::Timeout, false) => drop(p),
-                    _ if e.is_backend_failure() => p.failure(),
-                    _ => p.success(),
+                    _ if e.is_backend_failure() => p.failure().await,
+                    _ => p.success().await,
                 }
             }
             tracing::warn!(client = %peer, upstream = %route.upstream.url, error = %e, "upstream handshake failed");
@@ -514,6 +551,7 @@ async fn upgrade(
     if let Some(p) = dialed
         .protocol
         .as_deref()
+        .or(auth.token_protocol.as_deref())
         .and_then(|p| HeaderValue::from_str(p).ok())
     {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p);
@@ -573,6 +611,10 @@ struct Auth {
     expires: Option<Instant>,
     /// Claim values for the route's derived HMAC client keys.
     derive: crate::sign::DeriveInputs,
+    /// The client offered nothing but its token subprotocol: answered to
+    /// the client when the backend selects none (browsers abort a handshake
+    /// that offered a subprotocol and got none back). Never sent upstream.
+    token_protocol: Option<String>,
 }
 
 /// The token guard (jwt or introspection): find the token in the configured
@@ -598,6 +640,7 @@ async fn authenticate<B>(
         bind: String::new(),
         expires: None,
         derive: crate::sign::DeriveInputs::default(),
+        token_protocol: None,
     };
     let j = match (&route.jwt, &derived.jwt, &derived.introspection) {
         (Some(j), Some(verifier), _) => TokenGuard::Jwt(j, verifier),
@@ -655,6 +698,16 @@ async fn authenticate<B>(
         &mut auth.path_and_query,
         &mut auth.protocols,
     );
+    // A browser that offered only the token subprotocol aborts unless the
+    // answer names one of its offers: echo the consumed entry back to it
+    // (the token itself is never forwarded upstream).
+    if let Some(f) = &found {
+        if let Some(TokenSource::Subprotocol(prefix)) = j.token_sources().get(f.source) {
+            if auth.protocols.is_empty() {
+                auth.token_protocol = Some(format!("{prefix}{}", f.token));
+            }
+        }
+    }
     // Client copies of the claim headers are already gone: they are among
     // the policy's asserted headers (contract section 7).
     for (claim, header) in j.forward_claims() {

@@ -822,7 +822,12 @@ where
         );
         // Named, so the future owns them: an async block captures only the
         // fields it uses, and these slots must live as long as the session.
-        drop((info.slot, info.subject_slot, info.shared_slot));
+        drop((info.slot, info.subject_slot));
+        // The fleet-wide lease goes back before the task ends (bounded by
+        // limits.shared.timeout), so a graceful shutdown waits for it.
+        if let Some(lease) = info.shared_slot {
+            lease.release().await;
+        }
     }
 }
 

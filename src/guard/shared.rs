@@ -5,12 +5,31 @@
 //! times its rate. [`SharedLimiter`] keeps the same buckets in one Redis, so
 //! the rate holds across the fleet.
 //!
+//! # Where Redis is: one node, Sentinel or Cluster
+//!
+//! [`RedisTarget`] is one of:
+//!
+//! * `redis_url`: one node (or a primary behind a stable address), through
+//!   a managed connection that reconnects by itself;
+//! * `sentinel`: the primary a Sentinel group names. The primary is looked
+//!   up through the sentinels when the connection is made, and again after
+//!   any connection error or a `READONLY` answer (the old primary demoted),
+//!   so a failover is followed without a restart;
+//! * `cluster`: Redis Cluster, seeded by a few node URLs; the slot map is
+//!   learnt and refreshed (`MOVED`, failovers) by the cluster client.
+//!
+//! Every script touches exactly one key, so on a Cluster each runs on the
+//! node that owns that key's slot, unchanged (no cross-slot access). A key
+//! is `{prefix}:{what}` as before; keys that a future script would touch
+//! together must share a hash tag.
+//!
 //! # Rates: GCRA in one Lua script
 //!
 //! A rate is a GCRA (generic cell rate algorithm) bucket: one Redis string
 //! per key holding the *theoretical arrival time* (TAT, microseconds). One
 //! Lua script, run with `EVALSHA` (and re-loaded by [`redis::Script`] when
-//! Redis answers `NOSCRIPT`, e.g. after a restart), does per call:
+//! Redis answers `NOSCRIPT`, e.g. after a restart or a failover), does per
+//! call:
 //!
 //! 1. `now` = Redis `TIME` (so the replicas' clocks do not matter);
 //! 2. `tat = max(stored TAT or now, now)`, `new_tat = tat + T` where `T` is
@@ -48,37 +67,44 @@
 //! behind a NAT or after a failover, otherwise only errors out when the
 //! kernel gives up on it, many minutes later).
 //!
-//! # Connection caps: counters
+//! # Connection caps: one lease per session
 //!
-//! [`SharedLimiter::acquire_slot`] is an atomic "increment unless at the
-//! cap" script; [`SharedLimiter::release_slot`] decrements (never below 0,
-//! and deletes the key at 0). Weaknesses, by design of plain counters:
+//! A per-subject cap is a sorted set of *leases*, one per live session,
+//! scored by the time it expires. [`SharedLimiter::acquire_slot_guard`]
+//! runs one script: drop the expired leases, refuse at the cap, else add a
+//! lease that expires in [`DEFAULT_LEASE_TTL`]. While the session lives,
+//! one background task per limiter renews every live lease of this replica
+//! each third of that TTL (one script call per subject). The session
+//! releases its lease (removes it) before its task ends, bounded by
+//! `timeout`; a guard that is only dropped releases from a task on the
+//! process's task tracker, so a graceful shutdown waits for it.
 //!
-//! * a replica that crashes never releases its slots; the counter's TTL
-//!   (refreshed on every acquire, default [`DEFAULT_SLOT_TTL`]) is what
-//!   eventually clears them, so after a crash a subject can be refused for
-//!   up to that long after its last *granted* connection (refusals do not
-//!   refresh the TTL);
-//! * conversely, if a subject's connections outlive the TTL without a new
-//!   acquire, the counter expires while they are still open, and until they
-//!   close the fleet admits up to `cap` more than it should;
-//! * a release that fails (Redis down) or an acquire that timed out after
-//!   Redis applied it leaks one count until the TTL.
+//! A lease that is never released (a replica crashed, Redis was down at the
+//! release, an acquire timed out after Redis applied it) is no longer
+//! renewed and expires on its own one TTL later, whatever the subject does
+//! meanwhile: new acquires never extend old leases. If Redis is
+//! unreachable for longer than the TTL, live leases lapse too; the next
+//! renewal puts them back.
 //!
-//! Redis itself: one node (or a primary behind a stable address); Cluster
-//! and Sentinel are not supported. After a failover to a replica, buckets
-//! are as fresh as replication was, so a few extra cells may pass.
-//!
-//! Only release a slot whose acquire returned [`Decision::Allow`];
-//! [`SharedLimiter::acquire_slot_guard`] does that bookkeeping with a guard.
+//! After a failover to a replica, buckets and leases are as fresh as
+//! replication was, so a few extra cells may pass.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisConnectionInfo, RedisFuture, Script, Value,
+};
+use tokio_util::task::TaskTracker;
 
 use crate::config::OnError;
 use crate::policy::Rate;
@@ -90,8 +116,9 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 pub const REBUILD_AFTER: Duration = Duration::from_secs(2);
 /// How long the background dial + script preload may take.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(10);
-/// Default TTL of connection-cap counters, refreshed on every acquire.
-pub const DEFAULT_SLOT_TTL: Duration = Duration::from_secs(3600);
+/// Default lifetime of a connection-slot lease; renewed every third of it
+/// while the session lives.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 /// Retry-After for a refused connection slot.
 pub const SLOT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Retry-After [`resolve`] answers when `on_error: deny` rejects.
@@ -119,31 +146,108 @@ redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', string.format('
 return {1, 0}
 "#;
 
-/// KEYS[1] counter; ARGV[1] cap; ARGV[2] TTL in ms. Returns 1 (granted) or 0.
+/// KEYS[1] lease set (sorted set: lease id -> expiry, ms of Redis time);
+/// ARGV[1] cap; ARGV[2] lease TTL in ms; ARGV[3] the new lease's id.
+/// Returns 1 (granted) or 0. Expired leases are dropped first; the key's
+/// own TTL covers the newest lease and keeps no expired one alive.
 const ACQUIRE_LUA: &str = r#"
-local n = tonumber(redis.call('GET', KEYS[1])) or 0
-if n >= tonumber(ARGV[1]) then return 0 end
-redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 "#;
 
-/// KEYS[1] counter. Decrements, never below 0; deletes the key at 0.
-/// Returns the new count.
-const RELEASE_LUA: &str = r#"
-local n = tonumber(redis.call('GET', KEYS[1]))
-if n == nil then return 0 end
-if n <= 1 then
-  redis.call('DEL', KEYS[1])
-  return 0
+/// KEYS[1] lease set; ARGV[1] lease TTL in ms; ARGV[2] '0': renew only
+/// leases that are still there, '1': also put back the ones that lapsed;
+/// ARGV[3..] live lease ids of one replica. Drops expired leases. Returns
+/// the ids that were not there (with '0').
+///
+/// Renewing only what is there keeps a lease released between the
+/// replica's snapshot and this call from coming back; a lapsed lease (Redis
+/// out of reach for longer than the TTL) is put back by a second call for
+/// the ids the replica still holds.
+const RENEW_LUA: &str = r#"
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local missing = {}
+for i = 3, #ARGV do
+  if ARGV[2] == '1' or redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
 end
-return redis.call('DECR', KEYS[1])
+if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return missing
 "#;
+
+/// KEYS[1] lease set; ARGV[1] lease id. Removes it; deletes the key when
+/// no lease is left. Returns the number of leases left.
+const RELEASE_LUA: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+local n = redis.call('ZCARD', KEYS[1])
+if n == 0 then redis.call('DEL', KEYS[1]) end
+return n
+"#;
+
+/// Where Redis is (`limits.shared.redis_url | sentinel | cluster`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One node: `redis://[user:password@]host[:port][/db]`.
+    Url(String),
+    /// The primary that a Sentinel group monitors under `master`.
+    Sentinel {
+        master: String,
+        /// The sentinels' URLs.
+        addresses: Vec<String>,
+        /// The primary's password (from `password_env`), if any.
+        password: Option<String>,
+    },
+    /// A Redis Cluster, seeded by these node URLs.
+    Cluster(Vec<String>),
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs may carry passwords: show only where they point.
+        match self {
+            RedisTarget::Url(u) => write!(f, "{}", redacted_addr(u)),
+            RedisTarget::Sentinel {
+                master, addresses, ..
+            } => write!(
+                f,
+                "sentinel {master} via [{}]",
+                addresses
+                    .iter()
+                    .map(|a| redacted_addr(a))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            RedisTarget::Cluster(nodes) => write!(
+                f,
+                "cluster [{}]",
+                nodes
+                    .iter()
+                    .map(|a| redacted_addr(a))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
 
 /// `limits.shared`, validated.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SharedSettings {
-    pub redis_url: String,
+    pub target: RedisTarget,
     pub prefix: String,
     pub timeout: Duration,
     pub on_error: OnError,
@@ -151,16 +255,14 @@ pub struct SharedSettings {
 
 impl fmt::Debug for SharedSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The URL may carry a password: show only where it points.
         f.debug_struct("SharedSettings")
-            .field("redis", &redacted_addr(&self.redis_url))
+            .field("redis", &self.target)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
             .finish()
     }
 }
-
 /// The answer of one shared check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -265,23 +367,184 @@ fn redacted_addr(url: &str) -> String {
     }
 }
 
+/// One connection, whichever the deployment.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Sentinel(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How a connection is made.
+enum Dialer {
+    /// Made at once (lazily connecting) and managed from then on.
+    Single(Client),
+    /// Asked of the sentinels each time a connection is made.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(ClusterClient),
+}
+
+/// Checks `target` the way [`SharedLimiter::new`] will use it (for policy
+/// load). Messages never repeat a URL, which may hold a password.
+pub fn validate_target(target: &RedisTarget) -> Result<(), String> {
+    dialer(target, Duration::from_secs(1)).map(|_| ())
+}
+
+fn dialer(target: &RedisTarget, timeout: Duration) -> Result<Dialer, String> {
+    let connect_timeout = timeout.max(Duration::from_secs(1));
+    let response_timeout = timeout.max(Duration::from_millis(500));
+    match target {
+        RedisTarget::Url(url) => Client::open(url.as_str())
+            .map(Dialer::Single)
+            .map_err(url_error),
+        RedisTarget::Sentinel {
+            master,
+            addresses,
+            password,
+        } => {
+            if master.is_empty() {
+                return Err("the sentinel master name must not be empty".to_string());
+            }
+            if addresses.is_empty() {
+                return Err("list at least one sentinel address".to_string());
+            }
+            for a in addresses {
+                validate_url(a)?;
+            }
+            let mut info = RedisConnectionInfo::default();
+            if let Some(p) = password {
+                info = info.set_password(p);
+            }
+            let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
+            SentinelClient::build(
+                addresses.iter().map(String::as_str).collect(),
+                master.clone(),
+                Some(node),
+                SentinelServerType::Master,
+            )
+            .map(|c| Dialer::Sentinel(tokio::sync::Mutex::new(c)))
+            .map_err(url_error)
+        }
+        RedisTarget::Cluster(nodes) => {
+            if nodes.is_empty() {
+                return Err("list at least one cluster node".to_string());
+            }
+            for n in nodes {
+                validate_url(n)?;
+            }
+            ClusterClient::builder(nodes.iter().map(String::as_str))
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(200)
+                .build()
+                .map(Dialer::Cluster)
+                .map_err(url_error)
+        }
+    }
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+        .set_response_timeout(Some(timeout.max(Duration::from_millis(500))))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(8)
+}
+
+impl Dialer {
+    /// A new connection (Sentinel and Cluster; `Single` is lazy).
+    async fn dial(&self, timeout: Duration) -> redis::RedisResult<Conn> {
+        match self {
+            Dialer::Single(client) => {
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_config(timeout))
+                    .map(Conn::Single)
+            }
+            Dialer::Sentinel(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+                    .set_response_timeout(Some(timeout.max(Duration::from_millis(500))));
+                let mut client = client.lock().await;
+                client
+                    .get_async_connection_with_config(&config)
+                    .await
+                    .map(Conn::Sentinel)
+            }
+            Dialer::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+}
+
+/// The connection in use, and whether a dial is under way.
+#[derive(Default)]
+struct ConnSlot {
+    conn: Option<Conn>,
+    dialing: bool,
+}
+
 /// Fleet-wide rate limits and connection caps in Redis. Cheap to share
 /// (`Arc`); all methods take `&self`.
 pub struct SharedLimiter {
-    client: Client,
+    dialer: Arc<Dialer>,
     addr: String,
     prefix: String,
     timeout: Duration,
     on_error: OnError,
-    slot_ttl: Duration,
-    /// The managed connection, made on first use (needs a Tokio runtime)
-    /// and replaced after a long outage. Cloned out under the lock; the
-    /// lock is never held across an await.
-    conn: Mutex<Option<ConnectionManager>>,
+    lease_ttl: Duration,
+    /// The connection, made on first use (needs a Tokio runtime) and
+    /// replaced after a long outage (or, behind Sentinel, after any
+    /// connection error). Cloned out under the lock; the lock is never held
+    /// across an await.
+    conn: Arc<Mutex<ConnSlot>>,
+    /// Woken when a background dial ends.
+    dialed: Arc<tokio::sync::Notify>,
     gcra: Script,
     acquire: Script,
+    renew: Script,
     release: Script,
+    pub(crate) breaker_scripts: crate::guard::breaker::SharedScripts,
     health: Health,
+    /// This replica's live leases: lease-set key -> lease ids.
+    leases: Mutex<HashMap<String, HashSet<String>>>,
+    /// Makes lease ids unique across replicas and restarts.
+    instance: u64,
+    next_lease: AtomicU64,
+    renewer_started: AtomicBool,
+    /// Where dropped guards' releases run (shutdown waits for them).
+    tracker: Option<TaskTracker>,
 }
 
 struct Health {
@@ -310,25 +573,28 @@ impl fmt::Debug for SharedLimiter {
 impl SharedLimiter {
     /// Does not connect: the connection is made on first use and managed
     /// (reconnected) from then on, so Redis being down at start-up is an
-    /// outage like any other. Fails only on a bad URL (which
-    /// [`validate_url`] reports at policy load) or a zero timeout.
+    /// outage like any other. Fails only on a bad target (which
+    /// [`validate_target`] reports at policy load) or a zero timeout.
     pub fn new(settings: SharedSettings) -> Result<SharedLimiter, String> {
-        let client = Client::open(settings.redis_url.as_str()).map_err(url_error)?;
         if settings.timeout.is_zero() {
             return Err("timeout must be above zero".to_string());
         }
-        let addr = client.get_connection_info().addr().to_string();
+        let dialer = dialer(&settings.target, settings.timeout)?;
+        let addr = format!("{:?}", settings.target);
         Ok(SharedLimiter {
-            client,
+            dialer: Arc::new(dialer),
             addr,
             prefix: settings.prefix,
             timeout: settings.timeout,
             on_error: settings.on_error,
-            slot_ttl: DEFAULT_SLOT_TTL,
-            conn: Mutex::new(None),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            conn: Arc::new(Mutex::new(ConnSlot::default())),
+            dialed: Arc::new(tokio::sync::Notify::new()),
             gcra: Script::new(GCRA_LUA),
             acquire: Script::new(ACQUIRE_LUA),
+            renew: Script::new(RENEW_LUA),
             release: Script::new(RELEASE_LUA),
+            breaker_scripts: crate::guard::breaker::SharedScripts::new(),
             health: Health {
                 epoch: Instant::now(),
                 down: AtomicBool::new(false),
@@ -337,12 +603,31 @@ impl SharedLimiter {
                 next_probe: AtomicU64::new(0),
                 last_rebuild: AtomicU64::new(0),
             },
+            leases: Mutex::new(HashMap::new()),
+            instance: rand::random(),
+            next_lease: AtomicU64::new(0),
+            renewer_started: AtomicBool::new(false),
+            tracker: None,
         })
     }
 
-    /// TTL of connection-cap counters (default [`DEFAULT_SLOT_TTL`]).
-    pub fn with_slot_ttl(mut self, ttl: Duration) -> SharedLimiter {
-        self.slot_ttl = ttl.max(Duration::from_secs(1));
+    /// Starts connecting now (in the background, on the current runtime),
+    /// so the first handshakes do not fall to `on_error` while a Sentinel
+    /// lookup or a Cluster's slot map is under way.
+    pub fn warm_up(&self) {
+        let _ = self.start_dial();
+    }
+
+    /// Lifetime of connection-slot leases (default [`DEFAULT_LEASE_TTL`],
+    /// at least 1 s); live ones are renewed every third of it.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> SharedLimiter {
+        self.lease_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Releases of dropped [`SharedSlot`]s run on `tracker`.
+    pub fn with_tracker(mut self, tracker: TaskTracker) -> SharedLimiter {
+        self.tracker = Some(tracker);
         self
     }
 
@@ -357,6 +642,13 @@ impl SharedLimiter {
     /// The Redis key for a limiter key: `{prefix}:{key}`.
     pub fn full_key(&self, key: &str) -> String {
         format!("{}:{}", self.prefix, key)
+    }
+
+    /// The lease set of a connection-cap key: `{prefix}:lease:{key}` (a
+    /// sorted set; not the plain counter earlier versions kept under
+    /// `{prefix}:{key}`, so the two never collide during a rolling upgrade).
+    pub fn lease_key(&self, key: &str) -> String {
+        format!("{}:lease:{}", self.prefix, key)
     }
 
     /// Checks one cell against `rate` for `key` (e.g. `hs:ip:1.2.3.4`).
@@ -393,62 +685,189 @@ impl SharedLimiter {
         }
     }
 
-    /// Takes one of `cap` fleet-wide slots for `key` (e.g. `conn:sub:alice`):
-    /// `Allow`, `Deny { retry_after: 1s }` at the cap, or `Unavailable`.
-    /// Refreshes the counter's TTL on success.
-    pub async fn acquire_slot(&self, key: &str, cap: u32) -> Decision {
-        if cap == 0 {
-            return Decision::Deny {
-                retry_after: SLOT_RETRY_AFTER,
-            };
-        }
-        let full = self.full_key(key);
-        let ttl_ms = u64::try_from(self.slot_ttl.as_millis()).unwrap_or(u64::MAX);
-        let reply = self
-            .call(|mut conn| async move {
-                self.acquire
-                    .key(&full)
-                    .arg(cap)
-                    .arg(ttl_ms)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-            })
-            .await;
-        match reply {
-            Ok(1) => Decision::Allow,
-            Ok(_) => Decision::Deny {
-                retry_after: SLOT_RETRY_AFTER,
-            },
-            Err(()) => Decision::Unavailable,
-        }
-    }
-
-    /// Gives back a slot taken by [`Self::acquire_slot`] (only after `Allow`).
-    /// Best effort: if Redis is unavailable the count leaks until the TTL.
-    pub async fn release_slot(&self, key: &str) {
-        let full = self.full_key(key);
-        let _ =
-            self.call(|mut conn| async move {
-                self.release.key(&full).invoke_async::<i64>(&mut conn).await
-            })
-            .await;
-    }
-
-    /// [`Self::acquire_slot`] returning a guard that releases the slot when
-    /// dropped (spawned on the current Tokio runtime) or explicitly with
-    /// [`SharedSlot::release`]. `Err` carries the `Deny`/`Unavailable`.
+    /// Takes one of `cap` fleet-wide slots for `key` (e.g. `conn:sub:alice`)
+    /// as a lease, renewed while the returned guard lives and released when
+    /// it is released or dropped. `Err` carries the `Deny { retry_after:
+    /// 1s }` at the cap, or `Unavailable`.
     pub async fn acquire_slot_guard(
         self: &Arc<Self>,
         key: &str,
         cap: u32,
     ) -> Result<SharedSlot, Decision> {
-        match self.acquire_slot(key, cap).await {
-            Decision::Allow => Ok(SharedSlot {
-                limiter: Arc::clone(self),
-                key: Some(key.to_string()),
-            }),
-            other => Err(other),
+        if cap == 0 {
+            return Err(Decision::Deny {
+                retry_after: SLOT_RETRY_AFTER,
+            });
         }
+        let set = self.lease_key(key);
+        let lease = format!(
+            "{:016x}-{}",
+            self.instance,
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        );
+        let ttl_ms = ms(self.lease_ttl);
+        let reply = self
+            .call(|mut conn| {
+                let (set, lease) = (&set, &lease);
+                async move {
+                    self.acquire
+                        .key(set)
+                        .arg(cap)
+                        .arg(ttl_ms)
+                        .arg(lease)
+                        .invoke_async::<i64>(&mut conn)
+                        .await
+                }
+            })
+            .await;
+        match reply {
+            Ok(1) => {
+                self.leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(set.clone())
+                    .or_default()
+                    .insert(lease.clone());
+                self.start_renewer();
+                Ok(SharedSlot {
+                    limiter: Arc::clone(self),
+                    lease: Some((set, lease)),
+                })
+            }
+            Ok(_) => Err(Decision::Deny {
+                retry_after: SLOT_RETRY_AFTER,
+            }),
+            Err(()) => Err(Decision::Unavailable),
+        }
+    }
+
+    /// Removes a lease: from this replica's renewals at once, from Redis
+    /// within the timeout. Best effort: if Redis is unavailable the lease
+    /// expires on its own.
+    async fn release_lease(&self, set: &str, lease: &str) {
+        self.forget_lease(set, lease);
+        let _ = self
+            .call(|mut conn| async move {
+                self.release
+                    .key(set)
+                    .arg(lease)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+    }
+
+    fn forget_lease(&self, set: &str, lease: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ids) = leases.get_mut(set) {
+            ids.remove(lease);
+            if ids.is_empty() {
+                leases.remove(set);
+            }
+        }
+    }
+
+    /// Runs `work` on the limiter's task tracker (so a graceful shutdown
+    /// waits for it), or untracked without one; outside a runtime it is
+    /// dropped (what it would have released expires on its own).
+    pub(crate) fn spawn_tracked(
+        &self,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        match (&self.tracker, tokio::runtime::Handle::try_current()) {
+            (Some(tracker), Ok(handle)) => {
+                tracker.spawn_on(work, &handle);
+            }
+            (None, Ok(handle)) => {
+                handle.spawn(work);
+            }
+            (_, Err(_)) => {
+                tracing::debug!("shared limits: release outside a runtime; it expires on its own")
+            }
+        }
+    }
+
+    /// This replica's live leases (for tests and the debug log).
+    pub fn live_leases(&self) -> usize {
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(HashSet::len)
+            .sum()
+    }
+
+    /// One renewal task per limiter, started with the first lease; it ends
+    /// when the limiter is dropped (a reload that changes the settings).
+    fn start_renewer(self: &Arc<Self>) {
+        if self.renewer_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.renewer_started.store(false, Ordering::Relaxed);
+            return;
+        };
+        let weak: Weak<SharedLimiter> = Arc::downgrade(self);
+        let every = self.lease_ttl / 3;
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(limiter) = weak.upgrade() else {
+                    return;
+                };
+                limiter.renew_all().await;
+            }
+        });
+    }
+
+    /// Renews every live lease of this replica: one call per lease set.
+    async fn renew_all(&self) {
+        let snapshot: Vec<(String, Vec<String>)> = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, ids)| (k.clone(), ids.iter().cloned().collect()))
+            .collect();
+        for (set, ids) in snapshot {
+            let Some(missing) = self.renew_leases(&set, &ids, false).await else {
+                continue;
+            };
+            // Lapsed (not released: a release forgets the lease here
+            // first): put back those this replica still holds.
+            let live: Vec<String> = {
+                let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                missing
+                    .into_iter()
+                    .filter(|id| leases.get(&set).is_some_and(|l| l.contains(id)))
+                    .collect()
+            };
+            if !live.is_empty() {
+                tracing::debug!(
+                    leases = live.len(),
+                    "shared limits: putting back lapsed leases"
+                );
+                let _ = self.renew_leases(&set, &live, true).await;
+            }
+        }
+    }
+
+    /// One renewal call; the ids that were not there (None on an error).
+    async fn renew_leases(&self, set: &str, ids: &[String], put_back: bool) -> Option<Vec<String>> {
+        let ttl_ms = ms(self.lease_ttl);
+        self.call(|mut conn| async move {
+            let mut inv = self.renew.key(set);
+            inv.arg(ttl_ms).arg(if put_back { "1" } else { "0" });
+            for id in ids {
+                inv.arg(id);
+            }
+            inv.invoke_async::<Vec<String>>(&mut conn).await
+        })
+        .await
+        .ok()
     }
 
     /// Calls answered `Unavailable` since start (failures, timeouts, and
@@ -467,30 +886,27 @@ impl SharedLimiter {
     }
 
     /// Runs one Redis operation under the timeout, with health bookkeeping.
-    async fn call<T, F, Fut>(&self, op: F) -> Result<T, ()>
+    pub(crate) async fn call<T, F, Fut>(&self, op: F) -> Result<T, ()>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         if self.is_down() && !self.take_probe() {
             self.health.errors.fetch_add(1, Ordering::Relaxed);
             return Err(());
         }
-        let conn = match self.connection() {
-            Ok(c) => c,
-            Err(e) => {
-                self.failed(e);
-                return Err(());
-            }
-        };
         let started = self.now_ms();
-        match tokio::time::timeout(self.timeout, op(conn)).await {
+        let attempt = async {
+            let conn = self.connection().await?;
+            op(conn).await.map_err(CallError::Redis)
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(v)) => {
                 self.succeeded(started);
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.failed(CallError::Redis(e));
+                self.failed(e);
                 Err(())
             }
             Err(_) => {
@@ -518,47 +934,113 @@ impl SharedLimiter {
                 .is_ok()
     }
 
-    fn connection(&self) -> Result<ConnectionManager, CallError> {
-        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+    /// The connection in use; without one, starts a dial in the background
+    /// (at most one at a time) and waits for it (the caller's timeout
+    /// bounds the wait).
+    async fn connection(&self) -> Result<Conn, CallError> {
+        let notified = self.dialed.notified();
+        tokio::pin!(notified);
+        // Registered before the dial can finish, so its wake-up is not lost.
+        notified.as_mut().enable();
+        if self.start_dial()? {
+            return self
+                .current()
+                .ok_or_else(|| CallError::Setup("no connection".into()));
         }
-        // The manager spawns its reconnect tasks on the current runtime.
+        notified.await;
+        self.current()
+            .ok_or_else(|| CallError::Setup("could not connect".to_string()))
+    }
+
+    fn current(&self) -> Option<Conn> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .conn
+            .clone()
+    }
+
+    /// True when a connection is there (or was made at once); false when
+    /// a dial is under way.
+    fn start_dial(&self) -> Result<bool, CallError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.conn.is_some() {
+            return Ok(true);
+        }
+        // The dial and the managed connections' reconnect tasks run on the
+        // current runtime.
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| CallError::Setup("not inside a Tokio runtime".to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(self.timeout.max(Duration::from_millis(500))))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(8);
-        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        *slot = Some(conn.clone());
-        drop(slot);
-        // Dial and load the scripts in the background, so the first real
-        // call does not pay for both within its timeout.
-        let mut warm = conn.clone();
         let scripts = [
             self.gcra.clone(),
             self.acquire.clone(),
+            self.renew.clone(),
             self.release.clone(),
-        ];
+        ]
+        .into_iter()
+        .chain(self.breaker_scripts.all())
+        .collect::<Vec<_>>();
+        if let Dialer::Single(client) = &*self.dialer {
+            // Lazy: connects on first use, so it can be stored at once; the
+            // scripts are loaded in the background, so the first real call
+            // does not pay for both within its timeout.
+            let conn = Conn::Single(ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                manager_config(self.timeout),
+            )?);
+            slot.conn = Some(conn.clone());
+            drop(slot);
+            handle.spawn(preload(conn, scripts));
+            return Ok(true);
+        }
+        if slot.dialing {
+            return Ok(false);
+        }
+        slot.dialing = true;
+        drop(slot);
+        let (dialer, state, dialed) = (
+            Arc::clone(&self.dialer),
+            Arc::clone(&self.conn),
+            Arc::clone(&self.dialed),
+        );
+        let timeout = self.timeout;
+        let addr = self.addr.clone();
         handle.spawn(async move {
-            let load = async {
-                for s in scripts {
-                    s.prepare_invoke().load_async(&mut warm).await?;
-                }
-                Ok::<(), redis::RedisError>(())
-            };
-            match tokio::time::timeout(WARM_UP_LIMIT, load).await {
-                Ok(Ok(())) => {}
+            let conn = match tokio::time::timeout(WARM_UP_LIMIT, dialer.dial(timeout)).await {
+                Ok(Ok(c)) => Some(c),
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "shared limits: preloading scripts failed")
+                    tracing::debug!(redis = %addr, error = %e, "shared limits: connecting failed");
+                    None
                 }
-                Err(_) => tracing::debug!("shared limits: preloading scripts timed out"),
+                Err(_) => {
+                    tracing::debug!(redis = %addr, "shared limits: connecting timed out");
+                    None
+                }
+            };
+            if let Some(c) = &conn {
+                preload(c.clone(), scripts).await;
             }
+            {
+                let mut slot = state.lock().unwrap_or_else(|e| e.into_inner());
+                slot.dialing = false;
+                if conn.is_some() {
+                    slot.conn = conn;
+                }
+            }
+            dialed.notify_waiters();
         });
-        Ok(conn)
+        Ok(false)
+    }
+
+    /// Throws the connection away; the next call dials a new one.
+    fn drop_connection(&self) {
+        let old = self
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .conn
+            .take();
+        drop(old);
     }
 
     /// A call that `started` (ms since epoch) got an answer. Only a call
@@ -581,6 +1063,19 @@ impl SharedLimiter {
 
     fn failed(&self, err: CallError) {
         self.health.errors.fetch_add(1, Ordering::Relaxed);
+        // Behind Sentinel a broken connection or a demoted primary means
+        // "ask the sentinels again", at once.
+        if matches!(&*self.dialer, Dialer::Sentinel(_)) {
+            if let CallError::Redis(e) = &err {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                {
+                    self.drop_connection();
+                }
+            }
+        }
         let now = self.now_ms();
         if !self.health.down.load(Ordering::Relaxed) {
             self.health.down_since.store(now, Ordering::Relaxed);
@@ -608,12 +1103,27 @@ impl SharedLimiter {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            // Dropping the manager closes its connection; the next call
-            // dials a fresh one.
-            let old = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
-            drop(old);
+            // Dropping the connection closes it; the next call dials a
+            // fresh one.
+            self.drop_connection();
             tracing::debug!(redis = %self.addr, "shared limits: dropped the Redis connection to redial");
         }
+    }
+}
+
+/// Loads the scripts, so the first calls find them (bounded; a failure
+/// only costs a `NOSCRIPT` round trip later).
+async fn preload(mut conn: Conn, scripts: Vec<Script>) {
+    let load = async {
+        for s in scripts {
+            s.prepare_invoke().load_async(&mut conn).await?;
+        }
+        Ok::<(), redis::RedisError>(())
+    };
+    match tokio::time::timeout(WARM_UP_LIMIT, load).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "shared limits: preloading scripts failed"),
+        Err(_) => tracing::debug!("shared limits: preloading scripts timed out"),
     }
 }
 
@@ -621,37 +1131,36 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A fleet-wide connection slot; released on drop.
+/// A fleet-wide connection slot (a lease, renewed while this lives).
+/// Release it with [`SharedSlot::release`] before the session's task ends;
+/// a dropped guard releases from a task on the limiter's tracker.
 pub struct SharedSlot {
     limiter: Arc<SharedLimiter>,
-    key: Option<String>,
+    /// (lease set, lease id)
+    lease: Option<(String, String)>,
 }
 
 impl SharedSlot {
     /// Releases now and waits for Redis (bounded by the timeout).
     pub async fn release(mut self) {
-        if let Some(key) = self.key.take() {
-            self.limiter.release_slot(&key).await;
+        if let Some((set, lease)) = self.lease.take() {
+            self.limiter.release_lease(&set, &lease).await;
         }
     }
 }
 
 impl Drop for SharedSlot {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                let limiter = Arc::clone(&self.limiter);
-                handle.spawn(async move { limiter.release_slot(&key).await });
-            }
-            Err(_) => tracing::warn!(
-                key = %key,
-                "shared limits: slot dropped outside a runtime; it expires with its TTL"
-            ),
-        }
+        let Some((set, lease)) = self.lease.take() else {
+            return;
+        };
+        // No longer renewed, whatever happens next.
+        self.limiter.forget_lease(&set, &lease);
+        let limiter = Arc::clone(&self.limiter);
+        self.limiter
+            .spawn_tracked(async move { limiter.release_lease(&set, &lease).await });
     }
 }
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -787,7 +1296,7 @@ mod tests {
 
     fn settings(url: &str, prefix: &str) -> SharedSettings {
         SharedSettings {
-            redis_url: url.to_string(),
+            target: RedisTarget::Url(url.to_string()),
             prefix: prefix.to_string(),
             timeout: Duration::from_millis(50),
             on_error: OnError::Local,
@@ -803,8 +1312,7 @@ mod tests {
     async fn warm(l: &SharedLimiter) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if l.acquire_slot("warmup", 1_000_000).await == Decision::Allow {
-                l.release_slot("warmup").await;
+            if l.check("warmup", &rate(1_000_000, 1, 1_000_000)).await == Decision::Allow {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -855,10 +1363,11 @@ mod tests {
         let f = l.check("k", &r);
         assert_send(&f);
         drop(f);
-        let f = l.acquire_slot("k", 1);
+        let l = Arc::new(l);
+        let f = l.acquire_slot_guard("k", 1);
         assert_send(&f);
         drop(f);
-        let f = l.release_slot("k");
+        let f = l.release_lease("k", "1");
         assert_send(&f);
         drop(f);
         assert!(SharedLimiter::new(SharedSettings {
@@ -1111,14 +1620,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(pttl("wsguard:hs:ip:2.2.2.2").await, -2, "expired");
 
-        // Slot counters: TTL refreshed on acquire, key removed at zero.
-        let l = l.with_slot_ttl(Duration::from_secs(90));
-        assert_eq!(l.acquire_slot("conn:sub:alice", 3).await, Decision::Allow);
-        let t = pttl("wsguard:conn:sub:alice").await;
+        // Leases: the set lives as long as its newest lease, and goes
+        // with the last one.
+        let l = Arc::new(l.with_lease_ttl(Duration::from_secs(90)));
+        let g = l.acquire_slot_guard("conn:sub:alice", 3).await.unwrap();
+        let t = pttl("wsguard:lease:conn:sub:alice").await;
         assert!(t > 89_000 && t <= 90_000, "{t}");
-        l.release_slot("conn:sub:alice").await;
-        assert_eq!(pttl("wsguard:conn:sub:alice").await, -2, "deleted at zero");
+        g.release().await;
+        assert_eq!(
+            pttl("wsguard:lease:conn:sub:alice").await,
+            -2,
+            "deleted with the last lease"
+        );
         let _: () = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    }
+
+    async fn leases(c: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+        redis::cmd("ZCARD").arg(key).query_async(c).await.unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1134,42 +1652,45 @@ mod tests {
         let deny = Decision::Deny {
             retry_after: Duration::from_secs(1),
         };
-        assert_eq!(a.acquire_slot(key, 3).await, Decision::Allow);
-        assert_eq!(b.acquire_slot(key, 3).await, Decision::Allow);
-        assert_eq!(a.acquire_slot(key, 3).await, Decision::Allow);
-        assert_eq!(b.acquire_slot(key, 3).await, deny);
-        assert_eq!(a.acquire_slot(key, 3).await, deny);
-        b.release_slot(key).await; // released by another replica than took it
-        assert_eq!(b.acquire_slot(key, 3).await, Decision::Allow);
-        assert_eq!(a.acquire_slot(key, 3).await, deny);
-        for _ in 0..5 {
-            // more releases than acquires: never below zero
-            a.release_slot(key).await;
+        let a1 = a.acquire_slot_guard(key, 3).await.unwrap();
+        let b1 = b.acquire_slot_guard(key, 3).await.unwrap();
+        let a2 = a.acquire_slot_guard(key, 3).await.unwrap();
+        assert_eq!(b.acquire_slot_guard(key, 3).await.err(), Some(deny));
+        assert_eq!(a.acquire_slot_guard(key, 3).await.err(), Some(deny));
+        b1.release().await;
+        let b2 = b.acquire_slot_guard(key, 3).await.unwrap();
+        assert_eq!(a.acquire_slot_guard(key, 3).await.err(), Some(deny));
+        assert_eq!((a.live_leases(), b.live_leases()), (2, 1));
+        for g in [a1, a2, b2] {
+            g.release().await;
         }
         let mut c = server.conn().await;
-        let n: Option<i64> = redis::cmd("GET")
-            .arg("wsguard:conn:sub:alice")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        assert_eq!(n, None);
-        assert_eq!(a.acquire_slot(key, 0).await, deny, "cap 0 admits nobody");
+        assert_eq!(leases(&mut c, "wsguard:lease:conn:sub:alice").await, 0);
+        assert_eq!((a.live_leases(), b.live_leases()), (0, 0));
+        assert_eq!(
+            a.acquire_slot_guard(key, 0).await.err(),
+            Some(deny),
+            "cap 0 admits nobody"
+        );
 
         // Racing acquires: exactly the cap.
         let mut tasks = Vec::new();
         for i in 0..40 {
             let l = Arc::clone(if i % 2 == 0 { &a } else { &b });
             tasks.push(tokio::spawn(async move {
-                l.acquire_slot("conn:sub:bob", 7).await
+                l.acquire_slot_guard("conn:sub:bob", 7).await
             }));
         }
-        let mut granted = 0;
+        let mut granted = Vec::new();
         for t in tasks {
-            if t.await.unwrap() == Decision::Allow {
-                granted += 1;
+            if let Ok(g) = t.await.unwrap() {
+                granted.push(g);
             }
         }
-        assert_eq!(granted, 7);
+        assert_eq!(granted.len(), 7);
+        for g in granted {
+            g.release().await;
+        }
 
         // The guard releases on drop.
         let g = a.acquire_slot_guard("conn:sub:carol", 1).await.unwrap();
@@ -1178,7 +1699,7 @@ mod tests {
             Some(deny)
         );
         drop(g);
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(g) = b.acquire_slot_guard("conn:sub:carol", 1).await {
                 g.release().await;
@@ -1187,12 +1708,84 @@ mod tests {
             assert!(Instant::now() < deadline, "dropped guard never released");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let n: Option<i64> = redis::cmd("GET")
-            .arg("wsguard:conn:sub:carol")
+        assert_eq!(leases(&mut c, "wsguard:lease:conn:sub:carol").await, 0);
+    }
+
+    /// A lease whose replica vanished (never released, never renewed)
+    /// expires on its own, even while the subject keeps connecting through
+    /// other replicas; live leases are renewed and outlast their TTL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leaked_leases_expire_live_ones_are_renewed() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let ttl = Duration::from_secs(1);
+        let crashed = Arc::new(limiter(&server.url(), "wsguard").with_lease_ttl(ttl));
+        let live = Arc::new(limiter(&server.url(), "wsguard").with_lease_ttl(ttl));
+        warm(&crashed).await;
+        warm(&live).await;
+        let key = "conn:sub:dave";
+        let set = "wsguard:lease:conn:sub:dave";
+        // A crash: the guard is neither released nor renewed.
+        let leaked = crashed.acquire_slot_guard(key, 2).await.unwrap();
+        std::mem::forget(leaked);
+        crashed.leases.lock().unwrap().clear();
+        let held = live.acquire_slot_guard(key, 2).await.unwrap();
+        let mut c = server.conn().await;
+        assert_eq!(leases(&mut c, set).await, 2);
+        // The subject keeps trying (at the cap): refusals extend nothing.
+        let t = Instant::now();
+        loop {
+            match live.acquire_slot_guard(key, 2).await {
+                Ok(g) => {
+                    // The leaked lease is gone: back to one live + this one.
+                    assert_eq!(leases(&mut c, set).await, 2);
+                    g.release().await;
+                    break;
+                }
+                Err(d) => assert!(matches!(d, Decision::Deny { .. }), "{d:?}"),
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "leaked lease never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // The live lease, renewed every ttl/3, survives several TTLs.
+        let until = Instant::now() + 3 * ttl;
+        while Instant::now() < until {
+            assert_eq!(leases(&mut c, set).await, 1, "a live lease lapsed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A lease Redis lost (an outage longer than the TTL, a failover) is
+        // put back by the next renewal.
+        let _: () = redis::cmd("DEL")
+            .arg(set)
             .query_async(&mut c)
             .await
             .unwrap();
-        assert_eq!(n, None);
+        let t = Instant::now();
+        while leases(&mut c, set).await != 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "lapsed lease not put back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let id = held.lease.as_ref().unwrap().1.clone();
+        held.release().await;
+        assert_eq!(leases(&mut c, set).await, 0);
+        // A renewal that races the release does not bring it back.
+        let missing = live
+            .renew_leases(set, std::slice::from_ref(&id), false)
+            .await;
+        assert_eq!(missing, Some(vec![id]));
+        assert_eq!(leases(&mut c, set).await, 0);
     }
 
     #[tokio::test]
@@ -1212,7 +1805,8 @@ mod tests {
             .unwrap();
         // NOSCRIPT is answered by loading the script again, within the call.
         assert_eq!(l.check("k", &r).await, Decision::Allow);
-        assert_eq!(l.acquire_slot("s", 1).await, Decision::Allow);
+        let l = Arc::new(l);
+        l.acquire_slot_guard("s", 1).await.unwrap().release().await;
         assert_eq!(l.errors(), 0);
         assert!(!l.is_down());
     }
@@ -1224,7 +1818,7 @@ mod tests {
         };
         let counts = Arc::new(LogCounts::default());
         let _log = tracing::subscriber::set_default(CountingSubscriber(Arc::clone(&counts)));
-        let l = limiter(&server.url(), "wsguard");
+        let l = Arc::new(limiter(&server.url(), "wsguard"));
         warm(&l).await;
         let r = rate(1, 60, 1000);
         assert_eq!(l.check("k", &r).await, Decision::Allow);
@@ -1238,8 +1832,11 @@ mod tests {
             let d = l.check("k", &r).await;
             slowest = slowest.max(t.elapsed());
             assert_eq!(d, Decision::Unavailable);
-            assert_eq!(l.acquire_slot("s", 5).await, Decision::Unavailable);
-            l.release_slot("s").await;
+            assert_eq!(
+                l.acquire_slot_guard("s", 5).await.err(),
+                Some(Decision::Unavailable)
+            );
+            l.release_lease("wsguard:lease:s", "x").await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(
@@ -1299,13 +1896,15 @@ mod tests {
         eprintln!("recovered {:?} after the restart", t.elapsed());
         assert!(!l.is_down());
         assert_eq!(counts.warn.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            counts.info.load(Ordering::SeqCst),
-            1,
+        // At most one info when it ends. (Not exactly one: a thread-local
+        // subscriber can miss an event whose callsite another test thread,
+        // with no subscriber, registered first: tracing caches interest.)
+        assert!(
+            counts.info.load(Ordering::SeqCst) <= 1,
             "one info when it ends"
         );
         let errors = l.errors();
-        assert_eq!(l.acquire_slot("s", 5).await, Decision::Allow);
+        l.acquire_slot_guard("s", 5).await.unwrap().release().await;
         assert_eq!(l.errors(), errors);
     }
 

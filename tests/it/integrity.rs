@@ -580,3 +580,169 @@ mod jwks {
         assert_echo(p.addr).await;
     }
 }
+
+mod caps {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+
+    use crate::common::*;
+
+    /// Accepts TCP, reports each connection, never answers: a handshake
+    /// toward it stays in progress.
+    async fn holding_backend() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                held.push(s);
+                let _ = tx.send(());
+            }
+        });
+        (a, rx)
+    }
+
+    fn upgrade_head(addr: SocketAddr, path: &str, xff: &str) -> String {
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\nX-Forwarded-For: {xff}\r\n\r\n")
+    }
+
+    async fn closed_by_proxy(mut s: TcpStream) {
+        s.shutdown().await.unwrap();
+        let mut b = [0u8; 64];
+        while within("the proxy closes", s.read(&mut b))
+            .await
+            .unwrap_or(0)
+            > 0
+        {}
+    }
+
+    #[tokio::test]
+    async fn pending_handshakes_are_capped_per_client_ip_behind_a_trusted_proxy() {
+        let echo = echo_backend().await;
+        let (hold, mut accepted) = holding_backend().await;
+        let p = proxy(
+            echo,
+            &format!("keepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  handshake_timeout: 30s\n  trusted_proxies: [\"127.0.0.1/32\"]\n  per_ip:\n    handshakes: null\n    pending_handshakes: 2\nroutes:\n  - path: /hold\n    upstream: {{ url: \"ws://{hold}\", connect_timeout: 30s }}\n"),
+        )
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(p.addr).await.unwrap();
+            s.write_all(upgrade_head(p.addr, "/hold", "10.0.0.1").as_bytes())
+                .await
+                .unwrap();
+            held.push(s);
+            within("the dial", accepted.recv()).await.unwrap();
+        }
+        // The same client through the same proxy: over its cap.
+        let (_r, h) = Raw::request(p.addr, &upgrade_head(p.addr, "/hold", "10.0.0.1")).await;
+        assert_eq!(h.status, 429, "{}", h.text);
+        assert_eq!(h.header("retry-after").as_deref(), Some("1"));
+        // Other clients of the proxy are not: the proxy's own address is
+        // never capped, 40 handshakes from it are in progress at once.
+        for i in 2..40 {
+            let mut s = TcpStream::connect(p.addr).await.unwrap();
+            s.write_all(upgrade_head(p.addr, "/hold", &format!("10.0.0.{i}")).as_bytes())
+                .await
+                .unwrap();
+            held.push(s);
+            within("the dial", accepted.recv()).await.unwrap();
+        }
+        assert_eq!(
+            metric(&p, "wsguard_rejections_total{reason=\"pending_limit\"}"),
+            1.0
+        );
+        assert_echo_with(p.addr, "X-Forwarded-For: 10.0.0.99\r\n").await;
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn idle_sockets_are_capped_per_ip_and_globally() {
+        let echo = echo_backend().await;
+        let p = proxy(
+            echo,
+            "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits:\n  per_ip:\n    handshakes: null\n    pending_handshakes: 2\n",
+        )
+        .await;
+        // Two idle sockets that never send a byte fill this address's cap.
+        let a = TcpStream::connect(p.addr).await.unwrap();
+        let b = TcpStream::connect(p.addr).await.unwrap();
+        let (_r, h) = Raw::request(p.addr, "").await;
+        assert_eq!(h.status, 429, "{}", h.text);
+        assert_eq!(h.header("retry-after").as_deref(), Some("1"));
+        closed_by_proxy(a).await;
+        closed_by_proxy(b).await;
+        assert_echo(p.addr).await;
+
+        // The global cap on handshakes in progress, whoever holds them.
+        let p = proxy(
+            echo,
+            "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits:\n  max_pending_handshakes: 2\n  per_ip:\n    handshakes: null\n    pending_handshakes: null\n",
+        )
+        .await;
+        let a = TcpStream::connect(p.addr).await.unwrap();
+        let b = TcpStream::connect(p.addr).await.unwrap();
+        let (_r, h) = Raw::request(p.addr, "").await;
+        assert_eq!(h.status, 503, "{}", h.text);
+        assert_eq!(h.header("retry-after").as_deref(), Some("1"));
+        closed_by_proxy(a).await;
+        closed_by_proxy(b).await;
+        assert_echo(p.addr).await;
+    }
+}
+
+mod admin {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use crate::common::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> u16 {
+        let (_r, h) = Raw::request(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        h.status
+    }
+
+    #[tokio::test]
+    async fn admin_connections_are_capped_and_idle_ones_closed() {
+        let p = proxy(echo_backend().await, "").await;
+        let a = p.admin_addr;
+        let mut idle = Vec::new();
+        for _ in 0..wsguard::admin::MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(a).await.unwrap());
+        }
+        // One over the cap: refused at once, nothing read.
+        let (_r, h) = Raw::request(a, "").await;
+        assert_eq!(h.status, 503, "{}", h.text);
+        // An idle admin socket is closed after the header timeout; the
+        // proxy frees its slot before closing it.
+        let mut first = idle.remove(0);
+        let started = std::time::Instant::now();
+        let mut b = [0u8; 64];
+        let n = within("header timeout", first.read(&mut b))
+            .await
+            .unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&b[..n]).contains("408"),
+            "{n}"
+        );
+        assert!(
+            started.elapsed() < wsguard::admin::HEADER_TIMEOUT + std::time::Duration::from_secs(1)
+        );
+        assert_eq!(get(a, "/healthz").await, 200);
+        for mut s in idle {
+            s.shutdown().await.unwrap();
+            while within("close", s.read(&mut b)).await.unwrap_or(0) > 0 {}
+        }
+        assert_eq!(get(a, "/metrics").await, 200);
+        assert_echo(p.addr).await;
+    }
+}

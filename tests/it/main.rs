@@ -11,6 +11,7 @@ mod hmac;
 mod identity;
 mod integrity;
 mod jwt;
+mod ops;
 mod process;
 mod redis;
 mod soak;

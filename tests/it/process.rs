@@ -81,6 +81,25 @@ fn check_reports_every_problem_with_its_line() {
         out.contains(":2:3: limits.max_conections: unknown field"),
         "{out}"
     );
+    // Structural and semantic problems together, each at its own place.
+    let (code, out) = check("origin:\n  allwo: []\nkeepalive:\n  bogus: 1\n  interval: 5x\nroutes:\n  - path: /a\n    mode: x\n");
+    assert_eq!(code, 1);
+    // "FILE:LINE:COL: key.path: message" -> "LINE:COL: key.path"
+    let tails: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split_once(".yaml:"))
+        .map(|(_, t)| t.splitn(3, ": ").take(2).collect::<Vec<_>>().join(": "))
+        .collect();
+    assert_eq!(
+        tails,
+        vec![
+            "2:3: origin.allwo",
+            "4:3: keepalive.bogus",
+            "5:13: keepalive.interval",
+            "8:5: routes[0].mode"
+        ],
+        "{out}"
+    );
 }
 
 #[test]
@@ -165,9 +184,15 @@ pub(crate) struct Proc {
 
 impl Proc {
     pub(crate) fn spawn(config: &std::path::Path) -> Proc {
+        Proc::spawn_args(config, &[])
+    }
+
+    /// `wsguard run -c CONFIG ARGS...`
+    pub(crate) fn spawn_args(config: &std::path::Path, args: &[&str]) -> Proc {
         let mut child = tokio::process::Command::new(BIN)
             .args(["run", "-c"])
             .arg(config)
+            .args(args)
             .env("WSGUARD_LOG", "info")
             .stderr(Stdio::piped())
             .kill_on_drop(true)

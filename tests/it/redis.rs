@@ -136,3 +136,578 @@ async fn redis_outage_follows_on_error_then_recovers() {
     }
     assert!(back, "did not recover after Redis restarted");
 }
+
+// ------------------------------------------------------------------
+// Issues 11 and 14: leases, Sentinel, Cluster, the shared breaker.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use wsguard::guard::shared::{Decision, RedisTarget, SharedLimiter, SharedSettings};
+
+/// A redis-server (data node or sentinel) on a port of its own; killed by
+/// PID on drop. Ports are tried at random and a collision is retried (the
+/// server exits when its port is taken), never bound and dropped.
+struct Node {
+    child: Child,
+    port: u16,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "wsguard-it-redis-{name}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn have_redis() -> bool {
+    let ok = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok()
+        && Command::new("redis-cli").arg("--version").output().is_ok();
+    if !ok {
+        eprintln!(
+            "redis-server/redis-cli not installed: test skipped (scripts/test.sh installs them)"
+        );
+    }
+    ok
+}
+
+/// One Redis command through redis-cli (test set-up only).
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Polls `f` every 50 ms until it is true; panics after `limit`.
+async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Node {
+    /// `config` is written to a file (a sentinel needs one it may rewrite)
+    /// with `port N` prepended; `sentinel` starts it in sentinel mode.
+    async fn start(dir: &std::path::Path, config: &str, sentinel: bool) -> Node {
+        for _ in 0..20 {
+            // Cluster bus ports are port + 10000.
+            let port: u16 = 20_000 + rand::random::<u16>() % 30_000;
+            let file = dir.join(format!("{port}.conf"));
+            std::fs::write(
+                &file,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsave \"\"\nappendonly no\n{config}",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let mut cmd = Command::new("redis-server");
+            cmd.arg(&file);
+            if sentinel {
+                cmd.arg("--sentinel");
+            }
+            let mut child = cmd.stdout(Stdio::null()).spawn().unwrap();
+            let t = Instant::now();
+            loop {
+                if cli(port, &["PING"]).trim() == "PONG" {
+                    return Node { child, port };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // most likely the port was taken: another one
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 3-master Redis Cluster, no replicas.
+async fn cluster() -> (Vec<Node>, PathBuf) {
+    let dir = scratch("cluster");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            Node::start(
+                &dir,
+                &format!(
+                    "cluster-enabled yes\ncluster-config-file nodes-{}.conf\ncluster-node-timeout 2000\n",
+                    rand::random::<u32>()
+                ),
+                false,
+            )
+            .await,
+        );
+    }
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cluster create: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for n in &nodes {
+        until("cluster_state:ok", Duration::from_secs(20), || {
+            cli(n.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        })
+        .await;
+    }
+    (nodes, dir)
+}
+
+fn limiter_for(target: RedisTarget, prefix: &str) -> std::sync::Arc<SharedLimiter> {
+    std::sync::Arc::new(
+        SharedLimiter::new(SharedSettings {
+            target,
+            prefix: prefix.to_string(),
+            timeout: Duration::from_millis(200),
+            on_error: wsguard::config::OnError::Local,
+        })
+        .unwrap(),
+    )
+}
+
+fn rate(count: u32, per_s: u64, burst: u32) -> wsguard::policy::Rate {
+    use std::num::NonZeroU32;
+    wsguard::policy::Rate {
+        count: NonZeroU32::new(count).unwrap(),
+        per: Duration::from_secs(per_s),
+        burst: NonZeroU32::new(burst).unwrap(),
+    }
+}
+
+/// First calls dial (a cluster learns its slot map): wait for a real answer.
+async fn reachable(l: &SharedLimiter) {
+    let t = Instant::now();
+    while l.check("warmup", &rate(1_000_000, 1, 1_000_000)).await != Decision::Allow {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "limiter never reached redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ha_policy(shared: &str, on_error: &str, prefix: &str) -> String {
+    format!(
+        "keepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  per_connection: null\n  per_ip:\n    handshakes: {{ rate: 1/m, burst: 3 }}\n    connections: null\n  shared:\n{shared}    prefix: {prefix}\n    timeout: 200ms\n    on_error: {on_error}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_shares_limits_across_replicas() {
+    if !have_redis() {
+        return;
+    }
+    let (nodes, _dir) = cluster().await;
+    let urls: Vec<String> = nodes.iter().map(Node::url).collect();
+    let backend = echo_backend().await;
+    // Seeded with one node each: the rest of the cluster is discovered.
+    let a = proxy(
+        backend,
+        &ha_policy(&format!("    cluster: [{}]\n", urls[0]), "deny", "c1"),
+    )
+    .await;
+    let b = proxy(
+        backend,
+        &ha_policy(&format!("    cluster: [{}]\n", urls[2]), "deny", "c1"),
+    )
+    .await;
+    // The first calls dial; on_error deny answers 503 until then.
+    let t = Instant::now();
+    loop {
+        match status(a.addr).await {
+            101 => break,
+            503 => {}
+            s => panic!("{s}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "cluster never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    let mut seen = vec![101];
+    while seen.len() < 5 {
+        match status(if seen.len() % 2 == 1 { b.addr } else { a.addr }).await {
+            503 if seen.len() == 1 => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(15),
+                    "b never reached the cluster"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            s => seen.push(s),
+        }
+    }
+    assert_eq!(seen, [101, 101, 101, 429, 429], "burst 3 across both");
+
+    // The scripts, unchanged, on keys spread over the three masters.
+    let l = limiter_for(RedisTarget::Cluster(urls.clone()), "c2");
+    reachable(&l).await;
+    let r = rate(1, 60, 2);
+    let mut keys = Vec::new();
+    for i in 0..30 {
+        let k = format!("hs:/:10.0.0.{i}");
+        assert_eq!(l.check(&k, &r).await, Decision::Allow);
+        assert_eq!(l.check(&k, &r).await, Decision::Allow);
+        assert!(matches!(l.check(&k, &r).await, Decision::Deny { .. }));
+        keys.push(k);
+    }
+    let holding = nodes
+        .iter()
+        .filter(|n| cli(n.port, &["DBSIZE"]).trim().parse::<u64>().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(holding, 3, "keys on every master");
+    // Leases: a cap of 2, shared by two limiters on the cluster.
+    let l2 = limiter_for(RedisTarget::Cluster(vec![urls[1].clone()]), "c2");
+    reachable(&l2).await;
+    let g1 = l.acquire_slot_guard("conn:sub:zoe", 2).await.unwrap();
+    let g2 = l2.acquire_slot_guard("conn:sub:zoe", 2).await.unwrap();
+    assert!(matches!(
+        l.acquire_slot_guard("conn:sub:zoe", 2).await.err(),
+        Some(Decision::Deny { .. })
+    ));
+    g1.release().await;
+    g2.release().await;
+    assert!(l2.acquire_slot_guard("conn:sub:zoe", 2).await.is_ok());
+}
+
+/// A primary, a replica and one sentinel watching them.
+struct SentinelGroup {
+    primary: Node,
+    replica: Node,
+    sentinel: Node,
+    _dir: PathBuf,
+}
+
+async fn sentinel_group() -> SentinelGroup {
+    let dir = scratch("sentinel");
+    let primary = Node::start(&dir, "", false).await;
+    let replica = Node::start(
+        &dir,
+        &format!("replicaof 127.0.0.1 {}\n", primary.port),
+        false,
+    )
+    .await;
+    until("the replica in sync", Duration::from_secs(20), || {
+        cli(replica.port, &["INFO", "replication"]).contains("master_link_status:up")
+    })
+    .await;
+    let sentinel = Node::start(
+        &dir,
+        &format!(
+            "sentinel monitor wsg 127.0.0.1 {} 1\nsentinel down-after-milliseconds wsg 500\nsentinel failover-timeout wsg 3000\n",
+            primary.port
+        ),
+        true,
+    )
+    .await;
+    until(
+        "the sentinel sees the replica",
+        Duration::from_secs(20),
+        || cli(sentinel.port, &["SENTINEL", "REPLICAS", "wsg"]).contains(&replica.port.to_string()),
+    )
+    .await;
+    SentinelGroup {
+        primary,
+        replica,
+        sentinel,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_shares_limits_and_survives_a_failover() {
+    if !have_redis() {
+        return;
+    }
+    let mut g = sentinel_group().await;
+    let shared = format!(
+        "    sentinel:\n      master: wsg\n      addresses: [{}]\n",
+        g.sentinel.url()
+    );
+    let backend = echo_backend().await;
+    let a = proxy(backend, &ha_policy(&shared, "local", "s1")).await;
+    let b = proxy(backend, &ha_policy(&shared, "local", "s1")).await;
+    for p in [&a, &b] {
+        reachable(p.shared.runtime().shared_limiter.as_ref().unwrap()).await;
+    }
+    let l = limiter_for(
+        RedisTarget::Sentinel {
+            master: "wsg".into(),
+            addresses: vec![g.sentinel.url()],
+            password: None,
+        },
+        "s2",
+    );
+    reachable(&l).await;
+    // A handshake that Redis answered leaves the unavailable count alone.
+    let unavailable = |p: &wsguard::Running| metric(p, "wsguard_shared_limiter_unavailable_total");
+    let seen = [
+        status(a.addr).await,
+        status(b.addr).await,
+        status(a.addr).await,
+        status(b.addr).await,
+        status(a.addr).await,
+    ];
+    // Through the sentinel: burst 3 across both.
+    assert_eq!(seen, [101, 101, 101, 429, 429]);
+    assert_eq!(
+        cli(g.primary.port, &["EXISTS", "s1:hs:/:127.0.0.1"]).trim(),
+        "1"
+    );
+
+    // Failover: the primary dies; the sentinel promotes the replica.
+    g.primary.kill();
+    let old = g.primary.port.to_string();
+    let t = Instant::now();
+    let mut statuses = Vec::new();
+    loop {
+        // Meanwhile every handshake gets an answer from on_error: local
+        // (this replica's own bucket) or from Redis: 101 or 429, never 5xx.
+        for p in [&a, &b] {
+            let s = status(p.addr).await;
+            assert!(s == 101 || s == 429, "{s} during the failover");
+            statuses.push(s);
+        }
+        let master = cli(
+            g.sentinel.port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "wsg"],
+        );
+        if !master.contains(&old) && l.check("after", &rate(1, 60, 5)).await == Decision::Allow {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no failover: {master}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("failover followed after {:?}", t.elapsed());
+    assert!(cli(g.replica.port, &["INFO", "replication"]).contains("role:master"));
+    // Both proxies are back on Redis by themselves: handshakes stop
+    // counting as unavailable, and the bucket (replicated) still holds.
+    for p in [&a, &b] {
+        let t = Instant::now();
+        loop {
+            let before = unavailable(p);
+            let s = status(p.addr).await;
+            if unavailable(p) == before {
+                assert_eq!(s, 429, "the replicated bucket is still empty");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "proxy never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        cli(g.replica.port, &["EXISTS", "s1:hs:/:127.0.0.1"]).trim(),
+        "1"
+    );
+}
+
+const SECRET: &str = "an-hs256-secret-that-is-at-least-32-bytes-long";
+
+fn subject_token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Issue 11: a graceful shutdown releases every per-subject lease before
+/// it returns.
+#[tokio::test]
+async fn shutdown_leaves_no_subject_count_in_redis() {
+    let port = free_port();
+    let Some(_redis) = Redis::start(port).await else {
+        return;
+    };
+    let dir = scratch("jwt");
+    let secret = dir.join("hs.secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let p = proxy(
+        echo_backend().await,
+        &format!(
+            "jwt:\n  mode: enforce\n  algorithms: [HS256]\n  keys: [{{ secret_file: \"{}\" }}]\n  token_sources: [\"query:access_token\"]\nkeepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  per_ip: null\n  per_connection: null\n  per_subject: {{ connections: 5 }}\n  shared:\n    redis_url: redis://127.0.0.1:{port}\n    prefix: sd{port}\n    timeout: 500ms\n",
+            secret.display()
+        ),
+    )
+    .await;
+    let key = format!("sd{port}:lease:conn:sub:ivy");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = ws(p.addr, &format!("/?access_token={}", subject_token("ivy"))).await;
+        // Read until the end, so the client answers wsguard's close.
+        clients.push(tokio::spawn(async move {
+            let mut c = c;
+            while let Some(Ok(_)) = c.next().await {}
+        }));
+    }
+    assert_eq!(cli(port, &["ZCARD", &key]).trim(), "3");
+    assert!(p.shutdown(Duration::from_secs(5)).await, "clean shutdown");
+    assert_eq!(cli(port, &["EXISTS", &key]).trim(), "0", "no lease left");
+    for c in clients {
+        within("client end", c).await.unwrap();
+    }
+}
+
+/// Issue 14: two replicas, one failing backend: failures seen through one
+/// open the other's circuit; the gauge shows the shared state.
+#[tokio::test]
+async fn shared_breaker_opens_on_every_replica() {
+    let port = free_port();
+    let Some(mut redis) = Redis::start(port).await else {
+        return;
+    };
+    let dead = dead_port().await;
+    let policy = |prefix: &str| {
+        format!(
+            "keepalive: {{ interval: 0s, upstream_interval: 0s }}\nupstream:\n  url: \"ws://{dead}\"\n  connect_timeout: 1s\n  circuit_breaker: {{ consecutive_failures: 3, open_for: 2s, max_open_for: 8s, shared: true }}\nlimits:\n  per_ip: null\n  per_connection: null\n  shared:\n    redis_url: redis://127.0.0.1:{port}\n    prefix: {prefix}\n    timeout: 200ms\n"
+        )
+    };
+    let a = proxy_yaml(&format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n{}",
+        policy("cb")
+    ))
+    .await;
+    let b = proxy_yaml(&format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n{}",
+        policy("cb")
+    ))
+    .await;
+    let c = proxy_yaml(&format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n{}",
+        policy("cb")
+    ))
+    .await;
+    let series = format!("wsguard_circuit_state{{upstream=\"ws://{dead}\"}}");
+    // Three failures, all through a.
+    for _ in 0..3 {
+        assert_eq!(status(a.addr).await, 502);
+    }
+    assert_eq!(metric(&a, &series), 1.0);
+    // A third replica's gauge follows the shared state without traffic.
+    let t = Instant::now();
+    while metric(&c, &series) != 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "c's gauge never showed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // b never saw the backend fail, yet its circuit is open.
+    let t = Instant::now();
+    let (_r, h) = Raw::upgrade(b.addr, "/", "").await;
+    assert_eq!(h.status, 503, "b's circuit is open");
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert!(h.header("retry-after").is_some());
+    assert_eq!(metric(&b, &series), 1.0);
+    assert_eq!(
+        cli(port, &["HGET", &format!("cb:cb:ws://{dead}"), "open_for"]).trim(),
+        "2000"
+    );
+    // After open_for one probe (through b) fails: open for twice as long,
+    // for both.
+    let t = Instant::now();
+    loop {
+        let s = status(b.addr).await;
+        if s == 502 {
+            break;
+        }
+        assert_eq!(s, 503);
+        assert!(t.elapsed() < Duration::from_secs(10), "no probe");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(a.addr).await, 503);
+    assert_eq!(
+        cli(port, &["HGET", &format!("cb:cb:ws://{dead}"), "open_for"]).trim(),
+        "4000"
+    );
+    // The backend comes up; the next probe closes the circuit for both.
+    let l = tokio::net::TcpListener::bind(dead).await.unwrap();
+    let up = tokio::spawn(wsguard::demo::echo_backend(l));
+    let t = Instant::now();
+    loop {
+        let s = status(a.addr).await;
+        if s == 101 {
+            break;
+        }
+        assert_eq!(s, 503);
+        assert!(t.elapsed() < Duration::from_secs(10), "never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(b.addr).await, 101);
+    assert_eq!(metric(&b, &series), 0.0);
+    assert_eq!(
+        cli(port, &["EXISTS", &format!("cb:cb:ws://{dead}")]).trim(),
+        "0"
+    );
+
+    // Redis gone: each replica falls back to its own breaker. The backend
+    // fails again: a's failures open a's circuit only.
+    redis.kill();
+    assert_eq!(status(a.addr).await, 101);
+    assert_eq!(status(b.addr).await, 101);
+    up.abort();
+    let _ = up.await;
+    for _ in 0..3 {
+        assert_eq!(status(a.addr).await, 502);
+    }
+    assert_eq!(status(a.addr).await, 503, "a's own breaker is open");
+    assert_eq!(metric(&a, &series), 1.0);
+    assert_eq!(status(b.addr).await, 502, "b decides alone");
+    assert_eq!(metric(&b, &series), 0.0);
+}

@@ -8,7 +8,7 @@
 
 # ---------------------------------------------------------------- builder ---
 # Same Debian release as the runtime image (glibc 2.36). Bump the Rust
-# version deliberately; the crate's MSRV is 1.85 (Cargo.toml rust-version).
+# version deliberately; the crate's MSRV is 1.88 (Cargo.toml rust-version).
 FROM rust:1.95.0-bookworm AS builder
 
 WORKDIR /build

@@ -514,3 +514,32 @@ async fn the_grafana_dashboard_queries_match_a_real_scrape() {
     }
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Every flag of the commands an operator types has a description.
+#[test]
+fn every_flag_is_described_in_help() {
+    let bin = env!("CARGO_BIN_EXE_wsguard");
+    for cmd in ["run", "check", "demo", "sign", "verify", "connect"] {
+        let out = std::process::Command::new(bin)
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{cmd}");
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut flags = 0;
+        for line in help.lines().filter(|l| l.trim_start().starts_with('-')) {
+            flags += 1;
+            // "  -c, --config <CONFIG>  The policy file" : text after the
+            // flag column.
+            let described = line
+                .trim_start()
+                .split_once("  ")
+                .is_some_and(|(_, d)| !d.trim().is_empty());
+            assert!(
+                described,
+                "`wsguard {cmd}`: no description for {line:?}\n{help}"
+            );
+        }
+        assert!(flags >= 1, "{cmd}: {help}");
+    }
+}

@@ -67,6 +67,15 @@ else
 fi
 
 # -------------------------------------------------------------------- build
+# The build's `cargo build` fetches crates over HTTPS with the builder
+# image's CA bundle. Behind a TLS-inspecting proxy (corporate egress) that
+# fails; the host's bundle, which trusts that proxy, is mounted read-only over
+# the builder's for the RUN steps only (a build-time volume is not part of any
+# layer). HOST_CA_BUNDLE= (empty) turns this off.
+HOST_CA_BUNDLE=${HOST_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt}
+if [ -n "$HOST_CA_BUNDLE" ] && [ -f "$HOST_CA_BUNDLE" ]; then
+  build_args+=(--volume "$HOST_CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
+fi
 step "building $IMAGE (buildah, --format docker)"
 start=$(date +%s)
 nice -n 19 buildah bud --quiet --format docker --layers --pull="$pull" \

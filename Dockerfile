@@ -6,10 +6,20 @@
 # The baked-in policy (deploy/policy.yaml) proxies to ws://127.0.0.1:3000;
 # mount your own at /etc/wsguard/policy.yaml (see deploy/kubernetes.yaml).
 
+# Base images, pinned by digest so that a rebuild starts from the same bytes.
+# (The digests were taken from public Dockerfiles pinning the same tags; they
+# could not be checked against the registries from the build machine, which
+# has no registry access. Re-check with
+#   docker buildx imagetools inspect rust:1.95.0-bookworm
+# and bump tag and digest together.) scripts/image.sh overrides both with
+# tag-only names when it builds on local stand-ins of these images.
+ARG RUST_IMAGE=rust:1.95.0-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
+
 # ---------------------------------------------------------------- builder ---
 # Same Debian release as the runtime image (glibc 2.36). Bump the Rust
-# version deliberately; the crate's MSRV is 1.85 (Cargo.toml rust-version).
-FROM rust:1.95.0-bookworm AS builder
+# version deliberately; the crate's MSRV is 1.88 (Cargo.toml rust-version).
+FROM ${RUST_IMAGE} AS builder
 
 WORKDIR /build
 
@@ -43,7 +53,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 
 # ---------------------------------------------------------------- runtime ---
 # No shell, no package manager; glibc + libgcc_s, which is all wsguard links.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 
 ARG VERSION=0.1.0
 ARG REVISION=unknown

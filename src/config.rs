@@ -892,7 +892,8 @@ impl Node {
             };
             match ev {
                 saphyr_parser::Event::StreamStart | saphyr_parser::Event::DocumentStart(_) => {}
-                saphyr_parser::Event::StreamEnd => break Ok(Node::leaf(&span)),
+                // An empty document: nothing more to scan.
+                saphyr_parser::Event::StreamEnd => return Ok(Node::leaf(&span)),
                 ev => break Node::build(ev, span, chars, next, 0),
             }
         };
@@ -1171,6 +1172,14 @@ mod tests {
             "{p:?}"
         );
         assert!(p.contains(&(1, 1, "a".to_string())), "{p:?}");
+    }
+
+    #[test]
+    fn an_empty_file_is_all_defaults() {
+        for t in ["", "# nothing\n", "{}"] {
+            let p = parse(t);
+            assert!(p.problems.is_empty() && p.config.is_some(), "{t:?}: {p:?}");
+        }
     }
 
     #[test]

@@ -49,6 +49,7 @@ enum Cmd {
     },
     /// Validate a policy file.
     Check {
+        /// The policy file.
         #[arg(short, long)]
         config: PathBuf,
         /// Also print the effective policy of every route.
@@ -67,21 +68,32 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8000")]
         page: SocketAddr,
     },
-    /// Sign a payload read on stdin (wire format v1).
+    /// Sign a payload read on stdin; write the signed message (wire format
+    /// v1: `wsg1.<kid>.<seq>.<ts>.<sig>` newline payload) to stdout.
     Sign {
         #[command(flatten)]
         key: KeyArgs,
-        #[arg(long)]
+        /// Key id written into the envelope: the `id` the verifier knows the
+        /// key by (hmac.client_keys[].id or hmac.upstream_key.id).
+        #[arg(long, value_name = "KID")]
         kid: String,
-        #[arg(long)]
+        /// Direction: c2s (client to backend) or s2c (backend to client).
+        /// Part of what is signed, so a message cannot be reflected back.
+        #[arg(long, value_name = "c2s|s2c")]
         dir: Direction,
-        #[arg(long)]
+        /// Sequence number, above 0 and strictly increasing per connection
+        /// and direction (gaps allowed).
+        #[arg(long, value_name = "N")]
         seq: u64,
-        /// Unix milliseconds; defaults to now.
-        #[arg(long)]
+        /// Timestamp in Unix milliseconds; defaults to now.
+        #[arg(long, value_name = "MS")]
         ts: Option<u64>,
-        #[arg(long, default_value = "")]
+        /// Bound value: the string value of the JWT claim named by
+        /// hmac.bind_claim (e.g. the token's sub); empty when not bound.
+        #[arg(long, value_name = "V", default_value = "")]
         bind: String,
+        /// Sign a binary message (the payload is raw bytes); the default is
+        /// a text message, whose payload must be UTF-8.
         #[arg(long)]
         binary: bool,
         /// Sign with the key derived from the secret for this claim value
@@ -89,18 +101,23 @@ enum Cmd {
         #[arg(long)]
         derive_claim_value: Option<String>,
     },
-    /// Verify a signed message read on stdin; print its payload.
+    /// Verify a signed message read on stdin; print its payload on stdout
+    /// and exit 0, or print the reason on stderr and exit 1.
     Verify {
         #[command(flatten)]
         key: KeyArgs,
-        #[arg(long)]
+        /// Direction the message was signed for: c2s or s2c.
+        #[arg(long, value_name = "c2s|s2c")]
         dir: Direction,
-        #[arg(long, default_value = "")]
+        /// Bound value the signer used (see sign --bind); empty when not bound.
+        #[arg(long, value_name = "V", default_value = "")]
         bind: String,
+        /// The message is binary (the default is text).
         #[arg(long)]
         binary: bool,
-        /// Check the timestamp against now (e.g. 30s); unchecked without it.
-        #[arg(long)]
+        /// Also check the timestamp against now, allowing this much clock
+        /// difference (e.g. 30s); without it the timestamp is not checked.
+        #[arg(long, value_name = "DUR")]
         max_skew: Option<String>,
         /// Verify with the key derived from the secret for this claim value
         /// (a client key with `derive: CLAIM`).
@@ -118,17 +135,20 @@ enum Cmd {
     },
     /// A tiny interactive client: sends each stdin line as a text message
     /// and prints what comes back.
-    Connect { url: String },
+    Connect {
+        /// ws:// URL to connect to, e.g. ws://127.0.0.1:8080/
+        url: String,
+    },
 }
 
 #[derive(Args)]
 #[group(required = true, multiple = false)]
 struct KeyArgs {
-    /// Environment variable holding the base64 key.
-    #[arg(long)]
+    /// Environment variable holding the HMAC key (base64, at least 32 bytes).
+    #[arg(long, value_name = "NAME")]
     key_env: Option<String>,
-    /// File holding the base64 key.
-    #[arg(long)]
+    /// File holding the HMAC key (base64, at least 32 bytes).
+    #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
 }
 

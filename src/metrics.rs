@@ -179,6 +179,26 @@ impl Metrics {
             introspection.requests.clone(),
         );
         let dir = |d| DirectionLabel { direction: d };
+        for reason in known_rejections() {
+            let _ = rejections.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in known_signature_failures() {
+            let _ = signature_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for result in ["ok", "error"] {
+            let _ = reloads.get_or_create(&ResultLabel { result });
+        }
+        let _ = handshakes.get_or_create(&ResultLabel { result: "ok" });
+        // The ordinary ends of a session, so the closes panel has a series
+        // before the first one (the other codes appear when they happen).
+        for (side, code) in [
+            ("client", "1000"),
+            ("client", "1001"),
+            ("backend", "1000"),
+            ("proxy", "1001"),
+        ] {
+            let _ = closes.get_or_create(&CloseLabel { side, code });
+        }
         let messages_c2s = messages.get_or_create(&dir("c2s")).clone();
         let messages_s2c = messages.get_or_create(&dir("s2c")).clone();
         let bytes_c2s = bytes.get_or_create(&dir("c2s")).clone();
@@ -204,6 +224,22 @@ impl Metrics {
             route_handshakes,
             shared_unavailable,
             introspection,
+        }
+    }
+
+    /// Exports each route's per-route series at 0 from the start (called
+    /// on every policy install), so that a route shows up on a dashboard
+    /// before its first session.
+    pub fn init_routes<'a>(&self, prefixes: impl Iterator<Item = &'a str>) {
+        for prefix in prefixes {
+            let route = route_name(prefix);
+            let _ = self.route_connections_active.get_or_create(&RouteLabel {
+                route: route.clone(),
+            });
+            let _ = self.route_handshakes.get_or_create(&RouteResultLabel {
+                route,
+                result: "ok",
+            });
         }
     }
 
@@ -252,11 +288,120 @@ impl Default for Metrics {
     }
 }
 
+/// Every `wsguard_rejections_total` reason wsguard can count, exported at 0
+/// from the start: a panel or an alert on `rate(...)` must see a series on a
+/// healthy instance, not "No data". Handshake refusals come from
+/// [`Reject::label`](crate::error::Reject::label) itself, so they cannot be
+/// misspelt here; the rest are counted by name where they happen.
+pub fn known_rejections() -> Vec<&'static str> {
+    use crate::error::Reject;
+    use crate::guard::jwt::JwtError;
+    use crate::guard::origin::OriginError;
+    let mut refused = vec![
+        Reject::BadRequest(""),
+        Reject::Version,
+        Reject::RateLimited { retry_after: 0 },
+        Reject::ConnectionCap { retry_after: 0 },
+        Reject::Capacity { retry_after: 0 },
+        Reject::CircuitOpen { retry_after: 0 },
+        Reject::BadGateway(String::new()),
+        Reject::GatewayTimeout,
+        Reject::SharedUnavailable,
+        Reject::ShuttingDown,
+    ];
+    for o in [
+        OriginError::Missing,
+        OriginError::Null,
+        OriginError::Malformed,
+        OriginError::NotAllowed,
+    ] {
+        refused.push(Reject::Origin(o));
+    }
+    for j in [
+        JwtError::Missing,
+        JwtError::Malformed,
+        JwtError::AlgNotAllowed,
+        JwtError::UnknownKey,
+        JwtError::BadSignature,
+        JwtError::Expired,
+        JwtError::NotYetValid,
+        JwtError::WrongIssuer,
+        JwtError::WrongAudience,
+        JwtError::MissingClaim(String::new()),
+        JwtError::InvalidClaim(String::new()),
+    ] {
+        refused.push(Reject::Unauthorized(j));
+    }
+    let mut out: Vec<&'static str> = refused.iter().map(Reject::label).collect();
+    out.extend([
+        "pending_limit",
+        "tls_error",
+        "handshake_timeout",
+        "origin_report",
+        "jwt_report",
+        "message_rate",
+        "subject_message_rate",
+    ]);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Every `wsguard_signature_failures_total` reason (the labels of
+/// [`SigFailure`](crate::sign::SigFailure)).
+pub fn known_signature_failures() -> Vec<&'static str> {
+    use crate::sign::SigFailure;
+    [
+        SigFailure::MissingEnvelope,
+        SigFailure::MalformedEnvelope,
+        SigFailure::UnknownKid,
+        SigFailure::Skew,
+        SigFailure::Replay,
+        SigFailure::BadMac,
+    ]
+    .iter()
+    .map(SigFailure::label)
+    .collect()
+}
+
 /// The label for a route prefix: "/" for the top level.
 fn route_name(prefix: &str) -> String {
     if prefix.is_empty() {
         "/".to_string()
     } else {
         prefix.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_series_exist_at_zero_before_any_event() {
+        let m = Metrics::new();
+        m.init_routes(["", "/admin"].into_iter());
+        let text = m.encode();
+        for line in [
+            "wsguard_rejections_total{reason=\"origin_not_allowed\"} 0",
+            "wsguard_rejections_total{reason=\"jwt_expired\"} 0",
+            "wsguard_rejections_total{reason=\"handshake_rate\"} 0",
+            "wsguard_rejections_total{reason=\"message_rate\"} 0",
+            "wsguard_signature_failures_total{reason=\"bad_mac\"} 0",
+            "wsguard_signature_failures_total{reason=\"replay\"} 0",
+            "wsguard_reloads_total{result=\"ok\"} 0",
+            "wsguard_reloads_total{result=\"error\"} 0",
+            "wsguard_handshakes_total{result=\"ok\"} 0",
+            "wsguard_route_connections_active{route=\"/admin\"} 0",
+            "wsguard_route_handshakes_total{route=\"/\",result=\"ok\"} 0",
+            "wsguard_session_closes_total{side=\"client\",code=\"1000\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        // Counting still works on a pre-created series.
+        m.reject("origin_not_allowed");
+        assert!(m
+            .encode()
+            .contains("wsguard_rejections_total{reason=\"origin_not_allowed\"} 1"));
     }
 }

@@ -1753,13 +1753,13 @@ impl Policy {
     /// `check --explain`: the effective policy of every route.
     pub fn explain(&self) -> String {
         let mut out = format!(
-            "listen {}  admin {}  max_connections {}  handshake_timeout {:?}  trusted_proxies {}  shutdown_grace {:?}\n",
+            "listen {}  admin {}  max_connections {}  handshake_timeout {}  trusted_proxies {}  shutdown_grace {}\n",
             self.listen,
             self.admin_listen,
             self.max_connections,
-            self.handshake_timeout,
+            show_duration(self.handshake_timeout),
             self.trusted_proxies.len(),
-            self.shutdown_grace,
+            show_duration(self.shutdown_grace),
         );
         for r in self
             .routes
@@ -1777,6 +1777,51 @@ impl Policy {
     }
 }
 
+/// A duration as the policy writes it: `500ms`, `25s`, `10m`, `1h`.
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// A size as the policy writes it: `64KiB`, `1MiB`, or bytes.
+pub fn show_size(n: u64) -> String {
+    for (unit, m) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= m && n.is_multiple_of(m) {
+            return format!("{}{unit}", n / m);
+        }
+    }
+    n.to_string()
+}
+
+/// A rate as the policy writes it: `{ rate: 5/s, burst: 20 }`.
+pub fn show_rate(r: &Rate, bytes: bool) -> String {
+    let unit = match r.per.as_secs() {
+        1 => "s",
+        60 => "m",
+        3600 => "h",
+        _ => "?",
+    };
+    let (count, burst) = if bytes {
+        (
+            show_size(u64::from(r.count.get())),
+            show_size(u64::from(r.burst.get())),
+        )
+    } else {
+        (r.count.to_string(), r.burst.to_string())
+    };
+    format!("{{ rate: {count}/{unit}, burst: {burst} }}")
+}
+
 impl Route {
     /// One line that says what is enforced on this route.
     pub fn describe(&self) -> String {
@@ -1785,17 +1830,17 @@ impl Route {
             Mode::Report => "report",
             Mode::Off => "off",
         };
-        let rate = |r: &Option<Rate>| {
-            r.map_or("off".to_string(), |r| {
-                format!("{}/{:?} burst {}", r.count, r.per, r.burst)
-            })
+        let rate = |r: &Option<Rate>| r.map_or("off".to_string(), |r| show_rate(&r, false));
+        let timer = |d: Option<Duration>| d.map_or("off".to_string(), show_duration);
+        let on_limit = match self.limits.on_message_limit {
+            OnFailure::Close => "close",
+            OnFailure::Drop => "drop",
         };
-        let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| format!("{d:?}"));
         format!(
-            "upstream {} (connect_timeout {:?}, breaker {}), origin {}, jwt {}, introspection {}, hmac {}, keepalive client {} upstream {} idle {} max_missed {}, \
-             max_message {} max_frame {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {} on_limit {:?}",
+            "upstream {} (connect_timeout {}, breaker {}), origin {}, jwt {}, introspection {}, hmac {}, keepalive interval {} upstream_interval {} idle_timeout {} max_missed {}, \
+             max_message_size {} max_frame_size {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {}, on_message_limit: {}",
             self.upstream.url,
-            self.upstream.connect_timeout,
+            show_duration(self.upstream.connect_timeout),
             self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
             self.origin.as_ref().map_or("off", |o| mode(o.mode)),
             self.jwt.as_ref().map_or("off", |j| mode(j.mode)),
@@ -1805,13 +1850,13 @@ impl Route {
             timer(self.keepalive.upstream_interval),
             timer(self.keepalive.idle_timeout),
             self.keepalive.max_missed,
-            self.limits.max_message_size,
-            self.limits.max_frame_size,
+            show_size(self.limits.max_message_size as u64),
+            show_size(self.limits.max_frame_size as u64),
             rate(&self.limits.per_ip_handshakes),
             self.limits.per_ip_connections.map_or("off".to_string(), |n| n.to_string()),
             rate(&self.limits.per_connection_messages),
-            rate(&self.limits.per_connection_bytes),
-            self.limits.on_message_limit,
+            self.limits.per_connection_bytes.map_or("off".to_string(), |r| show_rate(&r, true)),
+            on_limit,
         )
     }
 }
@@ -2273,6 +2318,34 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].path, "limits.per_connection.bytes.burst");
         assert!(problems("upstream: { url: \"ws://127.0.0.1:0\" }\n").len() == 1);
+    }
+
+    #[test]
+    fn the_summary_speaks_policy_syntax() {
+        let p = Policy::from_text(
+            "p.yaml",
+            "keepalive: { interval: 500ms, idle_timeout: 10m }\nlimits:\n  max_message_size: 64KiB\n  on_message_limit: drop\n  per_connection:\n    messages: { rate: 600/m, burst: 50 }\n    bytes: { rate: 1MiB/s, burst: 2MiB }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = p.summary();
+        for part in [
+            "connect_timeout 2s",
+            "interval 500ms",
+            "idle_timeout 10m",
+            "max_message_size 64KiB max_frame_size 64KiB",
+            "handshakes { rate: 5/s, burst: 20 }",
+            "messages { rate: 600/m, burst: 50 }",
+            "bytes { rate: 1MiB/s, burst: 2MiB }",
+            "on_message_limit: drop",
+        ] {
+            assert!(s.contains(part), "{part} not in {s}");
+        }
+        assert!(!s.contains("Drop") && !s.contains("1s burst"), "{s}");
+        assert!(
+            p.explain().contains("shutdown_grace 10s"),
+            "{}",
+            p.explain()
+        );
     }
 
     #[test]

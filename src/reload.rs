@@ -14,6 +14,10 @@ use crate::runtime::Shared;
 
 /// Loads `path` and installs it. Returns whether it was applied.
 pub fn reload(shared: &Shared, path: &Path) -> bool {
+    // SIGHUP and `--watch` may both fire at once: one reload at a time, so
+    // generations stay distinct and the last file read is the one in force.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     match Policy::load(path) {
         Ok(new) => {
             let old = shared.runtime();

@@ -333,6 +333,8 @@ impl Shared {
         self.metrics
             .policy_generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.metrics
+            .init_routes(policy.all_routes().map(|r| r.prefix.as_str()));
         let subject_messages = policy.per_subject_messages.map(|r| {
             let old = self.current.load();
             match (&old.subject_messages, old.policy.per_subject_messages) {

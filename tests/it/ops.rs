@@ -428,3 +428,118 @@ async fn demo_prints_its_banner_after_binding_and_names_a_taken_address() {
         );
     }
 }
+
+/// Every metric and every `by (...)` label that the Grafana dashboard
+/// queries exists in a real scrape of a fresh, idle proxy (no panel says
+/// "No data" on a healthy instance).
+#[tokio::test]
+async fn the_grafana_dashboard_queries_match_a_real_scrape() {
+    let backend = echo_backend().await;
+    let p = proxy(backend, "routes:\n  - path: /admin\n").await;
+    let (mut r, h) = Raw::request(
+        p.admin_addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(h.status, 200);
+    let scrape = r.body().await;
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queries = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        _ => walk(x, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut queries);
+    assert!(queries.len() >= 15, "{queries:?}");
+    for q in &queries {
+        let names: Vec<&str> = q
+            .match_indices("wsguard_")
+            .map(|(i, _)| {
+                let rest = &q[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        assert!(!names.is_empty(), "{q}");
+        let series: Vec<&str> = scrape
+            .lines()
+            .filter(|l| {
+                names.iter().any(|n| {
+                    l.strip_prefix(n)
+                        .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+                })
+            })
+            .collect();
+        for n in &names {
+            assert!(
+                series.iter().any(|l| l.starts_with(n)),
+                "`{n}` (in {q}) is not in the scrape:\n{scrape}"
+            );
+        }
+        if let Some(i) = q.find("by (") {
+            let labels = &q[i + 4..q[i..].find(')').map_or(q.len(), |j| i + j)];
+            // job and instance are added by Prometheus at scrape time.
+            for label in labels
+                .split(',')
+                .map(str::trim)
+                .filter(|l| !["job", "instance"].contains(l))
+            {
+                assert!(
+                    series.iter().any(|l| l.contains(&format!("{label}=\""))),
+                    "label `{label}` (in {q}) is on no series of {names:?}:\n{scrape}"
+                );
+            }
+        }
+    }
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Every flag of the commands an operator types has a description.
+#[test]
+fn every_flag_is_described_in_help() {
+    let bin = env!("CARGO_BIN_EXE_wsguard");
+    for cmd in ["run", "check", "demo", "sign", "verify", "connect"] {
+        let out = std::process::Command::new(bin)
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{cmd}");
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut flags = 0;
+        for line in help.lines().filter(|l| l.trim_start().starts_with('-')) {
+            flags += 1;
+            // "  -c, --config <CONFIG>  The policy file" : text after the
+            // flag column.
+            let described = line
+                .trim_start()
+                .split_once("  ")
+                .is_some_and(|(_, d)| !d.trim().is_empty());
+            assert!(
+                described,
+                "`wsguard {cmd}`: no description for {line:?}\n{help}"
+            );
+        }
+        assert!(flags >= 1, "{cmd}: {help}");
+    }
+}

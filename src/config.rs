@@ -228,6 +228,10 @@ pub struct JwtConfig {
     pub close_on_expiry: Option<bool>,
     #[serde(default)]
     pub forward_token: Option<bool>,
+    /// OpenID Connect Discovery: take the JWKS from
+    /// `{issuer}/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery: Option<Spanned<bool>>,
 }
 
 /// One item or a list of them (`hmac.upstream_key`). A map is one item, a

@@ -786,6 +786,20 @@ impl TryFrom<&Config> for Policy {
                     &format!("{path}.path"),
                     "duplicate route path",
                 );
+            } else {
+                // Requests are matched on their normalised path without
+                // `;` parameters: a prefix in any other form never matches.
+                let normal = crate::handshake::normalize_path(&prefix)
+                    .map(|n| crate::handshake::without_params(&n));
+                match normal {
+                    Ok(n) if n == prefix => {}
+                    Ok(n) => c.push(
+                        r.path.referenced,
+                        &format!("{path}.path"),
+                        format!("requests are matched on their normalised path, so this never matches: write `{n}`"),
+                    ),
+                    Err(e) => c.push(r.path.referenced, &format!("{path}.path"), e.to_string()),
+                }
             }
             if let Some(l) = &r.limits {
                 route_only_limits(&mut c, l, &format!("{path}.limits"));
@@ -1870,6 +1884,20 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(p) => p.list,
         }
+    }
+
+    #[test]
+    fn route_paths_must_be_normalised() {
+        let p = problems("routes:\n  - path: /%61dmin\n  - path: //x/./y\n  - path: /a;b\n  - path: /a%2Fb\n  - path: /ok/\n");
+        let got: Vec<(&str, &str)> = p
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got[0].1.contains("write `/admin`"), "{got:?}");
+        assert!(got[1].1.contains("write `/x/y`"), "{got:?}");
+        assert!(got[2].1.contains("write `/a`"), "{got:?}");
+        assert!(got[3].1.contains("encoded slash"), "{got:?}");
     }
 
     #[test]

@@ -172,7 +172,8 @@ impl Shared {
         self.current.load_full()
     }
 
-    /// The JWKS cache of `url`, if the policy in force names it.
+    /// The JWKS cache of `key` ([`crate::guard::jwt::Jwt::jwks_cache_key`]:
+    /// the `jwks_url`), if the policy in force names it.
     pub fn jwks_cache(&self, url: &str) -> Option<Arc<JwksCache>> {
         let map = self.jwks.lock().unwrap_or_else(|e| e.into_inner());
         map.get(url).map(|e| Arc::clone(&e.cache))
@@ -184,35 +185,40 @@ impl Shared {
     /// period changed, and then waits a full period); a new URL is fetched
     /// in the background; a URL no longer named loses its refresher.
     fn sync_jwks(&self, policy: &Policy) {
-        let mut wanted: Vec<(String, std::time::Duration)> = Vec::new();
+        let mut wanted: Vec<(String, std::time::Duration, &crate::guard::jwt::Jwt)> = Vec::new();
         for j in policy.all_routes().filter_map(|r| r.jwt.as_ref()) {
-            let Some(url) = &j.jwks_url else { continue };
-            match wanted.iter_mut().find(|(u, _)| u == url) {
-                Some((_, every)) => {
+            let Some(url) = j.jwks_cache_key() else {
+                continue;
+            };
+            match wanted.iter_mut().find(|(u, _, _)| *u == url) {
+                Some((_, every, _)) => {
                     if every.is_zero() || (!j.jwks_refresh.is_zero() && j.jwks_refresh < *every) {
                         *every = j.jwks_refresh;
                     }
                 }
-                None => wanted.push((url.clone(), j.jwks_refresh)),
+                None => wanted.push((url, j.jwks_refresh, j)),
             }
         }
         let mut map = self.jwks.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|url, e| {
-            let keep = wanted.iter().any(|(u, _)| u == url);
+            let keep = wanted.iter().any(|(u, _, _)| u == url);
             if !keep {
                 e.stop.cancel();
             }
             keep
         });
         let handle = tokio::runtime::Handle::try_current().ok();
-        for (url, every) in wanted {
+        for (url, every, jwt) in wanted {
             let (cache, initial) = match map.get(&url) {
                 Some(e) if e.every == every => continue,
                 Some(e) => {
                     e.stop.cancel();
                     (Arc::clone(&e.cache), false)
                 }
-                None => (JwksCache::new(&url), true),
+                None => match jwt.new_jwks_cache() {
+                    Some(c) => (c, true),
+                    None => continue,
+                },
             };
             let stop = self.shutdown.child_token();
             if let Some(h) = &handle {
@@ -288,7 +294,7 @@ impl Shared {
                     // The process-wide cache of the URL: fetched and
                     // refreshed off the handshake path by sync_jwks; an
                     // unknown kid also triggers a (throttled) fetch.
-                    let cache = j.jwks_url.as_deref().and_then(|u| self.jwks_cache(u));
+                    let cache = j.jwks_cache_key().and_then(|k| self.jwks_cache(&k));
                     Verifier::with_cache(Arc::clone(j), cache)
                 }),
                 introspection: r.introspection.as_ref().map(|i| {

@@ -204,6 +204,10 @@ pub struct Jwt {
     pub keys: Vec<StaticKey>,
     /// `https://`, or `http://` to 127.0.0.1, [::1] or localhost only.
     pub jwks_url: Option<String>,
+    /// `discovery: true`: the OpenID Connect Discovery document's URL
+    /// (`{issuer}/.well-known/openid-configuration`); its `jwks_uri` is used
+    /// like `jwks_url`, and its `issuer` must equal `issuer` exactly.
+    pub discovery_url: Option<String>,
     /// Background refresh period; zero means no periodic refresh.
     pub jwks_refresh: Duration,
     pub issuer: Option<String>,
@@ -220,6 +224,25 @@ pub struct Jwt {
 }
 
 impl Jwt {
+    /// The identity of this policy's JWKS cache (None without one): the
+    /// `jwks_url`, or the discovery document's URL and the expected issuer.
+    pub fn jwks_cache_key(&self) -> Option<String> {
+        match (&self.jwks_url, &self.discovery_url, &self.issuer) {
+            (Some(u), _, _) => Some(u.clone()),
+            (None, Some(d), Some(iss)) => Some(format!("{d} (issuer {iss})")),
+            _ => None,
+        }
+    }
+
+    /// A JWKS cache for this policy, not yet fetched (None without a JWKS).
+    pub fn new_jwks_cache(&self) -> Option<Arc<JwksCache>> {
+        match (&self.jwks_url, &self.discovery_url, &self.issuer) {
+            (Some(u), _, _) => Some(JwksCache::new(u)),
+            (None, Some(d), Some(iss)) => Some(JwksCache::discovery(d, iss)),
+            _ => None,
+        }
+    }
+
     /// When a live session authenticated by `claims` must be closed: `exp`
     /// plus the leeway (the same bound the handshake accepted). None when the
     /// token has no numeric `exp`.
@@ -309,12 +332,57 @@ pub fn build(cfg: &JwtConfig, path: &str) -> Result<Option<Jwt>, Vec<Problem>> {
             }
         },
     };
+    // OpenID Connect Discovery
+    let discovery = cfg.discovery.as_ref().filter(|d| d.value);
+    let discovery_url = match (discovery, &cfg.issuer) {
+        (None, _) => None,
+        (Some(d), _) if cfg.jwks_url.is_some() => {
+            b.push(
+                d.referenced,
+                "discovery",
+                "set either jwks_url or discovery: true, not both",
+            );
+            None
+        }
+        (Some(d), None) => {
+            b.push(
+                d.referenced,
+                "discovery",
+                "needs issuer: the document is read from {issuer}/.well-known/openid-configuration",
+            );
+            None
+        }
+        (Some(d), Some(iss)) => {
+            let url = discovery_url_of(&iss.value);
+            match check_jwks_url(&url) {
+                Ok(()) => {
+                    if algs_known
+                        && !algorithms
+                            .iter()
+                            .any(|a| a.family() != AlgorithmFamily::Hmac)
+                    {
+                        b.push(
+                            d.referenced,
+                            "discovery",
+                            "a JWKS only provides public keys (HS secrets are never taken from it), \
+                             but only HS algorithms are pinned",
+                        );
+                    }
+                    Some(url)
+                }
+                Err(m) => {
+                    b.push(iss.referenced, "issuer", format!("discovery: {m}"));
+                    None
+                }
+            }
+        }
+    };
     let keys_given = cfg.keys.as_ref().is_some_and(|k| !k.is_empty());
-    if !keys_given && cfg.jwks_url.is_none() {
+    if !keys_given && cfg.jwks_url.is_none() && discovery.is_none() {
         b.push(
             mode_loc,
             "keys",
-            "at least one key or a jwks_url is required when jwt.mode is not off",
+            "at least one key, a jwks_url or discovery is required when jwt.mode is not off",
         );
     }
 
@@ -432,6 +500,7 @@ pub fn build(cfg: &JwtConfig, path: &str) -> Result<Option<Jwt>, Vec<Problem>> {
         algorithms,
         keys,
         jwks_url,
+        discovery_url,
         jwks_refresh,
         issuer,
         audience,
@@ -693,6 +762,15 @@ fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
         .copied()
         .find(|a| format!("{a:?}") == s)
         .ok_or_else(|| format!("unknown algorithm `{s}` (use one of {})", names(&SUPPORTED)))
+}
+
+/// OpenID Connect Discovery 1.0 section 4: the issuer without a trailing
+/// `/`, then `/.well-known/openid-configuration`.
+fn discovery_url_of(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
 }
 
 fn check_jwks_url(s: &str) -> Result<(), String> {
@@ -1254,7 +1332,10 @@ impl fmt::Debug for Verifier {
 /// different algorithms can share one cache: a verifier only ever tries a
 /// key for the token's algorithm, which it has already checked is pinned.
 pub struct JwksCache {
+    /// The JWKS URL, or the discovery document's URL.
     url: String,
+    /// Discovery: the issuer the document must name exactly.
+    discovery_issuer: Option<String>,
     keys: ArcSwap<Vec<StaticKey>>,
     client: Option<reqwest::Client>,
     /// Serializes fetches so an older answer never overwrites a newer one.
@@ -1297,6 +1378,7 @@ impl JwksCache {
             .ok();
         Arc::new(JwksCache {
             url: url.to_string(),
+            discovery_issuer: None,
             keys: ArcSwap::from_pointee(Vec::new()),
             client,
             fetch_lock: tokio::sync::Mutex::new(()),
@@ -1306,6 +1388,18 @@ impl JwksCache {
             done: AtomicU64::new(0),
             failing: AtomicBool::new(false),
         })
+    }
+
+    /// A cache fed through OpenID Connect Discovery: each refresh reads the
+    /// document at `doc_url`, refuses it unless its `issuer` is exactly
+    /// `issuer`, and fetches the JWKS its `jwks_uri` names (https, or http
+    /// to a loopback address).
+    pub fn discovery(doc_url: &str, issuer: &str) -> Arc<JwksCache> {
+        let mut c = JwksCache::with_refetch_interval(doc_url, UNKNOWN_KID_REFETCH);
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.discovery_issuer = Some(issuer.to_string());
+        }
+        c
     }
 
     pub fn url(&self) -> &str {
@@ -1396,10 +1490,48 @@ impl JwksCache {
     }
 
     async fn fetch(&self) -> Result<Vec<StaticKey>, String> {
-        let client = self.client.as_ref().ok_or("no HTTP client")?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        let jwks_url = match &self.discovery_issuer {
+            None => self.url.clone(),
+            Some(issuer) => self.discover(issuer).await?,
+        };
+        let body = self.get(&jwks_url).await?;
+        parse_jwks(&body, &SUPPORTED)
+    }
+
+    /// Reads the discovery document and returns its `jwks_uri`.
+    async fn discover(&self, issuer: &str) -> Result<String, String> {
+        let body = self.get(&self.url).await?;
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("discovery document is not JSON: {e}"))?;
+        let named = doc
+            .get("issuer")
+            .and_then(|v| v.as_str())
+            .ok_or("discovery document has no `issuer`")?;
+        if named != issuer {
+            tracing::error!(
+                url = %self.url,
+                document_issuer = named,
+                configured_issuer = issuer,
+                "OIDC discovery refused: the document's issuer is not jwt.issuer (they must be equal exactly); its keys are not used"
+            );
+            return Err(format!(
+                "discovery document names issuer `{named}`, jwt.issuer is `{issuer}`"
+            ));
+        }
+        let uri = doc
+            .get("jwks_uri")
+            .and_then(|v| v.as_str())
+            .ok_or("discovery document has no `jwks_uri`")?;
+        check_jwks_url(uri).map_err(|e| format!("discovery document's jwks_uri: {e}"))?;
+        Ok(uri.to_string())
+    }
+
+    /// GET `url`: a 2xx answer of at most [`JWKS_MAX_BYTES`], no redirects.
+    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        let client = self.client.as_ref().ok_or("no HTTP client")?;
         let mut resp = client
-            .get(&self.url)
+            .get(url)
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
@@ -1425,7 +1557,7 @@ impl JwksCache {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_jwks(&body, &SUPPORTED)
+        Ok(body)
     }
 
     /// A token needs a key nobody has: refetch, at most once per
@@ -1561,7 +1693,7 @@ impl Verifier {
     /// and the background refresh. The proxy uses
     /// [`Verifier::with_cache`] instead, with the process-wide cache.
     pub fn new(jwt: Arc<Jwt>) -> Verifier {
-        let cache = jwt.jwks_url.as_deref().map(JwksCache::new);
+        let cache = jwt.new_jwks_cache();
         Verifier::with_cache(jwt, cache)
     }
 
@@ -2929,6 +3061,45 @@ mod tests {
 
     fn paths(p: &[(u64, String, String)]) -> Vec<&str> {
         p.iter().map(|(_, p, _)| p.as_str()).collect()
+    }
+
+    #[test]
+    fn discovery_needs_an_issuer_and_no_jwks_url() {
+        let p = problems(
+            "mode: enforce\nalgorithms: [ES256]\ndiscovery: true\n",
+            "jwt",
+        );
+        assert_eq!(paths(&p), vec!["jwt.discovery"]);
+        assert!(p[0].2.contains("needs issuer"), "{p:?}");
+        let p = problems(
+            "mode: enforce\nalgorithms: [ES256]\ndiscovery: true\nissuer: https://idp.example\njwks_url: https://idp.example/jwks\n",
+            "jwt",
+        );
+        assert_eq!(paths(&p), vec!["jwt.discovery"]);
+        let p = problems(
+            "mode: enforce\nalgorithms: [ES256]\ndiscovery: true\nissuer: http://idp.example\n",
+            "jwt",
+        );
+        assert_eq!(paths(&p), vec!["jwt.issuer"]);
+        assert!(p[0].2.contains("https://"), "{p:?}");
+        let j = build(
+            &config("mode: enforce\nalgorithms: [ES256]\ndiscovery: true\nissuer: https://idp.example/realms/a/\n"),
+            "jwt",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            j.discovery_url.as_deref(),
+            Some("https://idp.example/realms/a/.well-known/openid-configuration")
+        );
+        assert!(j.jwks_cache_key().is_some());
+        let off = build(
+            &config("mode: enforce\nalgorithms: [ES256]\ndiscovery: false\njwks_url: https://idp.example/j\n"),
+            "jwt",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(off.discovery_url, None);
     }
 
     #[test]

@@ -467,6 +467,7 @@ mod jwks {
     struct Idp {
         up: AtomicBool,
         hits: AtomicUsize,
+        discovery_hits: AtomicUsize,
     }
 
     /// A JWKS endpoint serving the ec1 key as kid e1 while `up`, else 503.
@@ -482,9 +483,11 @@ mod jwks {
         let state = Arc::new(Idp {
             up: AtomicBool::new(true),
             hits: AtomicUsize::new(0),
+            discovery_hits: AtomicUsize::new(0),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/jwks.json", l.local_addr().unwrap());
+        let addr = l.local_addr().unwrap();
+        let url = format!("http://{addr}/jwks.json");
         let st = Arc::clone(&state);
         tokio::spawn(async move {
             loop {
@@ -502,10 +505,22 @@ mod jwks {
                         }
                     }
                     st.hits.fetch_add(1, Ordering::SeqCst);
-                    let (status, body) = if st.up.load(Ordering::SeqCst) {
-                        (200, body)
-                    } else {
+                    let head = String::from_utf8_lossy(&got).to_string();
+                    let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let (status, body) = if !st.up.load(Ordering::SeqCst) {
                         (503, "down".to_string())
+                    } else if target.ends_with("/.well-known/openid-configuration") {
+                        // Whatever the path, the provider's issuer is its
+                        // root URL.
+                        st.discovery_hits.fetch_add(1, Ordering::SeqCst);
+                        let root = format!("http://{addr}");
+                        (
+                            200,
+                            json!({ "issuer": root, "jwks_uri": format!("{root}/jwks.json") })
+                                .to_string(),
+                        )
+                    } else {
+                        (200, body)
                     };
                     let resp = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
                     let _ = s.write_all(resp.as_bytes()).await;
@@ -516,6 +531,10 @@ mod jwks {
     }
 
     fn token() -> String {
+        token_from("")
+    }
+
+    fn token_from(iss: &str) -> String {
         let exp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -525,7 +544,7 @@ mod jwks {
         h.kid = Some("e1".into());
         encode(
             &h,
-            &json!({ "sub": "alice", "exp": exp }),
+            &json!({ "sub": "alice", "exp": exp, "iss": iss }),
             &EncodingKey::from_ec_pem(EC1_PRIV.as_bytes()).unwrap(),
         )
         .unwrap()
@@ -578,6 +597,68 @@ mod jwks {
         assert!(wsguard::reload::reload(&p.shared, &file));
         assert!(p.shared.jwks_cache(&url).is_none());
         assert_echo(p.addr).await;
+    }
+
+    /// Log lines written while a test runs (the test's runtime is single
+    /// threaded, so every task logs on this thread).
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn oidc_discovery_leads_to_the_jwks_and_a_wrong_issuer_is_refused() {
+        let logs = Captured::default();
+        let sink = logs.clone();
+        let _log = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || sink.clone())
+                .finish(),
+        );
+        let (idp, url) = idp().await;
+        let root = url.trim_end_matches("/jwks.json").to_string();
+        let (b, _rx) = recording_backend().await;
+        let yaml = |issuer: &str| {
+            format!(
+                "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\njwt:\n  mode: enforce\n  algorithms: [ES256]\n  discovery: true\n  issuer: \"{issuer}\"\nkeepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits: {{ per_ip: null, per_connection: null }}\n"
+            )
+        };
+        // The document at {issuer}/.well-known/openid-configuration names
+        // this issuer and its jwks_uri: tokens verify with that JWKS.
+        let p = proxy_yaml(&yaml(&root)).await;
+        let auth = format!("Authorization: Bearer {}\r\n", token_from(&root));
+        let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+        assert_eq!(h.status, 101, "{}", h.text);
+        assert_eq!(idp.discovery_hits.load(Ordering::SeqCst), 1);
+        assert_eq!(idp.hits.load(Ordering::SeqCst), 2);
+        drop(p);
+
+        // An issuer the document does not name exactly (here a realm under
+        // the provider's root): the document is refused, so are its keys.
+        let realm = format!("{root}/realms/a");
+        let p = proxy_yaml(&yaml(&realm)).await;
+        let auth = format!("Authorization: Bearer {}\r\n", token_from(&realm));
+        let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+        assert_eq!(h.status, 401, "{}", h.text);
+        assert_eq!(idp.discovery_hits.load(Ordering::SeqCst), 2);
+        // Only the document was read: no JWKS fetched for it.
+        assert_eq!(idp.hits.load(Ordering::SeqCst), 3);
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("OIDC discovery refused: the document's issuer is not jwt.issuer")
+                && text.contains(&format!("configured_issuer=\"{realm}\"")),
+            "{text}"
+        );
     }
 }
 

@@ -98,7 +98,7 @@ enum Cmd {
         binary: bool,
         /// Sign with the key derived from the secret for this claim value
         /// (a client key with `derive: CLAIM`).
-        #[arg(long)]
+        #[arg(long, value_name = "V")]
         derive_claim_value: Option<String>,
     },
     /// Verify a signed message read on stdin; print its payload on stdout
@@ -121,7 +121,7 @@ enum Cmd {
         max_skew: Option<String>,
         /// Verify with the key derived from the secret for this claim value
         /// (a client key with `derive: CLAIM`).
-        #[arg(long)]
+        #[arg(long, value_name = "V")]
         derive_claim_value: Option<String>,
     },
     /// Print, in base64, the client key derived from a secret for one

@@ -527,14 +527,26 @@ fn every_flag_is_described_in_help() {
         assert_eq!(out.status.code(), Some(0), "{cmd}");
         let help = String::from_utf8_lossy(&out.stdout).to_string();
         let mut flags = 0;
-        for line in help.lines().filter(|l| l.trim_start().starts_with('-')) {
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.trim_start().starts_with('-') {
+                continue;
+            }
             flags += 1;
-            // "  -c, --config <CONFIG>  The policy file" : text after the
-            // flag column.
-            let described = line
+            // "  -c, --config <CONFIG>  The policy file": text after the
+            // flag column; or, when clap puts help on the next line (long
+            // help), an indented description line right below the flag.
+            let same_line = line
                 .trim_start()
                 .split_once("  ")
                 .is_some_and(|(_, d)| !d.trim().is_empty());
+            let next_line = lines.get(i + 1).is_some_and(|n| {
+                let t = n.trim_start();
+                !t.is_empty()
+                    && !t.starts_with('-')
+                    && n.len() - t.len() > line.len() - line.trim_start().len()
+            });
+            let described = same_line || next_line;
             assert!(
                 described,
                 "`wsguard {cmd}`: no description for {line:?}\n{help}"

@@ -261,6 +261,18 @@ pub fn token(data: &[u8]) {
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_string())
         .collect();
+    // Whatever the request, once every source is stripped no token is left
+    // anywhere wsguard looks.
+    let mut headers = req.headers().clone();
+    let mut pq = path.to_string();
+    let mut protos = protocols.clone();
+    let _ = jwt::find(&sources, &headers, &pq, &protos);
+    jwt::strip_sources(&sources, None, &mut headers, &mut pq, &mut protos);
+    check(
+        jwt::find(&sources, &headers, &pq, &protos) == Ok(None),
+        "a token survived strip_sources",
+        data,
+    );
     let found = jwt::extract(&sources, req.headers(), path, &protocols);
     let _ = jwt::strip_query(path, "access_token");
     let cookies: Vec<&str> = req

@@ -1049,14 +1049,16 @@ pub fn strip_sources(
             TokenSource::Header => strip_header(headers),
             TokenSource::Query(name) => *path_and_query = strip_query(path_and_query, name),
             TokenSource::Cookie(name) => {
+                if !headers.contains_key(COOKIE) {
+                    continue;
+                }
+                // A Cookie header that is not ASCII cannot be parsed here,
+                // so it is not forwarded at all (it could hide a token).
                 let values: Vec<String> = headers
                     .get_all(COOKIE)
                     .iter()
                     .filter_map(|v| v.to_str().ok().map(str::to_string))
                     .collect();
-                if values.is_empty() {
-                    continue;
-                }
                 let refs: Vec<&str> = values.iter().map(String::as_str).collect();
                 let rest = strip_cookie(&refs, name);
                 headers.remove(COOKIE);
@@ -2981,6 +2983,15 @@ mod tests {
         assert!(h.get(AUTHORIZATION).is_none());
         assert_eq!(h.get(COOKIE).unwrap(), "k=1");
         assert_eq!(pq, "/x?y=2");
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_bytes(b"tok=forged; caf\xc3\xa9=1").unwrap(),
+        );
+        h.append(COOKIE, HeaderValue::from_static("k=2"));
+        strip_sources(&sources, None, &mut h, &mut pq, &mut protos);
+        let left: Vec<_> = h.get_all(COOKIE).iter().collect();
+        assert_eq!(left, vec!["k=2"]);
         assert_eq!(protos, vec!["chat"]);
         let mut h = headers(&[("authorization", "Bearer a"), ("cookie", "c=b")]);
         let mut pq = "/x?t=c".to_string();

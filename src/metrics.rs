@@ -308,7 +308,27 @@ pub fn known_rejections() -> Vec<&'static str> {
         Reject::GatewayTimeout,
         Reject::SharedUnavailable,
         Reject::ShuttingDown,
+        Reject::NotUpgrade,
+        Reject::PendingCap { retry_after: 0 },
+        Reject::AmbiguousToken("jwt_ambiguous"),
+        Reject::AmbiguousToken("introspection_ambiguous"),
     ];
+    {
+        use crate::guard::introspect::IntrospectError as I;
+        for i in [
+            I::Missing,
+            I::Inactive,
+            I::Expired,
+            I::NotYetValid,
+            I::WrongIssuer,
+            I::WrongAudience,
+        ] {
+            refused.push(Reject::TokenInactive(i));
+        }
+        refused.push(Reject::IntrospectionUnavailable(I::Unavailable(
+            String::new(),
+        )));
+    }
     for o in [
         OriginError::Missing,
         OriginError::Null,
@@ -339,6 +359,8 @@ pub fn known_rejections() -> Vec<&'static str> {
         "handshake_timeout",
         "origin_report",
         "jwt_report",
+        "introspection_report",
+        "introspection_unavailable_allowed",
         "message_rate",
         "subject_message_rate",
     ]);

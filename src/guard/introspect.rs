@@ -829,9 +829,13 @@ mod tests {
     }
 
     fn policy(extra: &str) -> Introspection {
+        // One file per call: tests run in parallel, and a shared file being
+        // rewritten by one test reads as empty in another.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("wsguard-introspect-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("secret");
+        let f = dir.join(format!("secret-{n}"));
         std::fs::write(&f, "s3cr:et/é\n").unwrap();
         let yaml = format!(
             "mode: enforce\nurl: https://idp.example/introspect\nclient_id: \"wsg guard\"\nclient_secret_file: \"{}\"\n{extra}",

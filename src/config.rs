@@ -474,6 +474,8 @@ pub struct LimitsConfig {
     #[serde(default)]
     pub trusted_proxies: Option<Vec<Str>>,
     #[serde(default)]
+    pub max_session_duration: Option<Str>,
+    #[serde(default)]
     pub per_ip: Tri<PerIpConfig>,
     #[serde(default)]
     pub per_subject: Tri<PerSubjectConfig>,

@@ -317,6 +317,30 @@ pub struct Limits {
     pub per_connection_messages: Option<Rate>,
     pub per_connection_bytes: Option<Rate>,
     pub on_message_limit: OnFailure,
+    /// `max_session_duration`: a session is closed with 1001 "session too
+    /// long" this long after it opened, plus a jitter drawn once per session
+    /// (see [`Limits::session_deadline`]); None = never.
+    pub max_session_duration: Option<Duration>,
+}
+
+impl Limits {
+    /// When a session opened at `start` must end: `max_session_duration`
+    /// plus a random jitter in `[0, d/10)`, drawn once per session, so the
+    /// close falls in `[d, 1.1d)`. Never before `d`: the operator's value is
+    /// the shortest a session lives, and the jitter only spreads the
+    /// reconnects of sessions opened together (after a deploy or a
+    /// scale-out) over a tenth of `d` instead of one instant.
+    pub fn session_deadline(&self, start: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        use rand::Rng;
+        let d = self.max_session_duration?;
+        let spread = d / 10;
+        let jitter = if spread.is_zero() {
+            Duration::ZERO
+        } else {
+            rand::rng().random_range(Duration::ZERO..spread)
+        };
+        Some(start + d + jitter)
+    }
 }
 
 /// An IP network, for `trusted_proxies`.
@@ -1629,6 +1653,26 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         );
     }
 
+    let max_session_duration = c.timer(
+        &l.max_session_duration,
+        &format!("{path}.max_session_duration"),
+        Duration::ZERO,
+    );
+    // A shorter bound would make clients reconnect in a loop: the
+    // handshake (TLS, token check, upstream dial) costs more than the
+    // session it buys.
+    if max_session_duration.is_some_and(|d| d < Duration::from_secs(1)) {
+        let loc = l
+            .max_session_duration
+            .as_ref()
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.max_session_duration"),
+            "must be 0s (never) or at least 1s",
+        );
+    }
+
     let default_rate = |count: u32, burst: u32| Rate {
         count: NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN),
         per: Duration::from_secs(1),
@@ -1688,6 +1732,7 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         per_connection_messages,
         per_connection_bytes,
         on_message_limit: l.on_message_limit.unwrap_or_default(),
+        max_session_duration,
     }
 }
 
@@ -1852,7 +1897,7 @@ impl Route {
         };
         format!(
             "upstream {} (connect_timeout {}, breaker {}), origin {}, jwt {}, introspection {}, hmac {}, keepalive interval {} upstream_interval {} idle_timeout {} max_missed {}, \
-             max_message_size {} max_frame_size {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {}, on_message_limit: {}",
+             max_message_size {} max_frame_size {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {}, on_message_limit: {}, max_session_duration {}",
             self.upstream.url,
             show_duration(self.upstream.connect_timeout),
             self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
@@ -1871,6 +1916,7 @@ impl Route {
             rate(&self.limits.per_connection_messages),
             self.limits.per_connection_bytes.map_or("off".to_string(), |r| show_rate(&r, true)),
             on_limit,
+            timer(self.limits.max_session_duration),
         )
     }
 }
@@ -2409,5 +2455,69 @@ mod tests {
         assert!(Cidr::parse("0.0.0.0/0")
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn max_session_duration_is_off_by_default_per_route_and_checked() {
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  max_session_duration: 1h\nroutes:\n  - path: /short\n    limits: { max_session_duration: 10m }\n  - path: /other\n    limits: { max_message_size: 64KiB }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.default_route.limits.max_session_duration,
+            Some(Duration::from_secs(3600))
+        );
+        let at = |path: &str| p.route(p.route_index(path)).limits.max_session_duration;
+        assert_eq!(at("/short"), Some(Duration::from_secs(600)));
+        // A route's limits section replaces the top-level one as a whole.
+        assert_eq!(at("/other"), None);
+        assert!(
+            p.summary().contains("max_session_duration 1h"),
+            "{}",
+            p.summary()
+        );
+        let d = Policy::from_text("p.yaml", "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.default_route.limits.max_session_duration, None);
+        assert_eq!(
+            d.default_route
+                .limits
+                .session_deadline(tokio::time::Instant::now()),
+            None
+        );
+        assert!(problems("limits: { max_session_duration: 0s }\n").is_empty());
+
+        let p = problems("limits:\n  max_session_duration: 500ms\nroutes:\n  - path: /a\n    limits:\n      max_session_duration: forever\n");
+        let got: Vec<(u64, &str, &str)> = p
+            .iter()
+            .map(|p| (p.line, p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, 2);
+        assert_eq!(got[0].1, "limits.max_session_duration");
+        assert!(got[0].2.contains("at least 1s"), "{got:?}");
+        assert_eq!(got[1].0, 6);
+        assert_eq!(got[1].1, "routes[0].limits.max_session_duration");
+    }
+
+    #[test]
+    fn session_deadlines_fall_in_d_to_1_1d_and_differ() {
+        let p = Policy::from_text("p.yaml", "limits: { max_session_duration: 100s }\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let start = tokio::time::Instant::now();
+        let d = Duration::from_secs(100);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let at = p
+                .default_route
+                .limits
+                .session_deadline(start)
+                .unwrap_or(start);
+            let after = at - start;
+            assert!(after >= d && after < d + d / 10, "{after:?}");
+            seen.insert(after);
+        }
+        // Drawn per session: a fleet's sessions do not all end at once.
+        assert!(seen.len() > 900, "{}", seen.len());
     }
 }

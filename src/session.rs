@@ -82,7 +82,28 @@ enum End {
     ClientDead,
     UpstreamDead,
     Idle,
+    /// `limits.max_session_duration` passed: 1001 "session too long".
+    TooLong,
     Shutdown,
+}
+
+/// Which of a session's wall-clock ends comes first.
+#[derive(Clone, Copy)]
+enum Timed {
+    TokenExpired,
+    TooLong,
+}
+
+/// The earlier of the token's expiry and the session's duration limit, so
+/// that every session's future holds one timer, not two. On a tie the token
+/// wins: its 1008 tells the client to fetch a new one before reconnecting.
+fn first_deadline(expires: Option<Instant>, too_long: Option<Instant>) -> Option<(Instant, Timed)> {
+    match (expires, too_long) {
+        (Some(e), Some(t)) if t < e => Some((t, Timed::TooLong)),
+        (Some(e), _) => Some((e, Timed::TokenExpired)),
+        (None, Some(t)) => Some((t, Timed::TooLong)),
+        (None, None) => None,
+    }
 }
 
 /// State the two pumps share. Atomics, because both pumps live in one
@@ -526,7 +547,8 @@ where
     r
 }
 
-/// `close_on_expiry`: one timer per session, no polling.
+/// The session's wall-clock end ([`first_deadline`]): one timer per
+/// session, no polling.
 async fn expiry(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -670,6 +692,12 @@ where
             "proxy",
             CLOSE_WAIT,
         ),
+        End::TooLong => (
+            Some(close_frame(1001, "session too long")),
+            Some(close_frame(1001, "session too long")),
+            "proxy",
+            CLOSE_WAIT,
+        ),
         End::Shutdown => (
             Some(close_frame(1001, "shutting down")),
             Some(close_frame(1001, "shutting down")),
@@ -784,13 +812,20 @@ where
         shared.metrics.connections_active.inc();
         let route_active = shared.metrics.route_active(&route.prefix);
         route_active.inc();
+        let deadline = first_deadline(info.expires, limits.session_deadline(p.start));
         let end = tokio::select! {
             e = client_to_upstream(&p, &mut crx, &mut utx) => e,
             e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
             () = shared.shutdown.cancelled() => End::Shutdown,
             () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
-            () = expiry(info.expires) => End::Policy("token expired", "token expired"),
+            () = expiry(deadline.map(|d| d.0)) => match deadline.map(|d| d.1) {
+                Some(Timed::TooLong) => End::TooLong,
+                _ => End::Policy("token expired", "token expired"),
+            },
         };
+        if let End::TooLong = end {
+            shared.metrics.session_duration_closes.inc();
+        }
 
         // The close phase is boxed: its timers and close handshakes would
         // otherwise reserve room in every idle session's future.
@@ -803,6 +838,7 @@ where
         route_active.dec();
         let reason = match &end {
             End::Policy(_, r) => *r,
+            End::TooLong => "session too long",
             _ => "",
         };
         tracing::info!(
@@ -844,6 +880,7 @@ fn code_label(code: u16) -> &'static str {
         1008 => "1008",
         1009 => "1009",
         1011 => "1011",
+        1012 => "1012",
         1014 => "1014",
         3000..=3999 => "3xxx",
         4000..=4999 => "4xxx",

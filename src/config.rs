@@ -87,6 +87,10 @@ pub struct Config {
     pub shutdown_grace: Option<Str>,
     #[serde(default)]
     pub shutdown_delay: Option<Str>,
+    /// (wsguard addition) The close code clients get on a SIGTERM drain:
+    /// 1001 (the contract's default) or 1012 (Service Restart).
+    #[serde(default)]
+    pub shutdown_close_code: Option<Spanned<u64>>,
     #[serde(default)]
     pub log: Option<LogConfig>,
     #[serde(default)]

@@ -66,6 +66,9 @@ pub struct Policy {
     /// Time between `/readyz` turning 503 and the listener closing on
     /// SIGTERM (an addition to the contract; default 0s).
     pub shutdown_delay: Duration,
+    /// `shutdown_close_code` (an addition to the contract): what live
+    /// sessions' clients get on SIGTERM, 1001 (default) or 1012.
+    pub shutdown_close_code: u16,
     /// TLS termination; None for plain ws://.
     pub tls: Option<TlsPolicy>,
     pub log_format: LogFormat,
@@ -757,6 +760,18 @@ impl TryFrom<&Config> for Policy {
             Duration::from_secs(10),
         );
         let shutdown_delay = c.duration(&cfg.shutdown_delay, "shutdown_delay", Duration::ZERO);
+        let shutdown_close_code = match &cfg.shutdown_close_code {
+            None => 1001,
+            Some(v) if matches!(v.value, 1001 | 1012) => u16::try_from(v.value).unwrap_or(1001),
+            Some(v) => {
+                c.push(
+                    v.referenced,
+                    "shutdown_close_code",
+                    "must be 1001 (Going Away) or 1012 (Service Restart)",
+                );
+                1001
+            }
+        };
 
         let log = cfg.log.as_ref();
         let log_format = log.and_then(|l| l.format).unwrap_or_default();
@@ -883,6 +898,7 @@ impl TryFrom<&Config> for Policy {
                 admin_listen,
                 shutdown_grace,
                 shutdown_delay,
+                shutdown_close_code,
                 tls,
                 log_format,
                 log_level,
@@ -1812,13 +1828,14 @@ impl Policy {
     /// `check --explain`: the effective policy of every route.
     pub fn explain(&self) -> String {
         let mut out = format!(
-            "listen {}  admin {}  max_connections {}  handshake_timeout {}  trusted_proxies {}  shutdown_grace {}\n",
+            "listen {}  admin {}  max_connections {}  handshake_timeout {}  trusted_proxies {}  shutdown_grace {}  shutdown_close_code {}\n",
             self.listen,
             self.admin_listen,
             self.max_connections,
             show_duration(self.handshake_timeout),
             self.trusted_proxies.len(),
             show_duration(self.shutdown_grace),
+            self.shutdown_close_code,
         );
         for r in self
             .routes
@@ -2519,5 +2536,35 @@ mod tests {
         }
         // Drawn per session: a fleet's sessions do not all end at once.
         assert!(seen.len() > 900, "{}", seen.len());
+    }
+
+    #[test]
+    fn shutdown_close_code_is_1001_or_1012() {
+        let code = |text: &str| {
+            Policy::from_text("p.yaml", text)
+                .map(|p| p.shutdown_close_code)
+                .map_err(|e| e.list)
+        };
+        assert_eq!(code(""), Ok(1001));
+        assert_eq!(code("shutdown_close_code: 1001\n"), Ok(1001));
+        assert_eq!(code("shutdown_close_code: 1012\n"), Ok(1012));
+        for bad in ["1000", "1013", "70000", "-1", "restart"] {
+            let p = code(&format!("shutdown_grace: 5s\nshutdown_close_code: {bad}\n"))
+                .err()
+                .unwrap_or_default();
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(
+                (p[0].line, p[0].path.as_str()),
+                (2, "shutdown_close_code"),
+                "{bad}"
+            );
+        }
+        let p = Policy::from_text("p.yaml", "shutdown_close_code: 1012\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            p.explain().contains("shutdown_close_code 1012"),
+            "{}",
+            p.explain()
+        );
     }
 }

@@ -84,7 +84,8 @@ enum End {
     Idle,
     /// `limits.max_session_duration` passed: 1001 "session too long".
     TooLong,
-    Shutdown,
+    /// SIGTERM drain, with the client's close code (`shutdown_close_code`).
+    Shutdown(u16),
 }
 
 /// Which of a session's wall-clock ends comes first.
@@ -698,8 +699,10 @@ where
             "proxy",
             CLOSE_WAIT,
         ),
-        End::Shutdown => (
-            Some(close_frame(1001, "shutting down")),
+        // 1012 (Service Restart) is a server's word; toward the backend
+        // wsguard is the client, which is going away (1001) either way.
+        End::Shutdown(code) => (
+            Some(close_frame(*code, "shutting down")),
             Some(close_frame(1001, "shutting down")),
             "proxy",
             CLOSE_WAIT,
@@ -816,7 +819,8 @@ where
         let end = tokio::select! {
             e = client_to_upstream(&p, &mut crx, &mut utx) => e,
             e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
-            () = shared.shutdown.cancelled() => End::Shutdown,
+            // The policy in force at the drain decides the code.
+            () = shared.shutdown.cancelled() => End::Shutdown(shared.runtime().policy.shutdown_close_code),
             () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
             () = expiry(deadline.map(|d| d.0)) => match deadline.map(|d| d.1) {
                 Some(Timed::TooLong) => End::TooLong,

@@ -891,3 +891,21 @@ fn code_label(code: u16) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earlier_deadline_wins_and_the_token_wins_a_tie() {
+        let now = Instant::now();
+        let (early, late) = (now + Duration::from_secs(1), now + Duration::from_secs(2));
+        let which = |e, t| first_deadline(e, t).map(|(at, w)| (at, matches!(w, Timed::TooLong)));
+        assert_eq!(which(None, None), None);
+        assert_eq!(which(Some(early), None), Some((early, false)));
+        assert_eq!(which(None, Some(early)), Some((early, true)));
+        assert_eq!(which(Some(late), Some(early)), Some((early, true)));
+        assert_eq!(which(Some(early), Some(late)), Some((early, false)));
+        assert_eq!(which(Some(early), Some(early)), Some((early, false)));
+    }
+}

@@ -15,6 +15,7 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tri};
@@ -319,51 +320,48 @@ pub struct Limits {
     pub on_message_limit: OnFailure,
 }
 
-/// An IP network, for `trusted_proxies`.
+/// An IP network, for `trusted_proxies`: `ADDR/PREFIX` or a bare address
+/// (a network of one), parsed and matched by `ipnet`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
+    /// The address is read by `std` and the prefix length by `IpNet::new`,
+    /// not by `IpNet`'s own parser: that one takes leading zeros
+    /// (`010.0.0.0/8` as 10.0.0.0/8), which other tools read as octal; a
+    /// trusted-proxy list must mean one thing.
     pub fn parse(s: &str) -> Result<Cidr, String> {
+        let bad = || {
+            format!(
+                "`{s}` is not an IP address or CIDR (ADDR/PREFIX, the prefix length at most 32 for IPv4, 128 for IPv6)"
+            )
+        };
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let net = match prefix {
+            None => IpNet::from(addr),
+            Some(p) => {
+                let len = p
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|_| p.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(bad)?;
+                IpNet::new(addr, len).map_err(|_| bad())?
+            }
         };
-        Ok(Cidr { addr, prefix })
+        Ok(Cidr(net))
+    }
+
+    /// The prefix length (0 matches every address of its family).
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical_ip(ip))
     }
 }
 
@@ -1353,7 +1351,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     let mut trusted_proxies = Vec::new();
     for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
         match Cidr::parse(&s.value) {
-            Ok(cidr) if cidr.prefix == 0 => c.push(
+            Ok(cidr) if cidr.prefix_len() == 0 => c.push(
                 s.referenced,
                 &format!("{path}.trusted_proxies[{i}]"),
                 "trusting every address would let any client forge X-Forwarded-For; list your proxies' networks",
@@ -2406,6 +2404,26 @@ mod tests {
         let c = Cidr::parse("fd00::/8").unwrap();
         assert!(c.contains("fd12::1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("fd00::/129").is_err());
+        assert!(Cidr::parse("10.0.0.0/").is_err());
+        assert!(Cidr::parse("10.0.0/8").is_err());
+        assert!(
+            Cidr::parse("010.0.0.0/8").is_err(),
+            "leading zeros are ambiguous (octal)"
+        );
+        assert!(Cidr::parse("10.0.0.0/-1").is_err());
+        assert!(Cidr::parse("10.0.0.0/8/8").is_err());
+        // Host bits may be set; the network is what is matched.
+        assert!(Cidr::parse("10.9.9.9/8")
+            .unwrap()
+            .contains("10.1.1.1".parse().unwrap()));
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert_eq!(one.prefix_len(), 32);
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        assert!(!Cidr::parse("::/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
         assert!(Cidr::parse("0.0.0.0/0")
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));

@@ -2,7 +2,10 @@
 //! ([`TokenSource`]), finding it ([`extract`], [`find`]) and stripping every
 //! source before the request goes upstream.
 
+use std::borrow::Cow;
 use std::fmt;
+
+use cookie::Cookie;
 
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, COOKIE};
 
@@ -147,30 +150,12 @@ pub fn find(
                 }
                 bearer(headers).into_iter().collect()
             }
-            TokenSource::Query(name) => query_of(path_and_query)
-                .into_iter()
-                .flat_map(|q| q.split('&'))
-                .filter(|seg| param_is(seg, name))
-                .filter_map(|seg| seg.split_once('=').map(|(_, v)| v))
-                .filter_map(percent_decode)
+            TokenSource::Query(name) => query_values(path_and_query, name)
                 .filter(|v| !v.is_empty())
                 .collect(),
-            TokenSource::Cookie(name) => {
-                let values = headers
-                    .get_all(COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok());
-                cookie_pairs(values)
-                    .filter(|(n, _)| *n == name)
-                    .map(|(_, v)| {
-                        v.strip_prefix('"')
-                            .and_then(|v| v.strip_suffix('"'))
-                            .unwrap_or(v)
-                    })
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
+            TokenSource::Cookie(name) => cookie_values(headers, name)
+                .filter(|v| !v.is_empty())
+                .collect(),
             TokenSource::Subprotocol(prefix) => protocols
                 .iter()
                 .filter_map(|p| p.strip_prefix(prefix.as_str()))
@@ -255,47 +240,32 @@ fn query_of(path_and_query: &str) -> Option<&str> {
     Some(q.split_once('#').map_or(q, |(q, _)| q))
 }
 
+/// One `k=v` query segment, percent-decoded by `form_urlencoded` (`+` is
+/// a space; invalid UTF-8 becomes U+FFFD, which no token survives).
+fn decoded(segment: &str) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+    form_urlencoded::parse(segment.as_bytes()).next()
+}
+
 /// Whether one `k=v` query segment is the parameter `name` (the key is
-/// compared percent-decoded).
+/// compared as written and percent-decoded).
 fn param_is(segment: &str, name: &str) -> bool {
-    let key = segment.split_once('=').map_or(segment, |(k, _)| k);
-    key == name || percent_decode(key).as_deref() == Some(name)
+    let raw = segment.split_once('=').map_or(segment, |(k, _)| k);
+    raw == name || decoded(segment).is_some_and(|(k, _)| k == name)
+}
+
+/// Every value of query parameter `name` (a segment without `=` has none),
+/// percent-decoded.
+fn query_values<'a>(path_and_query: &'a str, name: &'a str) -> impl Iterator<Item = String> + 'a {
+    query_of(path_and_query)
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(move |seg| seg.contains('=') && param_is(seg, name))
+        .filter_map(|seg| decoded(seg).map(|(_, v)| v.into_owned()))
 }
 
 /// The first non-empty value of query parameter `name`, percent-decoded.
 fn query_param(path_and_query: &str, name: &str) -> Option<String> {
-    query_of(path_and_query)?
-        .split('&')
-        .filter(|seg| param_is(seg, name))
-        .filter_map(|seg| seg.split_once('=').map(|(_, v)| v))
-        .filter_map(percent_decode)
-        .find(|v| !v.is_empty())
-}
-
-/// Lenient percent-decoding (`%` not followed by two hex digits is kept);
-/// None when the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let hex = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(c);
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+    query_values(path_and_query, name).find(|v| !v.is_empty())
 }
 
 /// Removes every parameter `name` from the query; the other parameters are
@@ -325,50 +295,36 @@ pub fn strip_query(path_and_query: &str, name: &str) -> String {
     out
 }
 
-/// `name=value` pairs of Cookie header values (RFC 6265 section 5.4 / 4.2.1).
-fn cookie_pairs<'a>(
-    values: impl Iterator<Item = &'a str>,
-) -> impl Iterator<Item = (&'a str, &'a str)> {
-    values
-        .flat_map(|v| v.split(';'))
-        .map(|c| c.trim_matches([' ', '\t']))
-        .filter(|c| !c.is_empty())
-        .map(|c| match c.split_once('=') {
-            Some((n, v)) => (n.trim_matches([' ', '\t']), v.trim_matches([' ', '\t'])),
-            None => ("", c),
-        })
+/// The values of every cookie `name` in the Cookie headers, parsed by the
+/// `cookie` crate (RFC 6265 section 4.2.1: `name=value` pairs separated by
+/// `;`, surrounding double quotes removed). A header that is not ASCII, and
+/// a pair without `=`, carry no cookie.
+fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = String> + 'a {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .filter(move |c| c.name() == name)
+        .map(|c| c.value_trimmed().to_string())
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    let values = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    cookie_pairs(values)
-        .filter(|(n, _)| *n == name)
-        .map(|(_, v)| {
-            v.strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(v)
-        })
-        .find(|v| !v.is_empty())
-        .map(str::to_string)
+    cookie_values(headers, name).find(|v| !v.is_empty())
 }
 
 /// The Cookie header without cookie `name` (all its copies); the other
-/// cookies are kept in order, joined with `; `. None if nothing is left.
+/// cookies are kept as written, in order, joined with `; `. None if nothing
+/// is left. Each pair is judged by the same parser as [`cookie_values`], so
+/// whatever was read as the token is what is removed.
 pub fn strip_cookie(cookie_header_values: &[&str], name: &str) -> Option<String> {
     let kept: Vec<&str> = cookie_header_values
         .iter()
         .flat_map(|v| v.split(';'))
-        .map(|c| c.trim_matches([' ', '\t']))
+        .map(str::trim)
         .filter(|c| !c.is_empty())
-        .filter(|c| {
-            let n = c
-                .split_once('=')
-                .map_or("", |(n, _)| n.trim_matches([' ', '\t']));
-            n != name
-        })
+        .filter(|c| Cookie::parse(*c).map_or(true, |c| c.name() != name))
         .collect();
     if kept.is_empty() {
         None

@@ -2,6 +2,7 @@
 //! each may verify (its family, and for EC its curve).
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
+use rustls_pki_types::pem::{PemObject, SectionKind};
 
 /// A PEM key file larger than this is refused.
 const MAX_PEM_BYTES: u64 = 64 * 1024;
@@ -45,30 +46,41 @@ pub(super) fn read_pem_key(file: &str) -> Result<(DecodingKey, Vec<Algorithm>), 
 }
 
 fn pem_key(bytes: &[u8]) -> Result<(DecodingKey, Vec<Algorithm>), String> {
-    let text = String::from_utf8_lossy(bytes);
-    let label = text
-        .find("-----BEGIN ")
-        .and_then(|i| text.get(i + 11..))
-        .and_then(|rest| rest.find("-----").and_then(|j| rest.get(..j)))
-        .ok_or("not a PEM file")?;
-    if label.contains("PRIVATE KEY") {
-        return Err(
-            "is a private key; give the public key (`openssl pkey -in KEY -pubout`)".to_string(),
-        );
-    }
-    if label != "PUBLIC KEY" && label != "RSA PUBLIC KEY" {
-        return Err(format!(
-            "expected a public key (-----BEGIN PUBLIC KEY-----), found -----BEGIN {label}-----"
-        ));
+    // The first section rustls-pki-types knows decides. PKCS#1 `RSA PUBLIC
+    // KEY` is not one of its labels; a file holding nothing it knows is
+    // given to jsonwebtoken's RSA reader (which takes PKCS#1) below, and is
+    // refused if that fails too.
+    let first = <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes)
+        .next()
+        .transpose()
+        .map_err(|e| format!("not a PEM file: {e}"))?;
+    match first.map(|(kind, _)| kind) {
+        Some(SectionKind::PublicKey) => {}
+        Some(SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey) => {
+            return Err(
+                "is a private key; give the public key (`openssl pkey -in KEY -pubout`)"
+                    .to_string(),
+            );
+        }
+        Some(other) => {
+            return Err(format!(
+                "expected a public key (-----BEGIN PUBLIC KEY-----), found -----BEGIN {}-----",
+                label(other)
+            ));
+        }
+        None => {
+            return match DecodingKey::from_rsa_pem(bytes) {
+                Ok(key) => rsa_key(key),
+                Err(_) => Err(
+                    "not a PEM file with a public key (-----BEGIN PUBLIC KEY-----); \
+                     encrypted and OpenSSH keys are not read"
+                        .to_string(),
+                ),
+            };
+        }
     }
     if let Ok(key) = DecodingKey::from_rsa_pem(bytes) {
-        let bits = match key.kind() {
-            DecodingKeyKind::SecretOrDer(der) => rsa_der_modulus_bits(der),
-            DecodingKeyKind::RsaModulusExponent { n, .. } => Some(bit_len(n)),
-        }
-        .ok_or("not a valid RSA public key")?;
-        check_rsa_bits(bits)?;
-        return Ok((key, AlgorithmFamily::Rsa.algorithms().to_vec()));
+        return rsa_key(key);
     }
     if let Ok(key) = DecodingKey::from_ec_pem(bytes) {
         let len = key.try_get_as_bytes().map(<[u8]>::len).unwrap_or(0);
@@ -85,6 +97,32 @@ fn pem_key(bytes: &[u8]) -> Result<(DecodingKey, Vec<Algorithm>), String> {
         return Ok((key, vec![Algorithm::EdDSA]));
     }
     Err("not an RSA, EC (P-256, P-384) or Ed25519 public key".to_string())
+}
+
+/// The PEM label of a section kind rustls-pki-types knows.
+fn label(kind: SectionKind) -> &'static str {
+    match kind {
+        SectionKind::Certificate => "CERTIFICATE",
+        SectionKind::PublicKey => "PUBLIC KEY",
+        SectionKind::RsaPrivateKey => "RSA PRIVATE KEY",
+        SectionKind::PrivateKey => "PRIVATE KEY",
+        SectionKind::EcPrivateKey => "EC PRIVATE KEY",
+        SectionKind::Crl => "X509 CRL",
+        SectionKind::Csr => "CERTIFICATE REQUEST",
+        SectionKind::EchConfigList => "ECHCONFIG",
+        _ => "an unknown section",
+    }
+}
+
+/// An RSA key of an accepted size, with the RSA algorithms.
+fn rsa_key(key: DecodingKey) -> Result<(DecodingKey, Vec<Algorithm>), String> {
+    let bits = match key.kind() {
+        DecodingKeyKind::SecretOrDer(der) => rsa_der_modulus_bits(der),
+        DecodingKeyKind::RsaModulusExponent { n, .. } => Some(bit_len(n)),
+    }
+    .ok_or("not a valid RSA public key")?;
+    check_rsa_bits(bits)?;
+    Ok((key, AlgorithmFamily::Rsa.algorithms().to_vec()))
 }
 
 pub(super) fn check_rsa_bits(bits: usize) -> Result<(), String> {
@@ -167,6 +205,19 @@ mod tests {
         assert_eq!(algs, AlgorithmFamily::Rsa.algorithms());
         let (_, algs) = pem_key(EC1_PUB.as_bytes()).unwrap();
         assert_eq!(algs, [Algorithm::ES256]);
+        // PKCS#1, a label rustls-pki-types does not know, is still read.
+        let pkcs1 = include_str!("../../../tests/fixtures/jwt/rsa_public_pkcs1.pem");
+        let (_, algs) = pem_key(pkcs1.as_bytes()).unwrap();
+        assert_eq!(algs, AlgorithmFamily::Rsa.algorithms());
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        assert!(pem_key(encrypted.as_bytes())
+            .unwrap_err()
+            .contains("encrypted"));
+        let broken = "-----BEGIN PUBLIC KEY-----\nMIIB\n";
+        assert!(pem_key(broken.as_bytes())
+            .unwrap_err()
+            .contains("not a PEM"));
         // The DER walker measures the modulus.
         let k = DecodingKey::from_rsa_pem(RSA_PUB.as_bytes()).unwrap();
         assert_eq!(

@@ -38,6 +38,7 @@ pub mod session;
 pub mod sign;
 pub mod tls;
 pub mod upstream;
+pub mod values;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

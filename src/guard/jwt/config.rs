@@ -13,7 +13,7 @@ use super::jwks::JwksCache;
 use super::keys::{read_pem_key, StaticKey};
 use super::verify::{exp_of, Claims};
 use crate::config::{JwtConfig, JwtKeyConfig, Mode, Str};
-use crate::policy::parse_duration;
+use crate::values::parse_duration;
 
 /// RFC 7518 section 3.2: HS256 needs a key of at least 256 bits.
 const MIN_HS_SECRET: usize = 32;

@@ -35,18 +35,6 @@ pub use jwks::{JwksCache, UNKNOWN_KID_REFETCH};
 pub use keys::StaticKey;
 pub use verify::{claim_header_value, exp_of, Claims, JwtError, Verifier};
 
-/// Installs jsonwebtoken's aws-lc-rs crypto provider as the process default.
-///
-/// With only the `aws_lc_rs` feature of jsonwebtoken enabled the crate
-/// selects that provider by itself on first use, so this is not strictly
-/// required; calling it once at process start makes the choice explicit and
-/// keeps working if another dependency ever enables `rust_crypto` too (with
-/// both features on and nothing installed, jsonwebtoken panics on first use).
-/// Calling it more than once is harmless.
-pub fn install_crypto_provider() {
-    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
-}
-
 /// Fixtures and a JWKS server shared by the tests of every part.
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

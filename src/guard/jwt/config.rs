@@ -155,17 +155,8 @@ pub fn build(cfg: &JwtConfig, path: &str) -> Result<Option<Jwt>, Vec<Problem>> {
         None => None,
         Some(u) => match check_jwks_url(&u.value) {
             Ok(()) => {
-                if algs_known
-                    && !algorithms
-                        .iter()
-                        .any(|a| a.family() != AlgorithmFamily::Hmac)
-                {
-                    b.push(
-                        u.referenced,
-                        "jwks_url",
-                        "a JWKS only provides public keys (HS secrets are never taken from it), \
-                         but only HS algorithms are pinned",
-                    );
+                if algs_known {
+                    b.jwks_needs_public_algorithms(&algorithms, u.referenced, "jwks_url");
                 }
                 Some(u.value.clone())
             }
@@ -199,17 +190,8 @@ pub fn build(cfg: &JwtConfig, path: &str) -> Result<Option<Jwt>, Vec<Problem>> {
             let url = discovery_url_of(&iss.value);
             match check_jwks_url(&url) {
                 Ok(()) => {
-                    if algs_known
-                        && !algorithms
-                            .iter()
-                            .any(|a| a.family() != AlgorithmFamily::Hmac)
-                    {
-                        b.push(
-                            d.referenced,
-                            "discovery",
-                            "a JWKS only provides public keys (HS secrets are never taken from it), \
-                             but only HS algorithms are pinned",
-                        );
+                    if algs_known {
+                        b.jwks_needs_public_algorithms(&algorithms, d.referenced, "discovery");
                     }
                     Some(url)
                 }
@@ -369,6 +351,19 @@ impl Builder<'_> {
             format!("{}.{sub}", self.path)
         };
         self.problems.push((loc, p, message.into()));
+    }
+
+    /// A JWKS (named or discovered) only provides public keys: refused when
+    /// only HS algorithms are pinned.
+    fn jwks_needs_public_algorithms(&mut self, pinned: &[Algorithm], loc: Location, sub: &str) {
+        if pinned.iter().all(|a| a.family() == AlgorithmFamily::Hmac) {
+            self.push(
+                loc,
+                sub,
+                "a JWKS only provides public keys (HS secrets are never taken from it), \
+                 but only HS algorithms are pinned",
+            );
+        }
     }
 
     fn duration(&mut self, v: &Option<Str>, sub: &str, default: Duration) -> Duration {

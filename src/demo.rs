@@ -201,7 +201,6 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
 }
 
 fn mint_token(secret: &str) -> Result<String, String> {
-    crate::guard::jwt::install_crypto_provider();
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -17,8 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncBufReadExt;
 use tokio::signal::unix::{signal, SignalKind};
 use wsguard::config::LogFormat;
-use wsguard::policy::{parse_duration, Policy};
+use wsguard::policy::Policy;
 use wsguard::sign::{self, Direction, Key, MsgType, SeqState};
+use wsguard::values::parse_duration;
 
 #[derive(Parser)]
 #[command(

@@ -317,6 +317,7 @@ pub fn known_rejections() -> Vec<&'static str> {
         Reject::GatewayTimeout,
         Reject::SharedUnavailable,
         Reject::ShuttingDown,
+        Reject::RouteUnavailable,
         Reject::NotUpgrade,
         Reject::PendingCap { retry_after: 0 },
         Reject::AmbiguousToken("jwt_ambiguous"),

@@ -10,7 +10,7 @@
 //! would make an operator believe it is enforced.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
@@ -21,6 +21,10 @@ use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tr
 use crate::guard::jwt::{self, Jwt};
 use crate::guard::origin::OriginPolicy;
 use crate::sign;
+// The value types a policy is made of live in `values`, which the guards
+// import too; re-exported here because `Policy`'s fields name them.
+use crate::values::size_text;
+pub use crate::values::{canonical_ip, parse_duration, parse_rate, BreakerPolicy, Cidr, Rate};
 use std::sync::Arc;
 
 /// One problem with the policy file.
@@ -204,16 +208,6 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerPolicy {
-    pub consecutive_failures: u32,
-    pub open_for: Duration,
-    pub max_open_for: Duration,
-    pub half_open_probes: u32,
-    /// Keep the state in `limits.shared`'s Redis, for every replica.
-    pub shared: bool,
-}
-
 #[derive(Clone)]
 pub struct Hmac {
     pub mode: Mode,
@@ -295,21 +289,6 @@ pub struct Keepalive {
     pub idle_timeout: Option<Duration>,
 }
 
-/// A token-bucket rate: `count` cells per `per`, with a burst capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Rate {
-    pub count: NonZeroU32,
-    pub per: Duration,
-    pub burst: NonZeroU32,
-}
-
-impl Rate {
-    /// The time to replenish one cell.
-    pub fn period(&self) -> Duration {
-        self.per / self.count.get()
-    }
-}
-
 /// The limits a route may set (the process-wide ones live on [`Policy`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -343,63 +322,6 @@ impl Limits {
             rand::rng().random_range(Duration::ZERO..spread)
         };
         Some(start + d + jitter)
-    }
-}
-
-/// An IP network, for `trusted_proxies`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are the IPv4 address: a
-/// dual-stack listener must not give one client two identities.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 
@@ -536,87 +458,11 @@ impl Check {
     }
 }
 
-/// `500ms`, `25s`, `10m`, `1h` (also `0` for zero).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("`{s}` is not a duration (use e.g. 500ms, 25s, 10m, 1h)");
-    if num.is_empty() || num.len() > 12 {
-        return Err(bad());
-    }
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(bad()),
-    };
-    Ok(d)
-}
-
-fn size_text(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("`{s}` is not a size (use bytes, or e.g. 64KiB, 1MiB)");
-    if num.is_empty() || num.len() > 15 {
-        return Err(bad());
-    }
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mult).ok_or_else(bad)
-}
-
 pub fn parse_size(v: &SizeValue) -> Result<u64, String> {
     match v {
         SizeValue::Bytes(n) => Ok(*n),
         SizeValue::Text(s) => size_text(s),
     }
-}
-
-/// `50/s`, `600/m`, `10/h`, and for byte rates `1MiB/s`. A zero rate is
-/// refused: it would block everything, which `null` says more honestly.
-pub fn parse_rate(s: &str, bytes: bool) -> Result<(NonZeroU32, Duration), String> {
-    let bad = || {
-        if bytes {
-            format!("`{s}` is not a byte rate (use e.g. 1MiB/s, 64KiB/s)")
-        } else {
-            format!("`{s}` is not a rate (use e.g. 50/s, 600/m, 10/h)")
-        }
-    };
-    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
-    let count = if bytes {
-        size_text(n)?
-    } else {
-        n.trim().parse::<u64>().map_err(|_| bad())?
-    };
-    let per = match unit.trim() {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(bad()),
-    };
-    if count == 0 {
-        return Err(format!(
-            "`{s}`: a rate must be above zero (use null to turn the limit off)"
-        ));
-    }
-    let count = u32::try_from(count)
-        .ok()
-        .and_then(NonZeroU32::new)
-        .ok_or_else(|| format!("`{s}`: rate too large"))?;
-    Ok((count, per))
 }
 
 /// Parses `ws[s]://host[:port][/path]` into (host, port, base path, tls).
@@ -1393,7 +1239,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     let mut trusted_proxies = Vec::new();
     for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
         match Cidr::parse(&s.value) {
-            Ok(cidr) if cidr.prefix == 0 => c.push(
+            Ok(cidr) if cidr.prefix_len() == 0 => c.push(
                 s.referenced,
                 &format!("{path}.trusted_proxies[{i}]"),
                 "trusting every address would let any client forge X-Forwarded-For; list your proxies' networks",
@@ -2440,38 +2286,12 @@ mod tests {
     }
 
     #[test]
-    fn parsers() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("1.5s").is_err());
-        assert_eq!(size_text("64KiB"), Ok(65536));
-        assert!(size_text("1MB").is_err());
-        let (n, per) = parse_rate("600/m", false).unwrap();
-        assert_eq!((n.get(), per), (600, Duration::from_secs(60)));
-        assert_eq!(parse_rate("1MiB/s", true).map(|r| r.0.get()), Ok(1 << 20));
-        assert!(parse_rate("0/s", false).is_err());
-        assert!(parse_rate("5", false).is_err());
+    fn upstream_urls() {
         assert_eq!(
             parse_upstream_url("ws://127.0.0.1:9000/base/"),
             Ok(("127.0.0.1".into(), 9000, "/base".into(), false))
         );
         assert!(parse_upstream_url("http://x").is_err());
-    }
-
-    #[test]
-    fn cidr_matching() {
-        let c = Cidr::parse("10.0.0.0/8").unwrap();
-        assert!(c.contains("10.1.2.3".parse().unwrap()));
-        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
-        assert!(!c.contains("11.0.0.1".parse().unwrap()));
-        let c = Cidr::parse("fd00::/8").unwrap();
-        assert!(c.contains("fd12::1".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("0.0.0.0/0")
-            .unwrap()
-            .contains("1.2.3.4".parse().unwrap()));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::guard::jwt::{JwksCache, Verifier};
 use crate::guard::limits::{ConnCounts, HandshakeLimiter, SubjectLimiter};
 use crate::guard::shared::{SharedLimiter, SharedSettings};
 use crate::metrics::{Metrics, UpstreamLabel};
-use crate::policy::{BreakerPolicy, Limits, Policy, Rate, Route};
+use crate::policy::{Limits, Policy, Route};
+use crate::values::{BreakerPolicy, Rate};
 
 /// One policy generation plus what is derived from it. New handshakes load
 /// the current one; a live session keeps the one it started with.

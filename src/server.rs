@@ -422,7 +422,13 @@ async fn upgrade(
     // normalised path (with them) is what travels upstream and into logs.
     let route_index = policy.route_index(&up.match_path);
     let (route, derived) = rt.route(route_index);
-    let derived = derived.ok_or(Reject::ShuttingDown)?;
+    let Some(derived) = derived else {
+        tracing::error!(
+            route = route_index,
+            "no runtime state for this route in the policy in force"
+        );
+        return Err(Reject::RouteUnavailable);
+    };
 
     let ip = client_ip_of(peer.ip(), req.headers(), &policy.trusted_proxies);
     let peer_trusted = policy.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
@@ -438,6 +444,17 @@ async fn upgrade(
         ),
         _ => None,
     };
+
+    // Cheap checks first: the local connection caps before the origin, the
+    // rate limit, the token (a signature, maybe a JWKS or introspection
+    // round trip) and the shared limits (a Redis round trip).
+    let slot = shared
+        .counts
+        .acquire(key, policy.max_connections, route.limits.per_ip_connections)
+        .map_err(|e| match e {
+            SlotError::Global => Reject::Capacity { retry_after: 1 },
+            SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
+        })?;
 
     if let Some(origin) = &route.origin {
         let values: Vec<&[u8]> = req
@@ -457,13 +474,6 @@ async fn upgrade(
     handshake_rate(shared, &rt, route, derived, key).await?;
     let auth = authenticate(&req, &up, route, derived, shared, peer, deadline).await?;
     let (subject_slot, shared_slot) = subject_slots(shared, &rt, auth.subject.as_deref()).await?;
-    let slot = shared
-        .counts
-        .acquire(key, policy.max_connections, route.limits.per_ip_connections)
-        .map_err(|e| match e {
-            SlotError::Global => Reject::Capacity { retry_after: 1 },
-            SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
-        })?;
     let permit = match &derived.breaker {
         None => None,
         Some(b) => Some(b.acquire().await.map_err(|wait| Reject::CircuitOpen {

@@ -16,7 +16,7 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::policy::{canonical_ip, Cidr, Rate};
+use crate::values::{canonical_ip, Cidr, Rate};
 
 /// The limiter key for a client: its IPv4 address, or its IPv6 /64 (one
 /// subscriber usually owns a whole /64, so keying by /128 would let one

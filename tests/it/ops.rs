@@ -224,7 +224,6 @@ async fn request_seen(
 
 #[tokio::test]
 async fn a_token_only_subprotocol_is_answered_back_and_never_forwarded() {
-    wsguard::guard::jwt::install_crypto_provider();
     let secret_text = "0123456789abcdef0123456789abcdef";
     let secret = std::env::temp_dir().join(format!("wsguard-ops-sp-{}", std::process::id()));
     std::fs::write(&secret, secret_text).unwrap();

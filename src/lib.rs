@@ -5,7 +5,7 @@
 //! ```text
 //! server (accept, hyper upgrade) -> handshake (validate, headers)
 //!   -> guard::{limits, breaker} -> upstream (dial, strict 101 check)
-//!   -> session (two pumps: sign, limits; keepalive) -> close
+//!   -> session (frame engine: relay, sign, limits, keepalive) -> close
 //! ```
 //!
 //! `config` is the raw YAML, `policy` the validated form every other module
@@ -21,15 +21,14 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod files;
+pub mod frame;
 pub mod fuzzing;
-pub mod gate;
 pub mod guard;
 pub mod handshake;
 pub mod keepalive;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
-pub mod pongs;
 pub mod reject_log;
 pub mod reload;
 pub mod runtime;

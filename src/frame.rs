@@ -159,7 +159,10 @@ pub fn parse_header(buf: &[u8], rules: &Rules) -> Result<Option<(Header, usize)>
     };
     let mut at = 2 + ext;
     let mask = if masked {
-        match buf.get(at..at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+        match buf
+            .get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        {
             Some(m) => {
                 at += 4;
                 Some(m)
@@ -182,7 +185,14 @@ pub fn parse_header(buf: &[u8], rules: &Rules) -> Result<Option<(Header, usize)>
 }
 
 /// Appends a frame header.
-pub fn write_header(out: &mut Vec<u8>, fin: bool, rsv: u8, opcode: u8, len: u64, mask: Option<[u8; 4]>) {
+pub fn write_header(
+    out: &mut Vec<u8>,
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    len: u64,
+    mask: Option<[u8; 4]>,
+) {
     let b0 = (u8::from(fin) << 7) | ((rsv & 0x7) << 4) | (opcode & 0x0F);
     let m = if mask.is_some() { 0x80 } else { 0 };
     out.push(b0);
@@ -201,7 +211,13 @@ pub fn write_header(out: &mut Vec<u8>, fin: bool, rsv: u8, opcode: u8, len: u64,
 }
 
 /// Appends a whole frame (header and payload, masked when `mask` is set).
-pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+pub fn write_frame(
+    out: &mut Vec<u8>,
+    fin: bool,
+    opcode: u8,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) {
     write_header(out, fin, 0, opcode, payload.len() as u64, mask);
     match mask {
         Some(k) => mask_extend(out, payload, k, 0),
@@ -279,7 +295,9 @@ impl Utf8 {
                 if tail.len() > 3 {
                     return Err(FrameError::Utf8);
                 }
-                self.buf.get_mut(..tail.len()).map(|b| b.copy_from_slice(tail));
+                if let Some(b) = self.buf.get_mut(..tail.len()) {
+                    b.copy_from_slice(tail);
+                }
                 self.len = tail.len() as u8;
                 Ok(())
             }
@@ -340,8 +358,16 @@ pub trait Sink {
 #[derive(Debug, Clone, Copy)]
 enum State {
     Header,
-    Data { remaining: u64, mask: Option<[u8; 4]>, offset: usize },
-    Control { opcode: u8, remaining: usize, mask: Option<[u8; 4]> },
+    Data {
+        remaining: u64,
+        mask: Option<[u8; 4]>,
+        offset: usize,
+    },
+    Control {
+        opcode: u8,
+        remaining: usize,
+        mask: Option<[u8; 4]>,
+    },
 }
 
 /// One hop's incoming frames, decoded incrementally.
@@ -429,7 +455,11 @@ impl Decoder {
                     input = &mut input[used..];
                     self.start_frame(h, sink)?;
                 }
-                State::Data { remaining, mask, offset } => {
+                State::Data {
+                    remaining,
+                    mask,
+                    offset,
+                } => {
                     if remaining == 0 {
                         self.state = State::Header;
                         self.end_data_frame(sink)?;
@@ -438,7 +468,9 @@ impl Decoder {
                     if input.is_empty() {
                         return Ok(());
                     }
-                    let n = usize::try_from(remaining).unwrap_or(usize::MAX).min(input.len());
+                    let n = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(input.len());
                     let (chunk, rest) = input.split_at_mut(n);
                     if let Some(k) = mask {
                         apply_mask(chunk, k, offset);
@@ -454,7 +486,11 @@ impl Decoder {
                     sink.payload(chunk)?;
                     input = rest;
                 }
-                State::Control { opcode, remaining, mask } => {
+                State::Control {
+                    opcode,
+                    remaining,
+                    mask,
+                } => {
                     if remaining > 0 {
                         if input.is_empty() {
                             return Ok(());
@@ -508,7 +544,11 @@ impl Decoder {
         if h.len > self.rules.max_frame {
             return Err(FrameError::TooBig("frame too big").into());
         }
-        let total = if first { h.len } else { self.message_len.saturating_add(h.len) };
+        let total = if first {
+            h.len
+        } else {
+            self.message_len.saturating_add(h.len)
+        };
         if total > self.rules.max_message {
             return Err(FrameError::TooBig("message too big").into());
         }
@@ -616,16 +656,27 @@ mod tests {
     #[test]
     fn rfc_single_frame_unmasked_text() {
         let ev = decode(&[0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f], false).unwrap();
-        assert_eq!(ev, vec![Ev::Start(1, 1, true, 5), data("Hello"), Ev::End(true)]);
+        assert_eq!(
+            ev,
+            vec![Ev::Start(1, 1, true, 5), data("Hello"), Ev::End(true)]
+        );
     }
 
     #[test]
     fn rfc_single_frame_masked_text() {
-        let f = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+        let f = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
         let ev = decode(&f, true).unwrap();
-        assert_eq!(ev, vec![Ev::Start(1, 1, true, 5), data("Hello"), Ev::End(true)]);
+        assert_eq!(
+            ev,
+            vec![Ev::Start(1, 1, true, 5), data("Hello"), Ev::End(true)]
+        );
         // The same frame from a server is a protocol error, and vice versa.
-        assert_eq!(decode(&f, false), Err(FrameError::Protocol("masked frame from a server")));
+        assert_eq!(
+            decode(&f, false),
+            Err(FrameError::Protocol("masked frame from a server"))
+        );
         assert_eq!(
             decode(&[0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f], true),
             Err(FrameError::Protocol("unmasked frame"))
@@ -652,9 +703,17 @@ mod tests {
     #[test]
     fn rfc_ping_and_masked_pong() {
         let ping = [0x89, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f];
-        assert_eq!(decode(&ping, false).unwrap(), vec![Ev::Control(9, b"Hello".to_vec())]);
-        let pong = [0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
-        assert_eq!(decode(&pong, true).unwrap(), vec![Ev::Control(10, b"Hello".to_vec())]);
+        assert_eq!(
+            decode(&ping, false).unwrap(),
+            vec![Ev::Control(9, b"Hello".to_vec())]
+        );
+        let pong = [
+            0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        assert_eq!(
+            decode(&pong, true).unwrap(),
+            vec![Ev::Control(10, b"Hello".to_vec())]
+        );
     }
 
     #[test]
@@ -699,8 +758,14 @@ mod tests {
         assert_eq!(decode(&[0xA1, 0x00], false), p("reserved bits set"));
         assert_eq!(decode(&[0x91, 0x00], false), p("reserved bits set"));
         assert_eq!(decode(&[0x09, 0x00], false), p("fragmented control frame"));
-        assert_eq!(decode(&[0x89, 0x7E, 0, 126], false), p("control frame too long"));
-        assert_eq!(decode(&[0x80, 0x00], false), p("continuation without a message"));
+        assert_eq!(
+            decode(&[0x89, 0x7E, 0, 126], false),
+            p("control frame too long")
+        );
+        assert_eq!(
+            decode(&[0x80, 0x00], false),
+            p("continuation without a message")
+        );
         assert_eq!(
             decode(&[0x01, 0x00, 0x81, 0x00], false),
             p("new message inside a fragmented one")
@@ -751,9 +816,15 @@ mod tests {
         // point, before the frame is complete.
         let mut rec = Rec::default();
         let mut d = Decoder::new(rules(false));
-        assert_eq!(d.feed(&mut [0x81, 0x10, b'a', 0xF4, 0x90], &mut rec), Err(FrameError::Utf8));
+        assert_eq!(
+            d.feed(&mut [0x81, 0x10, b'a', 0xF4, 0x90], &mut rec),
+            Err(FrameError::Utf8)
+        );
         let mut d = Decoder::new(rules(false));
-        assert_eq!(d.feed(&mut [0x81, 0x10, b'a', 0xC0], &mut rec), Err(FrameError::Utf8));
+        assert_eq!(
+            d.feed(&mut [0x81, 0x10, b'a', 0xC0], &mut rec),
+            Err(FrameError::Utf8)
+        );
         // Binary is not checked.
         assert!(decode(&[0x82, 0x01, 0xFF], false).is_ok());
     }
@@ -783,7 +854,10 @@ mod tests {
     fn close_payloads() {
         assert_eq!(parse_close(&[]), Ok(None));
         assert!(parse_close(&[3]).is_err());
-        assert_eq!(parse_close(&[0x03, 0xE8, b'o', b'k']), Ok(Some((1000, "ok"))));
+        assert_eq!(
+            parse_close(&[0x03, 0xE8, b'o', b'k']),
+            Ok(Some((1000, "ok")))
+        );
         for code in [1012u16, 1013, 1014, 3000, 4999] {
             assert!(parse_close(&code.to_be_bytes()).is_ok(), "{code}");
         }

@@ -28,7 +28,6 @@
 //!   the close frame instead of a reset.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -271,7 +270,7 @@ struct FlowSink<'a> {
 }
 
 impl FlowSink<'_> {
-    fn from_client(&self) -> bool {
+    fn is_client_to_backend(&self) -> bool {
         self.st.dir == Direction::C2s
     }
 
@@ -284,9 +283,9 @@ impl FlowSink<'_> {
         }
     }
 
-    fn finish_assembly(&mut self, a: Box<Assembly>) -> Result<(), Halt> {
+    fn finish_assembly(&mut self, a: Assembly) -> Result<(), Halt> {
         let env = self.env;
-        let Assembly { op, buf, reserved } = *a;
+        let Assembly { op, buf, reserved } = a;
         env.shared.partial.release(reserved);
         let ty = if op == frame::OP_TEXT {
             MsgType::Text
@@ -448,7 +447,7 @@ impl Sink for FlowSink<'_> {
             return Ok(());
         }
         match self.st.assembly.take() {
-            Some(a) => self.finish_assembly(a),
+            Some(a) => self.finish_assembly(*a),
             None => {
                 self.count();
                 Ok(())
@@ -463,7 +462,7 @@ impl Sink for FlowSink<'_> {
         }
         // Pings and pongs from the client count against its message
         // limits: they are forwarded too.
-        if let (Some(l), true) = (self.env.limiter, self.from_client()) {
+        if let (Some(l), true) = (self.env.limiter, self.is_client_to_backend()) {
             if !l.allow(payload.len()) && self.limited("message_rate")? {
                 return Ok(());
             }
@@ -917,7 +916,13 @@ where
                     flow.st.pending_ping = Some(p);
                 } else {
                     let mut f = Vec::with_capacity(2 + 4 + p.len());
-                    frame::write_frame(&mut f, true, frame::OP_PING, &p, out_mask(flow.st.mask_out));
+                    frame::write_frame(
+                        &mut f,
+                        true,
+                        frame::OP_PING,
+                        &p,
+                        out_mask(flow.st.mask_out),
+                    );
                     match side {
                         Side::Client => self.client.queue(&f),
                         Side::Upstream => self.upstream.queue(&f),
@@ -944,11 +949,24 @@ where
             // would) and passed on unchanged.
             End::ClientClosed(f) => (Some(f.clone()), Some(f.clone()), "client", CLOSE_WAIT),
             End::UpstreamClosed(f) => (Some(f.clone()), Some(f.clone()), "backend", CLOSE_WAIT),
-            End::ClientGone => (None, close(1001, "client went away"), "client", Duration::ZERO),
-            End::UpstreamGone => (close(BAD_GATEWAY, "backend went away"), None, "backend", CLOSE_WAIT),
-            End::ClientViolation(code, reason) => {
-                (close(*code, reason), close(1001, "client error"), "client", CLOSE_WAIT)
-            }
+            End::ClientGone => (
+                None,
+                close(1001, "client went away"),
+                "client",
+                Duration::ZERO,
+            ),
+            End::UpstreamGone => (
+                close(BAD_GATEWAY, "backend went away"),
+                None,
+                "backend",
+                CLOSE_WAIT,
+            ),
+            End::ClientViolation(code, reason) => (
+                close(*code, reason),
+                close(1001, "client error"),
+                "client",
+                CLOSE_WAIT,
+            ),
             End::UpstreamViolation(code, reason) => (
                 close(BAD_GATEWAY, "backend error"),
                 close(*code, reason),
@@ -974,7 +992,12 @@ where
                 "backend",
                 CLOSE_WAIT,
             ),
-            End::Idle => (close(1001, "idle timeout"), close(1001, "idle timeout"), "proxy", CLOSE_WAIT),
+            End::Idle => (
+                close(1001, "idle timeout"),
+                close(1001, "idle timeout"),
+                "proxy",
+                CLOSE_WAIT,
+            ),
             End::Shutdown => (
                 close(1001, "shutting down"),
                 close(1001, "shutting down"),
@@ -1012,11 +1035,9 @@ where
                 self.upstream
                     .queue(&close_frame(&msg, self.c2u.st.mask_out));
                 self.tail = true;
-                let _ = tokio::time::timeout(
-                    CLOSE_WAIT,
-                    std::future::poll_fn(|cx| self.poll_io(cx)),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, std::future::poll_fn(|cx| self.poll_io(cx)))
+                        .await;
             }
         }
         let client_gone = matches!(end, End::ClientGone);
@@ -1024,12 +1045,30 @@ where
         let (client_open, upstream_open) = (self.u2c.st.open_out, self.c2u.st.open_out);
         let client_done = async {
             if !client_gone {
-                close_hop(&mut self.client, client_open, false, to_client, client_wait).await;
+                let peer_closed = matches!(end, End::ClientClosed(_));
+                close_hop(
+                    &mut self.client,
+                    client_open,
+                    false,
+                    peer_closed,
+                    to_client,
+                    client_wait,
+                )
+                .await;
             }
         };
         let upstream_done = async {
             if !upstream_gone {
-                close_hop(&mut self.upstream, upstream_open, true, to_upstream, upstream_wait).await;
+                let peer_closed = matches!(end, End::UpstreamClosed(_));
+                close_hop(
+                    &mut self.upstream,
+                    upstream_open,
+                    true,
+                    peer_closed,
+                    to_upstream,
+                    upstream_wait,
+                )
+                .await;
             }
         };
         tokio::join!(client_done, upstream_done);
@@ -1062,10 +1101,18 @@ fn close_frame(msg: &CloseMsg, masked: bool) -> Vec<u8> {
 /// open on this hop), shuts down the write side, then discards what still
 /// arrives until the peer closes: the peer reads our close frame instead of
 /// a reset. All of it within `wait`.
+///
+/// When the peer closed first (`peer_closed`), nothing can follow its close
+/// frame, so there is nothing to drain and nothing to wait for: the
+/// connection ends as soon as the answer is written, as RFC 6455 7.1.1 asks
+/// of a server. Waiting for the peer's FIN instead would hold the session
+/// (and its connection slot) open for as long as the client keeps its
+/// socket.
 async fn close_hop<S: AsyncRead + AsyncWrite + Unpin>(
     hop: &mut Hop<S>,
     open_out: bool,
     masked: bool,
+    peer_closed: bool,
     msg: Option<CloseMsg>,
     wait: Duration,
 ) {
@@ -1077,6 +1124,9 @@ async fn close_hop<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
         let _ = std::future::poll_fn(|cx| Pin::new(&mut hop.io).poll_shutdown(cx)).await;
+        if peer_closed {
+            return;
+        }
         std::future::poll_fn(|cx| {
             READ.with_borrow_mut(|scratch| loop {
                 if scratch.len() < SCRATCH {
@@ -1113,142 +1163,139 @@ enum Ev {
 ///
 /// `upstream_rest` holds the bytes the backend sent right after its 101
 /// (read together with the handshake); they are its first frames.
-pub fn run<C, U>(
+pub async fn run<C, U>(
     client: C,
     upstream: U,
     upstream_rest: Vec<u8>,
     rt: Arc<Runtime>,
     shared: Arc<Shared>,
     info: SessionInfo,
-) -> impl Future<Output = ()>
-where
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    async move {
-        let route = rt.policy.route(info.route);
-        let limits = &route.limits;
-        let ka = &route.keepalive;
-        let max_message = u64::try_from(limits.max_message_size).unwrap_or(u64::MAX);
-        let start = Instant::now();
-        let mut eng = Engine {
-            route,
-            shared: &shared,
-            bind: &info.bind,
-            derive: &info.derive,
-            subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
-            limiter: MessageLimiter::new(
-                limits.per_connection_messages.as_ref(),
-                limits.per_connection_bytes.as_ref(),
-            ),
-            client: Hop::new(client),
-            upstream: Hop::new(upstream),
-            c2u: Flow::new(
-                Direction::C2s,
-                Rules {
-                    masked: true,
-                    allow_rsv1: false,
-                    max_frame: u64::try_from(limits.max_frame_size).unwrap_or(u64::MAX),
-                    max_message,
-                },
-            ),
-            // Backends send messages as one frame: no frame limit; the
-            // message limit has room for a signature envelope.
-            u2c: Flow::new(
-                Direction::S2c,
-                Rules {
-                    masked: false,
-                    allow_rsv1: false,
-                    max_frame: u64::MAX,
-                    max_message: max_message.saturating_add(1024),
-                },
-            ),
-            client_live: Liveness::new(ka.max_missed),
-            upstream_live: Liveness::new(ka.max_missed),
-            upstream_rest,
-            tail: false,
-            last_data: start,
-        };
-        shared.metrics.connections_active.inc();
-        let route_active = shared.metrics.route_active(&route.prefix);
-        route_active.inc();
+    let route = rt.policy.route(info.route);
+    let limits = &route.limits;
+    let ka = &route.keepalive;
+    let max_message = u64::try_from(limits.max_message_size).unwrap_or(u64::MAX);
+    let start = Instant::now();
+    let mut eng = Engine {
+        route,
+        shared: &shared,
+        bind: &info.bind,
+        derive: &info.derive,
+        subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
+        limiter: MessageLimiter::new(
+            limits.per_connection_messages.as_ref(),
+            limits.per_connection_bytes.as_ref(),
+        ),
+        client: Hop::new(client),
+        upstream: Hop::new(upstream),
+        c2u: Flow::new(
+            Direction::C2s,
+            Rules {
+                masked: true,
+                allow_rsv1: false,
+                max_frame: u64::try_from(limits.max_frame_size).unwrap_or(u64::MAX),
+                max_message,
+            },
+        ),
+        // Backends send messages as one frame: no frame limit; the
+        // message limit has room for a signature envelope.
+        u2c: Flow::new(
+            Direction::S2c,
+            Rules {
+                masked: false,
+                allow_rsv1: false,
+                max_frame: u64::MAX,
+                max_message: max_message.saturating_add(1024),
+            },
+        ),
+        client_live: Liveness::new(ka.max_missed),
+        upstream_live: Liveness::new(ka.max_missed),
+        upstream_rest,
+        tail: false,
+        last_data: start,
+    };
+    shared.metrics.connections_active.inc();
+    let route_active = shared.metrics.route_active(&route.prefix);
+    route_active.inc();
 
-        let mut client_ticker = keepalive::ticker(ka.interval);
-        let mut upstream_ticker = keepalive::ticker(ka.upstream_interval);
-        let client_stall = stall_limit(ka.interval, ka.max_missed);
-        let upstream_stall = stall_limit(ka.upstream_interval, ka.max_missed);
-        let idle = ka.idle_timeout;
-        let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
-        let mut expires = std::pin::pin!(expiry(info.expires));
-        let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
-            start + idle.unwrap_or(Duration::from_secs(86_400 * 365))
-        ));
-        let end = loop {
-            let ev = tokio::select! {
-                biased;
-                () = &mut shutdown => Ev::End(End::Shutdown),
-                e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
-                () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
-                () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
-                () = &mut idle_sleep, if idle.is_some() => Ev::Idle,
-                () = &mut expires => Ev::End(End::Policy("token expired", "token expired")),
-            };
-            match ev {
-                Ev::End(e) => break e,
-                Ev::Tick(side) => {
-                    let stall = match side {
-                        Side::Client => client_stall,
-                        Side::Upstream => upstream_stall,
-                    };
-                    if let Err(e) = eng.on_tick(side, stall) {
-                        break e;
-                    }
-                }
-                Ev::Idle => {
-                    let deadline = eng.last_data + idle.unwrap_or_default();
-                    if Instant::now() >= deadline {
-                        break End::Idle;
-                    }
-                    idle_sleep.as_mut().reset(deadline);
+    let mut client_ticker = keepalive::ticker(ka.interval);
+    let mut upstream_ticker = keepalive::ticker(ka.upstream_interval);
+    let client_stall = stall_limit(ka.interval, ka.max_missed);
+    let upstream_stall = stall_limit(ka.upstream_interval, ka.max_missed);
+    let idle = ka.idle_timeout;
+    let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
+    let mut expires = std::pin::pin!(expiry(info.expires));
+    let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
+        start + idle.unwrap_or(Duration::from_secs(86_400 * 365))
+    ));
+    let end = loop {
+        let ev = tokio::select! {
+            biased;
+            () = &mut shutdown => Ev::End(End::Shutdown),
+            e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
+            () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
+            () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
+            () = &mut idle_sleep, if idle.is_some() => Ev::Idle,
+            () = &mut expires => Ev::End(End::Policy("token expired", "token expired")),
+        };
+        match ev {
+            Ev::End(e) => break e,
+            Ev::Tick(side) => {
+                let stall = match side {
+                    Side::Client => client_stall,
+                    Side::Upstream => upstream_stall,
+                };
+                if let Err(e) = eng.on_tick(side, stall) {
+                    break e;
                 }
             }
-        };
-
-        // The close phase is boxed: its timers and close handshakes would
-        // otherwise reserve room in every idle session's future.
-        let (client_code, side) = Box::pin(eng.finish(&end)).await;
-
-        shared.metrics.connections_active.dec();
-        route_active.dec();
-        let reason = match &end {
-            End::Policy(_, r) => *r,
-            End::Overload => "partial message budget",
-            _ => "",
-        };
-        tracing::info!(
-            target: "access",
-            client = %info.peer,
-            path = %info.path,
-            request_id = %info.request_id,
-            duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-            msgs_c2s = eng.c2u.st.msgs,
-            msgs_s2c = eng.u2c.st.msgs,
-            bytes_c2s = eng.c2u.st.bytes,
-            bytes_s2c = eng.u2c.st.bytes,
-            close_code = client_code,
-            closed_by = side,
-            reason,
-            "session closed"
-        );
-        drop(eng);
-        // Named, so the future owns them: an async block captures only the
-        // fields it uses, and these slots must live as long as the session.
-        drop((info.slot, info.subject_slot));
-        // The fleet-wide lease goes back before the task ends (bounded by
-        // limits.shared.timeout), so a graceful shutdown waits for it.
-        if let Some(lease) = info.shared_slot {
-            lease.release().await;
+            Ev::Idle => {
+                let deadline = eng.last_data + idle.unwrap_or_default();
+                if Instant::now() >= deadline {
+                    break End::Idle;
+                }
+                idle_sleep.as_mut().reset(deadline);
+            }
         }
+    };
+
+    // The close phase is boxed: its timers and close handshakes would
+    // otherwise reserve room in every idle session's future.
+    let (client_code, side) = Box::pin(eng.finish(&end)).await;
+
+    shared.metrics.connections_active.dec();
+    route_active.dec();
+    let reason = match &end {
+        End::Policy(_, r) => *r,
+        End::Overload => "partial message budget",
+        _ => "",
+    };
+    tracing::info!(
+        target: "access",
+        client = %info.peer,
+        path = %info.path,
+        request_id = %info.request_id,
+        duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        msgs_c2s = eng.c2u.st.msgs,
+        msgs_s2c = eng.u2c.st.msgs,
+        bytes_c2s = eng.c2u.st.bytes,
+        bytes_s2c = eng.u2c.st.bytes,
+        close_code = client_code,
+        closed_by = side,
+        reason,
+        "session closed"
+    );
+    drop(eng);
+    // Named, so the future owns them: an async block captures only the
+    // fields it uses, and these slots must live as long as the session.
+    drop((info.slot, info.subject_slot));
+    // The fleet-wide lease goes back before the task ends (bounded by
+    // limits.shared.timeout), so a graceful shutdown waits for it.
+    if let Some(lease) = info.shared_slot {
+        lease.release().await;
     }
 }
 

@@ -7,7 +7,8 @@
 //!   -> handshake (validate the upgrade, build the upstream header set)
 //!   -> guard::{limits, origin, jwt, introspect, shared, breaker}
 //!   -> upstream (dial, strict 101 check)
-//!   -> session (the frame engine: relay, sign, limits; keepalive, pongs, gate)
+//!   -> session (the frame engine: relay, sign, limits, keepalive; `frame`
+//!      is its RFC 6455 codec)
 //!   -> close
 //! ```
 //!
@@ -34,16 +35,15 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod files;
+pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod gate;
 pub mod guard;
 pub mod handshake;
 pub mod keepalive;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
-pub mod pongs;
 pub mod reject_log;
 pub mod reload;
 pub mod runtime;

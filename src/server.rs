@@ -29,8 +29,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::config::Mode;
 use crate::config::OnError;
@@ -39,7 +37,6 @@ use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
-use crate::pongs::PongFilter;
 use crate::runtime::Shared;
 use crate::session::{self, SessionInfo};
 use crate::upstream::{self, DialError};
@@ -583,23 +580,24 @@ async fn upgrade(
     };
     let shared2 = Arc::clone(shared);
     let rt2 = Arc::clone(&rt);
-    let ws_config = derived.ws_config;
     let tracker = shared.tracker.clone();
     shared.tracker.spawn(async move {
         let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
             Ok(Ok(u)) => u,
             _ => return,
         };
-        let client = WebSocketStream::from_raw_socket(
-            PongFilter::new(TokioIo::new(upgraded)),
-            Role::Server,
-            Some(ws_config),
-        )
-        .await;
+        let client = TokioIo::new(upgraded);
         // The session gets a task of its own: this block keeps everything
         // it captured (the backend's stream, the session info) for as long
         // as it runs, which would cost every idle session about 1 KiB.
-        tracker.spawn(session::run(client, dialed.ws, rt2, shared2, info));
+        tracker.spawn(session::run(
+            client,
+            dialed.stream,
+            dialed.rest,
+            rt2,
+            shared2,
+            info,
+        ));
     });
     Ok(resp)
 }

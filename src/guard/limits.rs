@@ -128,6 +128,18 @@ impl MessageLimiter {
         }
         true
     }
+
+    /// True when `len` more bytes of a message already under way fit the
+    /// byte bucket (the message itself was counted at its first frame).
+    pub fn allow_bytes(&self, len: usize) -> bool {
+        let Some(b) = &self.bytes else {
+            return true;
+        };
+        let Some(n) = u32::try_from(len).ok().and_then(NonZeroU32::new) else {
+            return len == 0;
+        };
+        matches!(b.check_n(n), Ok(Ok(())))
+    }
 }
 
 /// Live-session counts: global and per client IP. Shared by every policy

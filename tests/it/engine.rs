@@ -188,6 +188,13 @@ async fn send_2mib(addr: SocketAddr, fragmented: bool, read_while_writing: bool)
     } else {
         encode(true, BINARY, &payload, true)
     };
+    write_and_read_close(c, bytes, read_while_writing).await
+}
+
+/// Writes `bytes` and reads up to the proxy's close frame (see
+/// [`send_2mib`]); answers the close with the same code and reads to the
+/// end of TCP.
+async fn write_and_read_close(c: Client, bytes: Vec<u8>, read_while_writing: bool) -> String {
     let Client { mut rd, mut wr, .. } = c;
     let mut writer = tokio::spawn(async move {
         let r = wr.write_all(&bytes).await;
@@ -211,8 +218,9 @@ async fn send_2mib(addr: SocketAddr, fragmented: bool, read_while_writing: bool)
         Some(d) => d,
         None => within("the 2 MiB write", writer).await.unwrap(),
     };
+    let code = close.as_ref().map_or(1000, |c| c.0);
     let answered = wr
-        .write_all(&encode(true, CLOSE, &close_payload(1009, ""), true))
+        .write_all(&encode(true, CLOSE, &close_payload(code, ""), true))
         .await;
     let end = within("the end of TCP", rd.end()).await;
     format!(
@@ -249,6 +257,48 @@ async fn two_mib_against_a_one_mib_limit_reads_1009_every_time_with_no_reset() {
         bad.len(),
         bad.join("\n")
     );
+    assert_echo(p.addr).await;
+}
+
+/// Issue 12, Closing: after wsguard sends its own close, the peer must be
+/// able to read it even though more data is still arriving (here 1 MiB of
+/// frames after the offending one, which the proxy must discard, not reset).
+#[tokio::test]
+async fn the_proxys_own_close_is_readable_while_the_client_keeps_sending() {
+    let p = proxy(echo_backend().await, NO_GUARDS).await;
+    let mut tail = Vec::new();
+    for _ in 0..16 {
+        tail.extend(encode(true, BINARY, &[7u8; 64 * 1024], true));
+    }
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "unmasked frame",
+            encode(true, TEXT, b"unmasked", false),
+            1002,
+        ),
+        ("reserved opcode", encode(true, 3, b"x", true), 1002),
+        (
+            "invalid UTF-8",
+            encode(true, TEXT, &[0xff, 0xfe], true),
+            1007,
+        ),
+    ];
+    let mut bad = Vec::new();
+    for (what, first, code) in cases {
+        for reading in [true, false] {
+            let c = Client::connect(p.addr, "/").await;
+            let mut bytes = first.clone();
+            bytes.extend_from_slice(&tail);
+            let got = write_and_read_close(c, bytes, reading).await;
+            let want = format!("close Ok(({code}, ");
+            if !(got.starts_with(&want)
+                && got.ends_with("write Ok(()), close answer Ok(()), then Eof"))
+            {
+                bad.push(format!("{what} (read while writing {reading}): {got}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
     assert_echo(p.addr).await;
 }
 
@@ -431,4 +481,160 @@ async fn chromium_sending_2mib_against_a_1mib_limit_sees_1009_every_time() {
         "close codes the page saw in {BROWSER_RUNS} runs"
     );
     assert_echo(p.addr).await;
+}
+
+// ---------------------------------------------------------------- budget
+
+/// Clients that each leave a fragmented message unfinished.
+const PARTIAL_CLIENTS: usize = 1000;
+/// What each of them sends of its message: one non-final 256 KiB fragment.
+const PARTIAL_BYTES: usize = 256 * 1024;
+/// Extra policy lines that set the process-wide budget of bytes held in
+/// partial messages (none: the engine's default).
+const BUDGET_YAML: &str = "";
+/// The most the proxy may grow while the clients hold their fragments:
+/// the budget plus allocator slack and the sessions themselves. Without
+/// a budget it holds all 250 MiB (more, with buffers that double).
+const PARTIAL_RSS_BOUND_KIB: u64 = 128 * 1024;
+/// The close code for a message past the budget. Issue 12 allows 1013
+/// (Try Again Later) or 1009.
+const OVER_BUDGET: [u16; 2] = [1013, 1009];
+
+/// A signed text message from a client, with key c1.
+fn signed_c2s(seq: u64, payload: &[u8]) -> Vec<u8> {
+    wsguard::sign::sign(
+        &crate::hmac::key("c1", &crate::hmac::CLIENT1),
+        wsguard::sign::Direction::C2s,
+        seq,
+        wsguard::sign::now_ms(),
+        "",
+        wsguard::sign::MsgType::Text,
+        payload,
+    )
+}
+
+/// A client sends one signed message (in `parts` fragments) and expects the
+/// backend's answer, re-signed with c1.
+async fn signed_round_trip(addr: SocketAddr, parts: usize) {
+    let mut c = Client::connect(addr, "/").await;
+    let msg = signed_c2s(1, b"normal client");
+    let size = msg.len().div_ceil(parts);
+    let chunks: Vec<&[u8]> = msg.chunks(size).collect();
+    for (i, ch) in chunks.iter().enumerate() {
+        c.send(i + 1 == chunks.len(), if i == 0 { TEXT } else { 0 }, ch)
+            .await;
+    }
+    match c.seen().await {
+        Got::Msg(TEXT, reply) => assert!(
+            reply.starts_with(b"wsg1.c1.1.") && reply.ends_with(b"\necho:normal client"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        ),
+        other => panic!("a normal signed message got {other:?}"),
+    }
+}
+
+/// Issue 12: with HMAC on, messages are assembled, and a client can hold
+/// up to `max_message_size` of fragments with nothing to end it. 1,000
+/// clients each leave a 256 KiB fragment unfinished; after each fragment
+/// the client pings, and the backend's pong (or a close) tells it the proxy
+/// has read the fragment. The proxy (the real binary, so that its RSS is
+/// its own) must stay under a bound, the clients past the budget get
+/// 1013/1009, and a normal client still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_messages_live_under_a_process_wide_budget() {
+    use futures_util::StreamExt;
+    let (backend, _seen) = crate::hmac::signing_backend().await;
+    let keys = format!(
+        "hmac:\n  mode: enforce\n  client_keys:\n    - {{ id: c1, secret_file: \"{}\" }}\n  upstream_key: {{ id: p1, secret_file: \"{}\" }}\n",
+        crate::hmac::key_file("c1", &crate::hmac::CLIENT1),
+        crate::hmac::key_file("p1", &crate::hmac::UPSTREAM)
+    );
+    let (p, addr) = spawn_proxy(
+        "engine-budget",
+        &format!("upstream: {{ url: \"ws://{backend}\" }}\n{keys}keepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  max_message_size: 1MiB\n  per_ip: null\n  per_connection: null\n{BUDGET_YAML}"),
+    )
+    .await;
+    signed_round_trip(addr, 1).await;
+    signed_round_trip(addr, 3).await;
+    let before = rss_kib(p.pid());
+
+    let fragment = vec![b'a'; PARTIAL_BYTES];
+    let outcomes: Vec<(Client, Got)> = futures_util::stream::iter(0..PARTIAL_CLIENTS)
+        .map(|i| {
+            let fragment = &fragment;
+            async move {
+                let mut c = Client::connect(addr, "/").await;
+                c.send(false, TEXT, fragment).await;
+                let ping = format!("held-{i}");
+                c.send(true, PING, ping.as_bytes()).await;
+                let got = c.seen().await;
+                match &got {
+                    Got::Pong(p) => assert_eq!(p, ping.as_bytes(), "client {i}"),
+                    Got::Close(..) => {}
+                    other => panic!("client {i} got {other:?}"),
+                }
+                (c, got)
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let held = outcomes
+        .iter()
+        .filter(|(_, g)| matches!(g, Got::Pong(_)))
+        .count();
+    let refused: Vec<u16> = outcomes
+        .iter()
+        .filter_map(|(_, g)| match g {
+            Got::Close(code, _) => Some(*code),
+            _ => None,
+        })
+        .collect();
+    let after = rss_kib(p.pid());
+    let grew = after.saturating_sub(before);
+    eprintln!(
+        "{PARTIAL_CLIENTS} clients with {} KiB unfinished each: {held} held, {} refused (codes {:?}); proxy RSS {before} -> {after} KiB (+{grew} KiB)",
+        PARTIAL_BYTES / 1024,
+        refused.len(),
+        refused.iter().collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(
+        !refused.is_empty() && refused.iter().all(|c| OVER_BUDGET.contains(c)),
+        "clients past the budget must get one of {OVER_BUDGET:?}: {held} held, refused with {refused:?}"
+    );
+    assert!(
+        grew < PARTIAL_RSS_BOUND_KIB,
+        "the proxy grew by {grew} KiB holding partial messages (bound {PARTIAL_RSS_BOUND_KIB} KiB)"
+    );
+    // While the budget is taken, a small whole message still passes.
+    signed_round_trip(addr, 1).await;
+    // Once the holders leave (with a close handshake, so the proxy has
+    // ended their sessions), a fragmented message is assembled again.
+    futures_util::stream::iter(outcomes)
+        .for_each_concurrent(50, |(mut c, got)| async move {
+            if let Got::Pong(_) = got {
+                c.send(true, CLOSE, &close_payload(1000, "")).await;
+                let _ = c.close_frame().await;
+            }
+        })
+        .await;
+    let mut ok = false;
+    // The budget may come back a moment after the close handshake (the
+    // session's task ends after the close frame is written): a few tries.
+    for _ in 0..20 {
+        let mut c = Client::connect(addr, "/").await;
+        let msg = signed_c2s(1, b"normal client");
+        let (a, b) = msg.split_at(20);
+        c.send(false, TEXT, a).await;
+        c.send(true, 0, b).await;
+        if let Got::Msg(TEXT, _) = c.seen().await {
+            ok = true;
+            break;
+        }
+    }
+    assert!(
+        ok,
+        "a fragmented message never passed after the holders left"
+    );
 }

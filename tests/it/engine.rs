@@ -165,6 +165,58 @@ async fn a_ping_under_write_backpressure_gets_exactly_one_pong_the_backends() {
     assert_echo(p.addr).await;
 }
 
+/// With keepalive on both hops, wsguard's own pings and their pongs stay
+/// on their hop (consumed by nonce), and an application ping still gets
+/// exactly one pong: the backend's.
+#[tokio::test]
+async fn with_keepalive_on_both_hops_a_ping_gets_only_the_backends_pong() {
+    let (b, mut events) = raw_backend().await;
+    let p = proxy(
+        b,
+        "keepalive: { interval: 100ms, max_missed: 20, upstream_interval: 100ms }\nlimits: { per_ip: null, per_connection: null }\n",
+    )
+    .await;
+    let mut c = Client::connect(p.addr, "/pong-tag-app").await;
+    // Two keepalive pings reach the client, which answers them.
+    for _ in 0..2 {
+        match c.seen().await {
+            Got::Ping(nonce) => c.send(true, PONG, &nonce).await,
+            other => panic!("expected a keepalive ping, got {other:?}"),
+        }
+    }
+    // Two keepalive pings reach the backend (which echoes them).
+    for _ in 0..2 {
+        backend_event(&mut events, |e| matches!(e, Backend::Ping(_))).await;
+    }
+    for round in 0..5 {
+        let ping = format!("app-{round}");
+        c.send(true, PING, ping.as_bytes()).await;
+        c.text("after").await;
+        let mut pongs = Vec::new();
+        loop {
+            match c.seen().await {
+                Got::Ping(nonce) => c.send(true, PONG, &nonce).await,
+                Got::Pong(p) => pongs.push(String::from_utf8_lossy(&p).to_string()),
+                Got::Msg(TEXT, m) if m == b"after" => break,
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(pongs, vec![format!("b:{ping}")], "round {round}");
+    }
+    // The backend saw each application ping once and none of the client's
+    // keepalive pongs.
+    let mut app_pings = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        match e {
+            Backend::Ping(p) if p.starts_with(b"app") => app_pings.push(p),
+            Backend::Pong(p) => panic!("a client pong leaked to the backend: {p:?}"),
+            _ => {}
+        }
+    }
+    let want: Vec<Vec<u8>> = (0..5).map(|r| format!("app-{r}").into_bytes()).collect();
+    assert_eq!(app_pings, want);
+}
+
 // ---------------------------------------------------------------- 1009 close
 
 /// Sends 2 MiB (one frame, or 32 fragments of 64 KiB) and reads the

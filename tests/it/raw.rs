@@ -287,6 +287,9 @@ pub enum PongMode {
     Tag,
     /// `/pong-none`: never answers a ping.
     None,
+    /// `/pong-tag-app`: tags pings whose payload starts with `app`, and
+    /// echoes the others (wsguard's keepalive pings, matched by payload).
+    TagApp,
 }
 
 /// What the raw backend reports to the test.
@@ -342,7 +345,9 @@ async fn serve(mut s: TcpStream, events: mpsc::UnboundedSender<Backend>) {
     let text = String::from_utf8_lossy(&head[..end]).to_string();
     let rest = head[end..].to_vec();
     let path = text.split(' ').nth(1).unwrap_or("/").to_string();
-    let mode = if path.starts_with("/pong-echo") {
+    let mode = if path.starts_with("/pong-tag-app") {
+        PongMode::TagApp
+    } else if path.starts_with("/pong-echo") {
         PongMode::Echo
     } else if path.starts_with("/pong-none") {
         PongMode::None
@@ -379,7 +384,10 @@ async fn serve(mut s: TcpStream, events: mpsc::UnboundedSender<Backend>) {
                 let _ = events.send(Backend::Ping(f.payload.clone()));
                 match mode {
                     PongMode::Echo => send(encode(true, PONG, &f.payload, false)),
-                    PongMode::Tag => {
+                    PongMode::TagApp if !f.payload.starts_with(b"app") => {
+                        send(encode(true, PONG, &f.payload, false))
+                    }
+                    PongMode::Tag | PongMode::TagApp => {
                         let mut p = b"b:".to_vec();
                         p.extend_from_slice(&f.payload);
                         send(encode(true, PONG, &p, false));

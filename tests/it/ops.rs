@@ -284,7 +284,7 @@ async fn a_token_only_subprotocol_is_answered_back_and_never_forwarded() {
 }
 
 /// Headless Chromium, or None (with a message) when it is not installed.
-fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     let found = ["chromium", "chromium-browser", "google-chrome"]
         .iter()
         .find_map(|name| {

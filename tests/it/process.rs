@@ -232,6 +232,11 @@ impl Proc {
         .await
     }
 
+    /// The child's process id (for /proc/PID/status).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("wsguard still running")
+    }
+
     pub(crate) fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap();
         let st = Command::new("kill")

@@ -296,3 +296,247 @@ pub fn token(data: &[u8]) {
         }
     }
 }
+
+/// One decoder event, with payload chunks merged so that a trace does not
+/// depend on where reads were cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FrameEv {
+    /// Header opcode, message opcode, first frame of its message, rsv
+    /// bits, length.
+    Start(u8, u8, bool, u8, u64),
+    Data(Vec<u8>),
+    End(bool),
+    Control(u8, Vec<u8>),
+}
+
+/// Records a decoder's events.
+#[derive(Default)]
+struct FrameTrace(Vec<FrameEv>);
+
+impl crate::frame::Sink for FrameTrace {
+    type Error = crate::frame::FrameError;
+    fn frame_start(
+        &mut self,
+        h: &crate::frame::Header,
+        op: u8,
+        first: bool,
+    ) -> Result<(), Self::Error> {
+        self.0
+            .push(FrameEv::Start(h.opcode, op, first, h.rsv, h.len));
+        Ok(())
+    }
+    fn payload(&mut self, data: &[u8]) -> Result<(), Self::Error> {
+        if let Some(FrameEv::Data(d)) = self.0.last_mut() {
+            d.extend_from_slice(data);
+        } else {
+            self.0.push(FrameEv::Data(data.to_vec()));
+        }
+        Ok(())
+    }
+    fn frame_end(&mut self, fin: bool) -> Result<(), Self::Error> {
+        self.0.push(FrameEv::End(fin));
+        Ok(())
+    }
+    fn control(&mut self, opcode: u8, payload: &[u8]) -> Result<(), Self::Error> {
+        self.0.push(FrameEv::Control(opcode, payload.to_vec()));
+        Ok(())
+    }
+}
+
+/// A tiny deterministic generator (xorshift64*), seeded from the input, for
+/// cut points and frame shapes.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// A number in `1..=max` (max >= 1).
+    fn upto(&mut self, max: usize) -> usize {
+        1 + (self.next() % max.max(1) as u64) as usize
+    }
+}
+
+/// Decodes `stream` cut into reads of the given lengths (the last read
+/// takes whatever is left) and returns the events and the outcome. The
+/// decoder stops at the first error, as the session does.
+fn decode_in_reads(
+    rules: crate::frame::Rules,
+    stream: &[u8],
+    mut cut: impl FnMut() -> usize,
+) -> (Vec<FrameEv>, Result<(), crate::frame::FrameError>) {
+    let mut dec = crate::frame::Decoder::new(rules);
+    let mut trace = FrameTrace::default();
+    let mut rest = stream;
+    // Also one empty read first: a read of nothing must change nothing.
+    let mut outcome = dec.feed(&mut [], &mut trace);
+    while outcome.is_ok() && !rest.is_empty() {
+        let n = cut().clamp(1, rest.len());
+        let (read, tail) = rest.split_at(n);
+        // The decoder unmasks in place: each read is its own buffer, as a
+        // socket read would be.
+        outcome = dec.feed(&mut read.to_vec(), &mut trace);
+        rest = tail;
+    }
+    (trace.0, outcome)
+}
+
+/// The frame decoder on arbitrary bytes, for both directions (masked and
+/// unmasked rules) and with and without RSV1 allowed.
+///
+/// `data[0]` picks the size limits, `data[1]` seeds where reads are cut;
+/// the rest is the byte stream. Properties:
+/// - no panic;
+/// - the stream decoded in one read, cut at random points, and byte by
+///   byte gives the same events (payload chunks merged) and the same
+///   outcome. One difference is allowed and checked: on invalid UTF-8 the
+///   decoder withholds the whole chunk that holds the bad byte, so the last
+///   frame's payload seen before the error may be longer when the reads were
+///   smaller (the longer one starts with the shorter one);
+/// - the events make sense: every finished frame delivered exactly its
+///   header's length, a control frame carries at most 125 bytes, a finished
+///   text message is valid UTF-8, no frame or message exceeds the limits.
+pub fn frame(data: &[u8]) {
+    let (Some(&limits), Some(&seed)) = (data.first(), data.get(1)) else {
+        return;
+    };
+    let stream = data.get(2..).unwrap_or_default();
+    let (max_frame, max_message) = match limits & 3 {
+        0 => (1 << 20, 1 << 20),
+        1 => (16, 40),
+        2 => (125, 125),
+        _ => (u64::MAX >> 1, u64::MAX),
+    };
+    for masked in [false, true] {
+        for allow_rsv1 in [false, true] {
+            let rules = crate::frame::Rules {
+                masked,
+                allow_rsv1,
+                max_frame,
+                max_message,
+            };
+            let one = decode_in_reads(rules, stream, || usize::MAX);
+            let mut rng = Rng::new(u64::from(seed) << 32 | stream.len() as u64);
+            // Small reads most of the time, sometimes a larger one.
+            let span = 1 + usize::from(seed % 17);
+            let cut = decode_in_reads(rules, stream, || rng.upto(span));
+            let bytes = decode_in_reads(rules, stream, || 1);
+            check_frame_trace(&rules, &one, data);
+            same_trace(&one, &cut, data);
+            same_trace(&one, &bytes, data);
+        }
+    }
+}
+
+type Trace = (Vec<FrameEv>, Result<(), crate::frame::FrameError>);
+
+/// `b` (decoded in smaller reads) must match `a` (decoded in larger ones).
+fn same_trace(a: &Trace, b: &Trace, data: &[u8]) {
+    check(
+        a.1 == b.1,
+        "the outcome depends on how reads were cut",
+        data,
+    );
+    if a.1 != Err(crate::frame::FrameError::Utf8) {
+        check(a.0 == b.0, "the events depend on how reads were cut", data);
+        return;
+    }
+    // Invalid UTF-8: up to the last frame's payload, the same; that payload
+    // may have got further with smaller reads.
+    let strip = |t: &[FrameEv]| -> (Vec<FrameEv>, Vec<u8>) {
+        match t.split_last() {
+            Some((FrameEv::Data(d), head)) => (head.to_vec(), d.clone()),
+            _ => (t.to_vec(), Vec::new()),
+        }
+    };
+    let (ha, da) = strip(&a.0);
+    let (hb, db) = strip(&b.0);
+    check(
+        ha == hb && db.starts_with(&da),
+        "the events before invalid UTF-8 depend on how reads were cut",
+        data,
+    );
+}
+
+/// The events of one decode are consistent with the rules they were
+/// decoded under.
+fn check_frame_trace(rules: &crate::frame::Rules, t: &Trace, data: &[u8]) {
+    // (header length, bytes so far) of the open frame.
+    let mut frame: Option<(u64, u64)> = None;
+    // (opcode, payload so far) of the open message.
+    let mut message: Option<(u8, Vec<u8>)> = None;
+    for ev in &t.0 {
+        match ev {
+            FrameEv::Start(hop, op, first, rsv, len) => {
+                check(frame.is_none(), "a frame started inside a frame", data);
+                check(*len <= rules.max_frame, "a frame over the limit", data);
+                check(
+                    *first == message.is_none() && (*hop == 0) != *first,
+                    "continuation rules broken",
+                    data,
+                );
+                check(
+                    *rsv == 0 || (rules.allow_rsv1 && *rsv == 0b100 && *first),
+                    "reserved bits let through",
+                    data,
+                );
+                check(
+                    *op == 1 || *op == 2,
+                    "a data message that is not text or binary",
+                    data,
+                );
+                frame = Some((*len, 0));
+                if *first {
+                    message = Some((*op, Vec::new()));
+                }
+            }
+            FrameEv::Data(d) => {
+                let open = frame.as_mut().zip(message.as_mut());
+                check(open.is_some(), "payload outside a frame", data);
+                if let Some(((len, got), (_, m))) = open {
+                    *got += d.len() as u64;
+                    check(*got <= *len, "more payload than the header said", data);
+                    m.extend_from_slice(d);
+                    check(
+                        m.len() as u64 <= rules.max_message,
+                        "a message over the limit",
+                        data,
+                    );
+                }
+            }
+            FrameEv::End(fin) => {
+                let f = frame.take();
+                check(
+                    matches!(f, Some((len, got)) if len == got),
+                    "a frame ended short of its length",
+                    data,
+                );
+                if *fin {
+                    if let Some((op, m)) = message.take() {
+                        check(
+                            op != 1 || std::str::from_utf8(&m).is_ok(),
+                            "invalid UTF-8 in a finished text message",
+                            data,
+                        );
+                    }
+                }
+            }
+            FrameEv::Control(op, p) => {
+                check(frame.is_none(), "a control frame inside a data frame", data);
+                check(
+                    p.len() <= crate::frame::MAX_CONTROL && matches!(op, 8..=10),
+                    "a bad control frame let through",
+                    data,
+                );
+            }
+        }
+    }
+}

@@ -540,3 +540,331 @@ fn check_frame_trace(rules: &crate::frame::Rules, t: &Trace, data: &[u8]) {
         }
     }
 }
+
+/// A message as both decoders deliver it: opcode (1 text, 2 binary, 8
+/// close, 9 ping, 10 pong) and payload (for a close: code and reason, or
+/// nothing).
+type Delivered = (u8, Vec<u8>);
+
+/// Reads the fuzz input as a stream of choices; zeros once it runs out.
+struct Choices<'a>(&'a [u8]);
+
+impl Choices<'_> {
+    fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+    fn done(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Characters of every UTF-8 length, the edges included, so that frame
+/// cuts fall inside code points.
+const CHARS: [char; 12] = [
+    '\u{0}',
+    '\u{7F}',
+    '\u{80}',
+    'é',
+    '\u{7FF}',
+    '\u{800}',
+    '€',
+    '\u{FFFD}',
+    '\u{FFFF}',
+    '\u{10000}',
+    '𝄞',
+    '\u{10FFFF}',
+];
+
+/// Close codes both wsguard and tungstenite pass unchanged. (tungstenite
+/// turns 1014 into 1002, the rewrite issue 12 is about, so 1014 is left
+/// out of the comparison.)
+const CLOSE_CODES: [u16; 12] = [
+    1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 3000,
+];
+
+/// Builds a valid frame sequence from `c`: text (valid UTF-8) and binary
+/// messages, each in 1 to 4 fragments cut at any byte (inside code points
+/// too, and empty fragments), pings and pongs between messages and between
+/// fragments, and sometimes a close at the end. Returns the wire bytes and
+/// the messages a receiver must deliver.
+fn valid_sequence(c: &mut Choices, masked: bool) -> (Vec<u8>, Vec<Delivered>) {
+    let mut wire = Vec::new();
+    let mut want = Vec::new();
+    let mut mask = |c: &mut Choices| masked.then(|| [c.byte(), c.byte(), c.byte(), c.byte()]);
+    let control = |c: &mut Choices, wire: &mut Vec<u8>, want: &mut Vec<Delivered>, mask| {
+        let op = if c.byte() & 1 == 0 {
+            crate::frame::OP_PING
+        } else {
+            crate::frame::OP_PONG
+        };
+        let n = usize::from(c.byte()) % (crate::frame::MAX_CONTROL + 1);
+        let payload: Vec<u8> = (0..n).map(|_| c.byte()).collect();
+        crate::frame::write_frame(wire, true, op, &payload, mask);
+        want.push((op, payload));
+    };
+    let mut messages = 0;
+    while !c.done() && messages < 32 {
+        messages += 1;
+        let kind = c.byte();
+        if kind % 4 == 3 {
+            let m = mask(c);
+            control(c, &mut wire, &mut want, m);
+            continue;
+        }
+        let (op, payload) = if kind % 4 == 0 {
+            // Binary: up to ~1 KiB, some of it taken from the input.
+            let n = usize::from(c.byte()) * 4;
+            let fill = c.byte();
+            let p: Vec<u8> = (0..n)
+                .map(|i| if i % 7 == 0 { c.byte() } else { fill ^ i as u8 })
+                .collect();
+            (crate::frame::OP_BINARY, p)
+        } else {
+            let n = usize::from(c.byte());
+            let mut s = String::new();
+            for _ in 0..n {
+                let b = c.byte();
+                if b < 0x80 {
+                    s.push(char::from(b));
+                } else {
+                    s.push(CHARS[usize::from(b) % CHARS.len()]);
+                }
+            }
+            (crate::frame::OP_TEXT, s.into_bytes())
+        };
+        let fragments = 1 + usize::from(c.byte() % 4);
+        let mut cuts: Vec<usize> = (1..fragments)
+            .map(|_| usize::from(c.byte()) * payload.len() / 255)
+            .collect();
+        cuts.sort_unstable();
+        cuts.push(payload.len());
+        let mut from = 0;
+        for (i, &to) in cuts.iter().enumerate() {
+            let first = i == 0;
+            let last = i + 1 == cuts.len();
+            let frame_op = if first {
+                op
+            } else {
+                crate::frame::OP_CONTINUATION
+            };
+            let m = mask(c);
+            crate::frame::write_frame(
+                &mut wire,
+                last,
+                frame_op,
+                payload.get(from..to).unwrap_or_default(),
+                m,
+            );
+            from = to;
+            if !last && c.byte() % 3 == 0 {
+                let m = mask(c);
+                control(c, &mut wire, &mut want, m);
+            }
+        }
+        want.push((op, payload));
+    }
+    if c.byte() % 4 == 0 {
+        let m = mask(c);
+        let payload = if c.byte() % 5 == 0 {
+            Vec::new()
+        } else {
+            let code = CLOSE_CODES[usize::from(c.byte()) % CLOSE_CODES.len()];
+            let mut p = code.to_be_bytes().to_vec();
+            let n = usize::from(c.byte()) % 40;
+            for _ in 0..n {
+                // Up to 40 chars of up to 3 bytes: within 123 bytes.
+                let b = c.byte();
+                let ch = if b < 0x80 {
+                    char::from(b)
+                } else {
+                    CHARS[usize::from(b) % 9]
+                };
+                let mut buf = [0u8; 4];
+                p.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+            }
+            p
+        };
+        crate::frame::write_frame(&mut wire, true, crate::frame::OP_CLOSE, &payload, m);
+        want.push((crate::frame::OP_CLOSE, payload));
+    }
+    (wire, want)
+}
+
+/// Assembles messages from wsguard's decoder events.
+#[derive(Default)]
+struct Assemble {
+    open: Option<(u8, Vec<u8>)>,
+    out: Vec<Delivered>,
+}
+
+impl crate::frame::Sink for Assemble {
+    type Error = crate::frame::FrameError;
+    fn frame_start(
+        &mut self,
+        _h: &crate::frame::Header,
+        op: u8,
+        first: bool,
+    ) -> Result<(), Self::Error> {
+        if first {
+            self.open = Some((op, Vec::new()));
+        }
+        Ok(())
+    }
+    fn payload(&mut self, data: &[u8]) -> Result<(), Self::Error> {
+        if let Some((_, m)) = self.open.as_mut() {
+            m.extend_from_slice(data);
+        }
+        Ok(())
+    }
+    fn frame_end(&mut self, fin: bool) -> Result<(), Self::Error> {
+        if fin {
+            if let Some(m) = self.open.take() {
+                self.out.push(m);
+            }
+        }
+        Ok(())
+    }
+    fn control(&mut self, opcode: u8, payload: &[u8]) -> Result<(), Self::Error> {
+        if opcode == crate::frame::OP_CLOSE {
+            crate::frame::parse_close(payload)?;
+        }
+        self.out.push((opcode, payload.to_vec()));
+        Ok(())
+    }
+}
+
+/// An in-memory socket for tungstenite: reads hand out the wire bytes in
+/// pieces of the given sizes; writes (its automatic pongs and close reply)
+/// go nowhere.
+struct Wire {
+    data: Vec<u8>,
+    at: usize,
+    rng: Rng,
+    span: usize,
+}
+
+impl std::io::Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.data.get(self.at..).unwrap_or_default();
+        let n = self.rng.upto(self.span).min(left.len()).min(buf.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), left.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What tungstenite delivers from `wire`, read in pieces of 1..=`span`
+/// bytes, up to the end of the bytes or the close.
+fn tungstenite_messages(wire: Vec<u8>, masked: bool, seed: u64, span: usize) -> Vec<Delivered> {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+    use tokio_tungstenite::tungstenite::Message;
+    // Frames from a client are masked: tungstenite reads them as a server.
+    let role = if masked { Role::Server } else { Role::Client };
+    let stream = Wire {
+        data: wire,
+        at: 0,
+        rng: Rng::new(seed),
+        span,
+    };
+    let mut ws = WebSocket::from_raw_socket(stream, role, None);
+    let mut out = Vec::new();
+    while let Ok(msg) = ws.read() {
+        let d = match msg {
+            Message::Text(t) => (crate::frame::OP_TEXT, t.as_bytes().to_vec()),
+            Message::Binary(b) => (crate::frame::OP_BINARY, b.to_vec()),
+            Message::Ping(b) => (crate::frame::OP_PING, b.to_vec()),
+            Message::Pong(b) => (crate::frame::OP_PONG, b.to_vec()),
+            Message::Close(cf) => {
+                let p = cf
+                    .map(|cf| {
+                        let mut p = u16::from(cf.code).to_be_bytes().to_vec();
+                        p.extend_from_slice(cf.reason.as_bytes());
+                        p
+                    })
+                    .unwrap_or_default();
+                (crate::frame::OP_CLOSE, p)
+            }
+            Message::Frame(_) => continue,
+        };
+        let close = d.0 == crate::frame::OP_CLOSE;
+        out.push(d);
+        if close {
+            break;
+        }
+    }
+    out
+}
+
+/// Differential target: a valid frame sequence built from the input is
+/// decoded by wsguard's decoder (messages assembled from its `Sink`
+/// events, reads cut at random points) and by tungstenite (the reference,
+/// reading in random pieces too). Both must deliver exactly the messages
+/// the sequence was built from: type and payload, control frames included,
+/// in order. `data[0]` picks the direction (bit 0: masked, client to
+/// server) and seeds the read cuts.
+pub fn frame_differential(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let masked = first & 1 == 1;
+    let mut c = Choices(rest);
+    let (wire, want) = valid_sequence(&mut c, masked);
+    let seed = u64::from(first) << 32 | wire.len() as u64;
+    let span = 1 + usize::from(first >> 1) * 8;
+
+    let rules = crate::frame::Rules {
+        masked,
+        allow_rsv1: false,
+        max_frame: 1 << 20,
+        max_message: 1 << 20,
+    };
+    let mut dec = crate::frame::Decoder::new(rules);
+    let mut sink = Assemble::default();
+    let mut rng = Rng::new(seed);
+    let mut rest = wire.as_slice();
+    let mut outcome = Ok(());
+    while outcome.is_ok() && !rest.is_empty() {
+        let n = rng.upto(span).min(rest.len());
+        let (read, tail) = rest.split_at(n);
+        outcome = dec.feed(&mut read.to_vec(), &mut sink);
+        rest = tail;
+    }
+    check(
+        outcome.is_ok(),
+        "wsguard's decoder refused a valid frame sequence",
+        data,
+    );
+    check(
+        !dec.in_message() && !dec.in_data_frame(),
+        "wsguard's decoder did not finish a complete sequence",
+        data,
+    );
+    check(
+        sink.out == want,
+        "wsguard's decoder delivered other messages than were sent",
+        data,
+    );
+    let reference = tungstenite_messages(wire, masked, seed.rotate_left(7), span);
+    check(
+        reference == want,
+        "tungstenite delivered other messages than were sent",
+        data,
+    );
+}

@@ -103,3 +103,8 @@ fn envelope_seeds_verify() {
 fn frame_corpus() {
     replay("frame", wsguard::fuzzing::frame);
 }
+
+#[test]
+fn frame_differential_corpus() {
+    replay("frame_differential", wsguard::fuzzing::frame_differential);
+}

@@ -596,7 +596,7 @@ const CLOSE_CODES: [u16; 12] = [
 fn valid_sequence(c: &mut Choices, masked: bool) -> (Vec<u8>, Vec<Delivered>) {
     let mut wire = Vec::new();
     let mut want = Vec::new();
-    let mut mask = |c: &mut Choices| masked.then(|| [c.byte(), c.byte(), c.byte(), c.byte()]);
+    let mask = |c: &mut Choices| masked.then(|| [c.byte(), c.byte(), c.byte(), c.byte()]);
     let control = |c: &mut Choices, wire: &mut Vec<u8>, want: &mut Vec<Delivered>, mask| {
         let op = if c.byte() & 1 == 0 {
             crate::frame::OP_PING

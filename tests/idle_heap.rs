@@ -1,0 +1,415 @@
+//! Heap held per idle proxied session (issue 12: at most 4 KiB), counted
+//! by a global allocator, deterministically (no RSS, no timing).
+//!
+//! Its own test binary, so that the counting allocator sees this test and
+//! nothing else, and so that `unsafe impl GlobalAlloc` stays out of the
+//! library (which forbids unsafe code).
+//!
+//! How the proxy's share is separated from the clients' and the backend's:
+//! the clients and the backend are raw sockets driven by this file (no
+//! WebSocket library: an idle client is a `TcpStream` in a preallocated
+//! `Vec`; an idle backend connection is one small task), and the same N
+//! sessions are measured twice, in one process, one after the other:
+//!
+//! 1. **direct**: N clients straight to the backend. The heap that grows
+//!    while they are open, over N, is what a client and a backend
+//!    connection hold (`direct`).
+//! 2. **proxied**: N clients through wsguard to the same backend, one 1 MiB
+//!    message echoed through a few of them first. Growth over N, minus
+//!    `direct`, is what wsguard holds per session, both hops (`proxy`).
+//!
+//! Before either, a warm-up opens sessions of both kinds and pushes 1 MiB
+//! through each proxied one, and keeps them open: what is allocated once
+//! per process or per thread (the engine's per-thread scratch buffers,
+//! metric families, the per-IP entry, the runtime's own structures) is
+//! then already there and is not charged to the measured sessions. Every
+//! measured session has completed a small echo before the count is read,
+//! so its engine is running and idle; the runtime is current-thread, so
+//! nothing runs while the count is read. Keepalive is on (the defaults:
+//! 25 s pings both ways), so its timers are part of the measured state.
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wsguard::frame::{self, Decoder, FrameError, Header, Rules, Sink};
+
+/// Counts live heap bytes and a histogram of live allocations by size.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// Live allocations by size class: <=64, <=128, <=256, <=512, <=1K, <=2K,
+/// <=4K, <=8K, <=16K, <=64K, larger.
+static BY_SIZE: [AtomicIsize; 11] = [const { AtomicIsize::new(0) }; 11];
+static BY_SIZE_BYTES: [AtomicIsize; 11] = [const { AtomicIsize::new(0) }; 11];
+
+fn class(size: usize) -> usize {
+    const LIMITS: [usize; 10] = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536];
+    LIMITS.iter().position(|&l| size <= l).unwrap_or(10)
+}
+
+fn count(size: usize, sign: isize) {
+    let s = size as isize * sign;
+    LIVE.fetch_add(s, Relaxed);
+    let c = class(size);
+    BY_SIZE[c].fetch_add(sign, Relaxed);
+    BY_SIZE_BYTES[c].fetch_add(s, Relaxed);
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// counters are atomics and allocate nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size(), 1);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size(), 1);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        count(layout.size(), -1);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            count(layout.size(), -1);
+            count(new_size, 1);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Live heap bytes and the per-size-class counts, read together.
+#[derive(Clone, Copy)]
+struct Snapshot {
+    live: isize,
+    n: [isize; 11],
+    bytes: [isize; 11],
+}
+
+fn snapshot() -> Snapshot {
+    Snapshot {
+        live: LIVE.load(Relaxed),
+        n: std::array::from_fn(|i| BY_SIZE[i].load(Relaxed)),
+        bytes: std::array::from_fn(|i| BY_SIZE_BYTES[i].load(Relaxed)),
+    }
+}
+
+/// "class: +count allocations, +bytes" per session, for the classes that
+/// grew between `a` and `b`.
+fn breakdown(a: &Snapshot, b: &Snapshot, sessions: usize) -> String {
+    const NAMES: [&str; 11] = [
+        "<=64", "<=128", "<=256", "<=512", "<=1K", "<=2K", "<=4K", "<=8K", "<=16K", "<=64K", ">64K",
+    ];
+    let n = sessions as f64;
+    (0..11)
+        .filter(|&i| b.n[i] != a.n[i] || b.bytes[i] != a.bytes[i])
+        .map(|i| {
+            format!(
+                "  {:>6}: {:+.2} allocations, {:+.0} bytes per session\n",
+                NAMES[i],
+                (b.n[i] - a.n[i]) as f64 / n,
+                (b.bytes[i] - a.bytes[i]) as f64 / n
+            )
+        })
+        .collect()
+}
+
+const N: usize = 200;
+/// Sessions of the N that carry a 1 MiB message first.
+const LARGE: usize = 4;
+const MIB: usize = 1 << 20;
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+/// Counts frames' payload bytes and answers pings.
+#[derive(Default)]
+struct Collect {
+    /// Payload bytes of finished data messages.
+    done: Vec<usize>,
+    current: usize,
+    /// Data frames to send back (opcode, payload), and pongs.
+    echo: Vec<u8>,
+    /// Whether `echo` is filled (the backend) or not (a client).
+    backend: bool,
+    /// The opcode of the message in progress.
+    op: u8,
+}
+
+impl Sink for Collect {
+    type Error = FrameError;
+    fn frame_start(&mut self, h: &Header, op: u8, first: bool) -> Result<(), FrameError> {
+        if first {
+            self.op = op;
+        }
+        if self.backend {
+            // Echo frame by frame, as the header says (unmasked: the
+            // backend is a server).
+            let opcode = if first { op } else { frame::OP_CONTINUATION };
+            frame::write_header(&mut self.echo, h.fin, 0, opcode, h.len, None);
+        }
+        Ok(())
+    }
+    fn payload(&mut self, data: &[u8]) -> Result<(), FrameError> {
+        self.current += data.len();
+        if self.backend {
+            self.echo.extend_from_slice(data);
+        }
+        Ok(())
+    }
+    fn frame_end(&mut self, fin: bool) -> Result<(), FrameError> {
+        if fin {
+            self.done.push(self.current);
+            self.current = 0;
+        }
+        Ok(())
+    }
+    fn control(&mut self, opcode: u8, payload: &[u8]) -> Result<(), FrameError> {
+        if opcode == frame::OP_PING {
+            let mask = (!self.backend).then_some([1, 2, 3, 4]);
+            frame::write_frame(&mut self.echo, true, frame::OP_PONG, payload, mask);
+        }
+        Ok(())
+    }
+}
+
+/// The backend: answers the upgrade, then echoes every data frame. An idle
+/// connection holds its socket and a task; reads use a short-lived heap
+/// buffer, so nothing of a read stays.
+async fn backend(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if upgrade_server(&mut s).await.is_none() {
+                return;
+            }
+            let rules = Rules {
+                masked: true,
+                allow_rsv1: false,
+                max_frame: u64::MAX >> 1,
+                max_message: u64::MAX >> 1,
+            };
+            let mut dec = Decoder::new(rules);
+            loop {
+                if s.readable().await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                let n = match s.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                };
+                let mut sink = Collect {
+                    backend: true,
+                    ..Collect::default()
+                };
+                if dec.feed(&mut buf[..n], &mut sink).is_err() {
+                    return;
+                }
+                drop(buf);
+                if s.write_all(&sink.echo).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Reads an HTTP head (up to the blank line) byte by byte, so that no
+/// frame byte is taken with it.
+async fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).await.is_err() || head.len() > 8192 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8(head).ok()
+}
+
+async fn upgrade_server(s: &mut TcpStream) -> Option<()> {
+    let head = read_head(s).await?;
+    let key = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim().to_string())
+    })?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    s.write_all(resp.as_bytes()).await.ok()
+}
+
+/// A raw client: the upgrade by hand, then one small echo so that the
+/// session is known to be running end to end.
+async fn client(addr: SocketAddr) -> TcpStream {
+    let mut s = within("connect", TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let req = format!(
+        "GET /idle HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    within("send upgrade", s.write_all(req.as_bytes()))
+        .await
+        .unwrap_or_else(|e| panic!("send upgrade: {e}"));
+    let head = within("upgrade answer", read_head(&mut s))
+        .await
+        .unwrap_or_else(|| panic!("no upgrade answer from {addr}"));
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    echo(&mut s, 16).await;
+    s
+}
+
+/// Sends one binary message of `len` bytes and reads its echo back whole,
+/// writing and reading at once (a 1 MiB message does not fit the socket
+/// buffers in one go).
+async fn echo(s: &mut TcpStream, len: usize) {
+    let mut msg = Vec::with_capacity(len + 14);
+    let payload = vec![0x5A; len];
+    frame::write_frame(
+        &mut msg,
+        true,
+        frame::OP_BINARY,
+        &payload,
+        Some([9, 8, 7, 6]),
+    );
+    drop(payload);
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(&msg)
+            .await
+            .unwrap_or_else(|e| panic!("send {len} bytes: {e}"));
+    };
+    let read = async {
+        let rules = Rules {
+            masked: false,
+            allow_rsv1: false,
+            max_frame: u64::MAX >> 1,
+            max_message: u64::MAX >> 1,
+        };
+        let mut dec = Decoder::new(rules);
+        let mut sink = Collect::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        while sink.done.is_empty() {
+            let n = r
+                .read(&mut buf)
+                .await
+                .unwrap_or_else(|e| panic!("read echo: {e}"));
+            assert!(n > 0, "connection closed before the echo of {len} bytes");
+            dec.feed(&mut buf[..n], &mut sink)
+                .unwrap_or_else(|e| panic!("echo of {len} bytes: {e}"));
+        }
+        assert_eq!(sink.done, vec![len], "echo of {len} bytes");
+    };
+    within("echo", async { tokio::join!(write, read) }).await;
+}
+
+/// Lets every task that is ready run, so the count is read at rest.
+async fn settle() {
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn idle_session_holds_at_most_4_kib_of_heap() {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let backend_addr = listener.local_addr().expect("backend addr");
+    tokio::spawn(backend(listener));
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nupstream:\n  url: \"ws://{backend_addr}\"\nkeepalive:\n  interval: 25s\n  upstream_interval: 25s\nlimits:\n  per_ip: null\n"
+    );
+    let policy = wsguard::policy::Policy::from_text("idle_heap.yaml", &yaml)
+        .unwrap_or_else(|e| panic!("policy: {e}"));
+    let proxy = wsguard::start(policy).await.expect("proxy starts");
+
+    // Room for every socket this test keeps, allocated before any count.
+    let mut warm: Vec<TcpStream> = Vec::with_capacity(16);
+    let mut direct: Vec<TcpStream> = Vec::with_capacity(N);
+    let mut proxied: Vec<TcpStream> = Vec::with_capacity(N);
+
+    // Warm-up: one-time and per-thread allocations happen here.
+    for _ in 0..8 {
+        let mut s = client(proxy.addr).await;
+        echo(&mut s, MIB).await;
+        echo(&mut s, 16).await;
+        warm.push(s);
+        warm.push(client(backend_addr).await);
+    }
+    settle().await;
+
+    let before = snapshot();
+    for _ in 0..N {
+        direct.push(client(backend_addr).await);
+    }
+    settle().await;
+    let after_direct = snapshot();
+    for i in 0..N {
+        let mut s = client(proxy.addr).await;
+        if i < LARGE {
+            echo(&mut s, MIB).await;
+            echo(&mut s, 16).await;
+        }
+        proxied.push(s);
+    }
+    settle().await;
+    let after_proxied = snapshot();
+
+    let per_direct = (after_direct.live - before.live) as f64 / N as f64;
+    let per_proxied = (after_proxied.live - after_direct.live) as f64 / N as f64;
+    let per_session = per_proxied - per_direct;
+    let report = format!(
+        "{N} idle sessions ({LARGE} of them after a 1 MiB echo), keepalive on:\n\
+         direct (client + backend): {per_direct:.0} B per session\n{}\
+         proxied (client + wsguard + backend): {per_proxied:.0} B per session\n{}\
+         wsguard's share: {per_session:.0} B per session",
+        breakdown(&before, &after_direct, N),
+        breakdown(&after_direct, &after_proxied, N),
+    );
+    eprintln!("{report}");
+
+    // The 1 MiB messages left nothing behind in the sessions they crossed:
+    // no allocation of 64 KiB or more is held for them.
+    assert!(
+        after_proxied.n[10] - after_direct.n[10] <= 0,
+        "a large buffer outlived its message\n{report}"
+    );
+    assert!(
+        per_session <= 4096.0,
+        "wsguard holds more than 4 KiB per idle session\n{report}"
+    );
+
+    drop(proxied);
+    drop(direct);
+    drop(warm);
+    let _ = proxy.shutdown(Duration::from_secs(1)).await;
+}

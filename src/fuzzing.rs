@@ -375,15 +375,16 @@ fn decode_in_reads(
 ) -> (Vec<FrameEv>, Result<(), crate::frame::FrameError>) {
     let mut dec = crate::frame::Decoder::new(rules);
     let mut trace = FrameTrace::default();
-    let mut rest = stream;
+    // The decoder unmasks in place: it gets its own copy of the stream,
+    // handed out one read's slice at a time, as socket reads would be.
+    let mut copy = stream.to_vec();
+    let mut rest = copy.as_mut_slice();
     // Also one empty read first: a read of nothing must change nothing.
     let mut outcome = dec.feed(&mut [], &mut trace);
     while outcome.is_ok() && !rest.is_empty() {
         let n = cut().clamp(1, rest.len());
-        let (read, tail) = rest.split_at(n);
-        // The decoder unmasks in place: each read is its own buffer, as a
-        // socket read would be.
-        outcome = dec.feed(&mut read.to_vec(), &mut trace);
+        let (read, tail) = rest.split_at_mut(n);
+        outcome = dec.feed(read, &mut trace);
         rest = tail;
     }
     (trace.0, outcome)
@@ -838,12 +839,13 @@ pub fn frame_differential(data: &[u8]) {
     let mut dec = crate::frame::Decoder::new(rules);
     let mut sink = Assemble::default();
     let mut rng = Rng::new(seed);
-    let mut rest = wire.as_slice();
+    let mut copy = wire.clone();
+    let mut rest = copy.as_mut_slice();
     let mut outcome = Ok(());
     while outcome.is_ok() && !rest.is_empty() {
         let n = rng.upto(span).min(rest.len());
-        let (read, tail) = rest.split_at(n);
-        outcome = dec.feed(&mut read.to_vec(), &mut sink);
+        let (read, tail) = rest.split_at_mut(n);
+        outcome = dec.feed(read, &mut sink);
         rest = tail;
     }
     check(

@@ -44,6 +44,8 @@ static LIVE: AtomicIsize = AtomicIsize::new(0);
 /// <=4K, <=8K, <=16K, <=64K, larger.
 static BY_SIZE: [AtomicIsize; 11] = [const { AtomicIsize::new(0) }; 11];
 static BY_SIZE_BYTES: [AtomicIsize; 11] = [const { AtomicIsize::new(0) }; 11];
+/// Live allocations by exact size, for sizes below 8 KiB.
+static BY_EXACT: [AtomicIsize; 8192] = [const { AtomicIsize::new(0) }; 8192];
 
 fn class(size: usize) -> usize {
     const LIMITS: [usize; 10] = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536];
@@ -56,6 +58,9 @@ fn count(size: usize, sign: isize) {
     let c = class(size);
     BY_SIZE[c].fetch_add(sign, Relaxed);
     BY_SIZE_BYTES[c].fetch_add(s, Relaxed);
+    if let Some(e) = BY_EXACT.get(size) {
+        e.fetch_add(sign, Relaxed);
+    }
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the
@@ -93,24 +98,44 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 /// Live heap bytes and the per-size-class counts, read together.
-#[derive(Clone, Copy)]
 struct Snapshot {
     live: isize,
     n: [isize; 11],
     bytes: [isize; 11],
+    exact: Vec<isize>,
 }
 
-fn snapshot() -> Snapshot {
+/// Reads the counters. `exact` is allocated by the caller before any
+/// measurement starts (with room for 8192 entries), so that reading the
+/// counters allocates nothing.
+fn snapshot(mut exact: Vec<isize>) -> Snapshot {
+    exact.clear();
+    exact.extend(BY_EXACT.iter().map(|e| e.load(Relaxed)));
     Snapshot {
         live: LIVE.load(Relaxed),
         n: std::array::from_fn(|i| BY_SIZE[i].load(Relaxed)),
         bytes: std::array::from_fn(|i| BY_SIZE_BYTES[i].load(Relaxed)),
+        exact,
     }
 }
 
 /// "class: +count allocations, +bytes" per session, for the classes that
-/// grew between `a` and `b`.
+/// grew between `a` and `b`, then the exact sizes (below 8 KiB) of which at
+/// least one allocation per two sessions was added.
 fn breakdown(a: &Snapshot, b: &Snapshot, sessions: usize) -> String {
+    let exact: String = (0..a.exact.len().min(b.exact.len()))
+        .filter(|&i| (b.exact[i] - a.exact[i]).unsigned_abs() * 2 >= sessions)
+        .map(|i| {
+            format!(
+                "{i} B x {:+.2}, ",
+                (b.exact[i] - a.exact[i]) as f64 / sessions as f64
+            )
+        })
+        .collect();
+    format!("{}    exact sizes: {exact}\n", classes(a, b, sessions))
+}
+
+fn classes(a: &Snapshot, b: &Snapshot, sessions: usize) -> String {
     const NAMES: [&str; 11] = [
         "<=64", "<=128", "<=256", "<=512", "<=1K", "<=2K", "<=4K", "<=8K", "<=16K", "<=64K", ">64K",
     ];
@@ -356,6 +381,8 @@ async fn idle_session_holds_at_most_4_kib_of_heap() {
     let mut warm: Vec<TcpStream> = Vec::with_capacity(16);
     let mut direct: Vec<TcpStream> = Vec::with_capacity(N);
     let mut proxied: Vec<TcpStream> = Vec::with_capacity(N);
+    let room = || Vec::with_capacity(BY_EXACT.len());
+    let (room1, room2, room3) = (room(), room(), room());
 
     // Warm-up: one-time and per-thread allocations happen here.
     for _ in 0..8 {
@@ -367,12 +394,12 @@ async fn idle_session_holds_at_most_4_kib_of_heap() {
     }
     settle().await;
 
-    let before = snapshot();
+    let before = snapshot(room1);
     for _ in 0..N {
         direct.push(client(backend_addr).await);
     }
     settle().await;
-    let after_direct = snapshot();
+    let after_direct = snapshot(room2);
     for i in 0..N {
         let mut s = client(proxy.addr).await;
         if i < LARGE {
@@ -382,7 +409,7 @@ async fn idle_session_holds_at_most_4_kib_of_heap() {
         proxied.push(s);
     }
     settle().await;
-    let after_proxied = snapshot();
+    let after_proxied = snapshot(room3);
 
     let per_direct = (after_direct.live - before.live) as f64 / N as f64;
     let per_proxied = (after_proxied.live - after_direct.live) as f64 / N as f64;

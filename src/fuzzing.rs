@@ -618,7 +618,7 @@ fn valid_sequence(c: &mut Choices, masked: bool) -> (Vec<u8>, Vec<Delivered>) {
             control(c, &mut wire, &mut want, m);
             continue;
         }
-        let (op, payload) = if kind % 4 == 0 {
+        let (op, payload) = if kind.is_multiple_of(4) {
             // Binary: up to ~1 KiB, some of it taken from the input.
             let n = usize::from(c.byte()) * 4;
             let fill = c.byte();
@@ -663,16 +663,16 @@ fn valid_sequence(c: &mut Choices, masked: bool) -> (Vec<u8>, Vec<Delivered>) {
                 m,
             );
             from = to;
-            if !last && c.byte() % 3 == 0 {
+            if !last && c.byte().is_multiple_of(3) {
                 let m = mask(c);
                 control(c, &mut wire, &mut want, m);
             }
         }
         want.push((op, payload));
     }
-    if c.byte() % 4 == 0 {
+    if c.byte().is_multiple_of(4) {
         let m = mask(c);
-        let payload = if c.byte() % 5 == 0 {
+        let payload = if c.byte().is_multiple_of(5) {
             Vec::new()
         } else {
             let code = CLOSE_CODES[usize::from(c.byte()) % CLOSE_CODES.len()];

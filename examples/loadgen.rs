@@ -50,6 +50,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -120,6 +121,9 @@ struct EchoArgs {
     /// Key id used with --sign-key-file.
     #[arg(long, default_value = "c1")]
     kid: String,
+    /// Extra handshake header, "Name: value" (repeatable), e.g. "Origin: https://app.example".
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -145,6 +149,17 @@ struct IdleArgs {
     /// Free-form label copied into the JSON summary.
     #[arg(long, default_value = "")]
     label: String,
+    /// Extra handshake header, "Name: value" (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// After its handshake, every --burst-every'th connection sends one binary
+    /// message of this many bytes and waits for its echo before going idle (0 = none).
+    /// Shows whether the proxy's buffers go back once a large message has passed.
+    #[arg(long, default_value_t = 0)]
+    burst_size: usize,
+    /// Which connections send the burst message: every Nth (1 = all).
+    #[arg(long, default_value_t = 1)]
+    burst_every: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -222,9 +237,24 @@ fn main() -> ExitCode {
 struct Target {
     url: String,
     addr: SocketAddr,
+    /// Extra request headers (`--header "Name: value"`), e.g. Origin for wsguard's origin guard.
+    headers: Vec<(String, String)>,
 }
 
-async fn resolve_target(url: &str) -> Result<Target, String> {
+/// Parse `--header "Name: value"` arguments.
+fn parse_headers(raw: &[String]) -> Result<Vec<(String, String)>, String> {
+    raw.iter()
+        .map(|h| {
+            let (n, v) = h
+                .split_once(':')
+                .ok_or_else(|| format!("bad --header {h:?} (expected \"Name: value\")"))?;
+            Ok((n.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+async fn resolve_target(url: &str, headers: &[String]) -> Result<Target, String> {
+    let headers = parse_headers(headers)?;
     let uri: Uri = url.parse().map_err(|e| format!("bad url {url:?}: {e}"))?;
     match uri.scheme_str() {
         Some("ws") => {}
@@ -252,6 +282,7 @@ async fn resolve_target(url: &str) -> Result<Target, String> {
     Ok(Target {
         url: url.to_string(),
         addr,
+        headers,
     })
 }
 
@@ -268,9 +299,21 @@ async fn connect_ws(target: &Target, cfg: WebSocketConfig, t: Duration) -> Resul
     };
     tcp.set_nodelay(true)
         .map_err(|e| format!("connect: set_nodelay: {e}"))?;
+    let mut req = target
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("handshake: bad request: {}", short_ws_err(&e)))?;
+    for (n, v) in &target.headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(n.as_bytes())
+            .map_err(|e| format!("bad header name {n:?}: {e}"))?;
+        let value = tokio_tungstenite::tungstenite::http::HeaderValue::from_str(v)
+            .map_err(|e| format!("bad header value for {n}: {e}"))?;
+        req.headers_mut().append(name, value);
+    }
     match timeout(
         t,
-        tokio_tungstenite::client_async_with_config(target.url.as_str(), tcp, Some(cfg)),
+        tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg)),
     )
     .await
     {
@@ -488,7 +531,7 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     if a.conns == 0 {
         return Err("--conns must be > 0".into());
     }
-    let target = Arc::new(resolve_target(&a.url).await?);
+    let target = Arc::new(resolve_target(&a.url, &a.headers).await?);
     let reasons = Arc::new(Reasons::default());
     let connect_t = secs(a.connect_timeout);
     let op_t = secs(a.op_timeout).max(Duration::from_millis(1));
@@ -853,13 +896,14 @@ struct IdleStats {
     dropped: AtomicU64,
     pings: AtomicU64,
     attempted: AtomicU64,
+    bursts: AtomicU64,
 }
 
 async fn run_idle(a: IdleArgs) -> Result<(), String> {
     if a.conns == 0 {
         return Err("--conns must be > 0".into());
     }
-    let target = Arc::new(resolve_target(&a.url).await?);
+    let target = Arc::new(resolve_target(&a.url, &a.headers).await?);
     let stats = Arc::new(IdleStats::default());
     let reasons = Arc::new(Reasons::default());
     let connect_t = secs(a.connect_timeout);
@@ -869,6 +913,8 @@ async fn run_idle(a: IdleArgs) -> Result<(), String> {
         2000.0
     };
     let inflight = a.max_inflight.max(1);
+    let burst_size = a.burst_size;
+    let burst_every = a.burst_every.max(1);
     let sem = Arc::new(Semaphore::new(inflight));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut set = JoinSet::new();
@@ -923,6 +969,33 @@ async fn run_idle(a: IdleArgs) -> Result<(), String> {
                     return;
                 }
             };
+            // The burst message (if any) is echoed while the permit is held, so READY
+            // comes only after every burst has passed through.
+            if burst_size > 0 && i % burst_every == 0 {
+                let msg = Message::Binary(Bytes::from(vec![0x5a_u8; burst_size]));
+                let echoed = timeout(connect_t * 3, async {
+                    ws.send(msg).await.map_err(|e| short_ws_err(&e))?;
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Binary(b))) if b.len() == burst_size => return Ok(()),
+                            Some(Ok(Message::Binary(b))) => return Err(format!("burst: echo of {} bytes", b.len())),
+                            Some(Ok(Message::Close(cf))) => return Err(format!("burst: close frame {}", cf.map(|c| u16::from(c.code).to_string()).unwrap_or_else(|| "-".into()))),
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => return Err(format!("burst: {}", short_ws_err(&e))),
+                            None => return Err("burst: connection closed".into()),
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| Err("burst: timeout".into()));
+                if let Err(e) = echoed {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    reasons.add(e);
+                    drop(permit);
+                    return;
+                }
+                stats.bursts.fetch_add(1, Ordering::Relaxed);
+            }
             stats.opened.fetch_add(1, Ordering::Relaxed);
             stats.open.fetch_add(1, Ordering::Relaxed);
             drop(permit);
@@ -991,7 +1064,7 @@ async fn run_idle(a: IdleArgs) -> Result<(), String> {
     let js = format!(
         concat!(
             "{{\"mode\":\"idle\",\"label\":{},\"url\":{},\"conns\":{},\"opened\":{},\"open_at_ready\":{},",
-            "\"open_at_end\":{},\"failed\":{},\"dropped\":{},\"pings_received\":{},\"ramp_s\":{},\"hold_s\":{},",
+            "\"open_at_end\":{},\"failed\":{},\"dropped\":{},\"pings_received\":{},\"bursts\":{},\"ramp_s\":{},\"hold_s\":{},",
             "\"error_reasons\":{}}}"
         ),
         json_str(&a.label),
@@ -1003,6 +1076,7 @@ async fn run_idle(a: IdleArgs) -> Result<(), String> {
         failed,
         dropped,
         pings,
+        stats.bursts.load(Ordering::Relaxed),
         json_f(ramp_s),
         json_f(secs(a.hold).as_secs_f64()),
         reasons.json()

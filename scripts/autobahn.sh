@@ -14,6 +14,12 @@
 #   PYTHON2             python 2.7 interpreter (default: $(pyenv root)/versions/2.7.18/bin/python)
 #   AUTOBAHN_VENV       virtualenv location [~/.cache/wsguard/autobahn-venv], created on demand
 #   KEEP_TMP [0]        1 = keep the temp dir (reports, logs) on success
+#   LIMITS [16MiB]      16MiB = wsguard with max_message_size and max_frame_size 16MiB (the
+#                       echo-server takes 64 MiB messages, for 9.*); default = wsguard with the
+#                       default size limits (1 MiB message, frame = message), and the echo-server
+#                       capped at ECHO_MAX_MESSAGE_SIZE [1048576] too, so both agents enforce the
+#                       same limit. Either way per_ip, per_connection are null and keepalive is off
+#                       (the default per-IP handshake rate would refuse the suite's connections).
 #
 # Every process this script starts is tracked by PID and stopped by PID on exit.
 set -euo pipefail
@@ -25,6 +31,21 @@ DIRECT_ONLY="${DIRECT_ONLY:-0}"
 CASES="${CASES:-[\"*\"]}"
 WSTEST_TIMEOUT="${WSTEST_TIMEOUT:-1800}"
 KEEP_TMP="${KEEP_TMP:-0}"
+LIMITS="${LIMITS:-16MiB}"
+case "$LIMITS" in
+16MiB)
+    ECHO_MAX_MESSAGE_SIZE="${ECHO_MAX_MESSAGE_SIZE:-$((64 << 20))}"
+    SIZE_LIMITS=$'  max_message_size: 16MiB\n  max_frame_size: 16MiB\n'
+    ;;
+default)
+    ECHO_MAX_MESSAGE_SIZE="${ECHO_MAX_MESSAGE_SIZE:-$((1 << 20))}"
+    SIZE_LIMITS=""
+    ;;
+*)
+    echo "LIMITS must be 16MiB or default" >&2
+    exit 2
+    ;;
+esac
 # cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in ($ROOT here).
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 [[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
@@ -216,8 +237,8 @@ fi
 
 ensure_venv
 
-# --- echo backend (64 MiB messages for 9.*; frame limit stays at 16 MiB) ----------
-start_bg "$TMP/echo.out" "$TMP/echo.err" "$LOADGEN" echo-server --listen 127.0.0.1:0 --max-message-size $((64 << 20))
+# --- echo backend (LIMITS=16MiB: 64 MiB messages for 9.*; frame limit stays at 16 MiB) --
+start_bg "$TMP/echo.out" "$TMP/echo.err" "$LOADGEN" echo-server --listen 127.0.0.1:0 --max-message-size "$ECHO_MAX_MESSAGE_SIZE"
 ECHO_PID="$LAST_PID"
 line="$(wait_for_line "$TMP/echo.out" '^LISTENING ' 10 "$ECHO_PID")" || die "echo-server did not start ($(cat "$TMP/echo.err"))"
 ECHO_PORT="${line##*:}"
@@ -235,9 +256,7 @@ log:
 upstream:
   url: "ws://127.0.0.1:$ECHO_PORT"
 limits:
-  max_message_size: 16MiB
-  max_frame_size: 16MiB
-  per_ip: null
+${SIZE_LIMITS}  per_ip: null
   per_connection: null
 keepalive:
   interval: 0s
@@ -281,6 +300,7 @@ cat >"$TMP/fuzzingclient.json" <<EOF
 EOF
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$TMP/fuzzingclient.json" || die "bad spec (check CASES)"
 
+log "limits: $LIMITS (echo-server max message $ECHO_MAX_MESSAGE_SIZE B)"
 log "running wstest -m fuzzingclient (log: $TMP/wstest.log)"
 start_bg "$TMP/wstest.log" "$TMP/wstest.err" \
     timeout "$WSTEST_TIMEOUT" "$AUTOBAHN_VENV/bin/wstest" -m fuzzingclient -s "$TMP/fuzzingclient.json"

@@ -13,8 +13,13 @@
 #   ROUNDS [1]          rounds over all throughput scenarios (interleaved); medians are reported
 #   TP_SCENARIOS        throughput scenarios ("" = none), any of (default: all, in this order):
 #                         direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac
+#                       (not in the default list: nginx-signed wsguard-guards)
 #   IDLE_CONNS [5000] IDLE_RATE [2000]                idle tests (need ~2*IDLE_CONNS fds in wsguard)
 #   IDLE_SETTLE [3]     seconds between READY and the RSS sample / the start of the CPU window
+#   IDLE_BURST_SIZE [0] > 0: every IDLE_BURST_EVERY'th idle session [1] first echoes one binary
+#                       message of this many bytes (READY waits for all of them), so the RSS
+#                       sample shows whether the proxy's buffers went back; wsguard's
+#                       max_message_size is then 2 * IDLE_BURST_SIZE
 #   KA_WINDOW [30]      seconds over which CPU time is measured while the sessions are idle
 #   IDLE_SCENARIOS      idle scenarios ("" = none), any of (default: all, in this order):
 #                         wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle
@@ -43,6 +48,11 @@
 #   wsguard-hmac-off  signing loadgen -> wsguard (hmac off: envelopes pass through) -> signing echo-server
 #   wsguard-hmac      signing loadgen -> wsguard (hmac enforce: verify c1, re-sign p1; verify p1,
 #                     re-sign c1) -> signing echo-server
+#   nginx-signed      signing loadgen -> nginx -> signing echo-server (the reference for wsguard-guards)
+#   wsguard-guards    all guards on: signing loadgen (Origin header, HS256 JWT in Authorization)
+#                     -> wsguard (origin enforce, jwt enforce HS256, hmac enforce both ways,
+#                     per_ip + per_connection message and byte limits that never trigger,
+#                     keepalive 1s/1s) -> signing echo-server
 #   wsguard-idle      IDLE_CONNS idle sessions through wsguard, keepalive 0s/0s
 #   wsguard-ka-1s-1s  same, keepalive { interval: 1s, upstream_interval: 1s }
 #   wsguard-ka-1s-0s  same, keepalive { interval: 1s, upstream_interval: 0s }
@@ -67,6 +77,8 @@ TP_SCENARIOS="${TP_SCENARIOS-direct wsguard nginx wsguard-msglimit direct-signed
 IDLE_CONNS="${IDLE_CONNS:-5000}"
 IDLE_RATE="${IDLE_RATE:-2000}"
 IDLE_SETTLE="${IDLE_SETTLE:-3}"
+IDLE_BURST_SIZE="${IDLE_BURST_SIZE:-0}"
+IDLE_BURST_EVERY="${IDLE_BURST_EVERY:-1}"
 KA_WINDOW="${KA_WINDOW:-30}"
 IDLE_SCENARIOS="${IDLE_SCENARIOS-wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
@@ -108,8 +120,8 @@ if [[ "$DIRECT_ONLY" == 1 ]]; then
     IDLE_SCENARIOS="$(for s in $IDLE_SCENARIOS; do [[ $s == wsguard* ]] || echo "$s"; done | xargs)"
 fi
 if [[ "$NO_NGINX" == 1 || -z "$NGINX_BIN" || ! -x "$NGINX_BIN" ]]; then
-    [[ " $TP_SCENARIOS " == *" nginx "* ]] && log "nginx not installed (or NO_NGINX=1): skipping nginx"
-    TP_SCENARIOS="$(for s in $TP_SCENARIOS; do [[ $s == nginx ]] || echo "$s"; done | xargs)"
+    [[ " $TP_SCENARIOS " == *" nginx"* ]] && log "nginx not installed (or NO_NGINX=1): skipping nginx"
+    TP_SCENARIOS="$(for s in $TP_SCENARIOS; do [[ $s == nginx* ]] || echo "$s"; done | xargs)"
 fi
 
 # --- file descriptors -------------------------------------------------------
@@ -345,6 +357,21 @@ python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'
 python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >"$TMP/upstream.key"
 chmod 600 "$TMP/client.key" "$TMP/upstream.key"
 
+# --- JWT (HS256) for wsguard-guards: a secret file and one token valid for a day ---------
+python3 -c 'import os; print(os.urandom(32).hex())' >"$TMP/jwt.secret"
+chmod 600 "$TMP/jwt.secret"
+JWT_TOKEN="$(python3 - "$TMP/jwt.secret" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+secret = open(sys.argv[1]).read().strip().encode()
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": "bench", "exp": int(time.time()) + 86400}).encode())
+sig = b64(hmac.new(secret, (head + "." + body).encode(), hashlib.sha256).digest())
+print(head + "." + body + "." + sig)
+PY
+)"
+GUARD_ORIGIN="https://app.bench.example"
+
 # --- backends -------------------------------------------------------------------
 start_echo_server() { # start_echo_server NAME [EXTRA ARGS...] -> sets ECHO_PID / ECHO_PORT
     local name="$1" line
@@ -374,11 +401,34 @@ upstream:
 limits:
   per_ip: null
   per_connection: $perconn
-  max_connections: 100000
+  max_connections: 100000${WSG_EXTRA_LIMITS:-}
 keepalive:
   interval: $ki
   upstream_interval: $ku
 EOF
+    if [[ "${GUARDS:-0}" == 1 ]]; then
+        # all guards on: replace the limits and keepalive written above
+        sed -i '/^limits:$/,$d' "$cfg"
+        cat >>"$cfg" <<EOF
+limits:
+  per_ip: { handshakes: { rate: 10000/s, burst: 10000 }, connections: 100000, pending_handshakes: 1000 }
+  per_subject: { connections: 100000, messages: { rate: 1000000/s, burst: 1000000 } }
+  per_connection:
+    messages: { rate: 1000000/s, burst: 1000000 }
+    bytes: { rate: 1GiB/s, burst: 1GiB }
+  max_connections: 100000
+keepalive:
+  interval: 1s
+  upstream_interval: 1s
+origin:
+  mode: enforce
+  allow: ["$GUARD_ORIGIN"]
+jwt:
+  mode: enforce
+  algorithms: [HS256]
+  keys: [{ secret_file: "$TMP/jwt.secret" }]
+EOF
+    fi
     if [[ "$hmode" != none ]]; then
         cat >>"$cfg" <<EOF
 hmac:
@@ -492,6 +542,8 @@ declare -A BASE=(
     [direct-signed]=direct
     [wsguard-hmac-off]=direct-signed
     [wsguard-hmac]=wsguard-hmac-off
+    [nginx-signed]=direct-signed
+    [wsguard-guards]=nginx-signed
 )
 
 # run_echo KEY URL SIGN(0|1) PROXY_PIDS BACKEND_PID
@@ -499,6 +551,7 @@ run_echo() {
     local key="$1" url="$2" sign="$3" proxy_pids="$4" bpid="$5" rc=0 lpid lg a b
     local sign_args=()
     [[ "$sign" == 1 ]] && sign_args=(--sign-key-file "$TMP/client.key" --kid c1)
+    [[ "${GUARDS:-0}" == 1 ]] && sign_args+=(--header "Origin: $GUARD_ORIGIN" --header "Authorization: Bearer $JWT_TOKEN")
     wait_quiet
     log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)')"
     timeout $((DURATION + WARMUP + 120)) ${PIN_ENDS[@]+"${PIN_ENDS[@]}"} "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
@@ -554,9 +607,10 @@ if [[ -n "$TP_SCENARIOS" ]]; then
             case "$s" in
             direct) run_echo "$k" "ws://127.0.0.1:$PLAIN_PORT/" 0 "" "$PLAIN_PID" ;;
             direct-signed) run_echo "$k" "ws://127.0.0.1:$SIGNED_PORT/" 1 "" "$SIGNED_PID" ;;
-            wsguard | wsguard-msglimit | wsguard-hmac-off | wsguard-hmac)
+            wsguard | wsguard-msglimit | wsguard-hmac-off | wsguard-hmac | wsguard-guards)
                 bport="$PLAIN_PORT" bpid="$PLAIN_PID" sign=0 perconn=null hmode=none
                 case "$s" in
+                wsguard-guards) bport="$SIGNED_PORT" bpid="$SIGNED_PID" sign=1 hmode=enforce GUARDS=1 ;;
                 wsguard-msglimit) perconn="{ messages: { rate: 1000000/s, burst: 1000000 } }" ;;
                 wsguard-hmac-off) bport="$SIGNED_PORT" bpid="$SIGNED_PID" sign=1 ;;
                 wsguard-hmac) bport="$SIGNED_PORT" bpid="$SIGNED_PID" sign=1 hmode=enforce ;;
@@ -569,6 +623,13 @@ if [[ -n "$TP_SCENARIOS" ]]; then
                         grep -E '^wsguard_(signature_failures|messages)' >"$TMP/metrics-$s-$round.txt" || true
                 fi
                 stop_pid "$WSG_PID"
+                GUARDS=0
+                ;;
+            nginx-signed)
+                if start_nginx "$SIGNED_PORT"; then
+                    run_echo "$k" "ws://127.0.0.1:$NGINX_PORT/" 1 "$NGINX_PID $(pgrep -P "$NGINX_PID" | xargs)" "$SIGNED_PID"
+                    stop_pid "$NGINX_PID"
+                fi
                 ;;
             nginx)
                 if start_nginx "$PLAIN_PORT"; then
@@ -588,7 +649,7 @@ fi
 # ================================================================================
 # idle sessions: memory and keepalive CPU
 # ================================================================================
-declare -A ID_CSW ID_OPEN ID_END ID_FAIL ID_DROP ID_PINGS ID_RSS0 ID_RSS1 ID_BRSS0 ID_BRSS1 ID_CLRSS ID_CPU ID_BCPU ID_LCPU ID_OTHER ID_WIN ID_RTT
+declare -A ID_BURSTS ID_CSW ID_OPEN ID_END ID_FAIL ID_DROP ID_PINGS ID_RSS0 ID_RSS1 ID_BRSS0 ID_BRSS1 ID_CLRSS ID_CPU ID_BCPU ID_LCPU ID_OTHER ID_WIN ID_RTT
 
 # run_idle NAME URL MEASURED_PID(proxy or backend) BACKEND_PID
 run_idle() {
@@ -601,7 +662,8 @@ run_idle() {
     start_bg_split "$TMP/idle-$name.out" "$TMP/idle-$name.err" \
         timeout "$(calc "int($IDLE_CONNS / $IDLE_RATE + $hold + 90)")" \
         "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} idle --url "$url" --conns "$IDLE_CONNS" \
-        --hold "$hold" --rate "$IDLE_RATE" --label "$name"
+        --hold "$hold" --rate "$IDLE_RATE" --label "$name" \
+        --burst-size "$IDLE_BURST_SIZE" --burst-every "$IDLE_BURST_EVERY"
     pid="$LAST_PID"
     if ! line="$(wait_for_line "$TMP/idle-$name.out" '^READY ' $((IDLE_CONNS / IDLE_RATE + 60)) "$pid")"; then
         stop_pid "$pid"
@@ -644,8 +706,8 @@ PY
     wait "$pid" || rc=$?
     forget_pid "$pid"
     grep -v '^idle: attempted=' "$TMP/idle-$name.err" >&2 || true
-    read -r ID_END[$name] ID_FAIL[$name] ID_DROP[$name] ID_PINGS[$name] \
-        <<<"$(json_field "$TMP/idle-$name.out" open_at_end failed dropped pings_received)"
+    read -r ID_END[$name] ID_FAIL[$name] ID_DROP[$name] ID_PINGS[$name] ID_BURSTS[$name] \
+        <<<"$(json_field "$TMP/idle-$name.out" open_at_end failed dropped pings_received bursts)"
     [[ $rc -eq 0 ]] || log "idle[$name]: loadgen exited with status $rc"
     return 0
 }
@@ -666,7 +728,10 @@ for s in $IDLE_SCENARIOS; do
         elif [[ "$s" != wsguard-idle ]]; then
             die "bad idle scenario $s (expected wsguard-ka-<interval>-<upstream_interval>, e.g. wsguard-ka-25s-0s)"
         fi
+        WSG_EXTRA_LIMITS=""
+        [[ "$IDLE_BURST_SIZE" != 0 ]] && WSG_EXTRA_LIMITS=$'\n'"  max_message_size: $((IDLE_BURST_SIZE * 2))"
         start_wsguard "$s" "$bport" null "$ki" "$ku" none
+        WSG_EXTRA_LIMITS=""
         sleep 1
         run_idle "$s" "ws://127.0.0.1:$WSG_PORT/" "$WSG_PID" "$bpid" && IDLE_DONE+=("$s")
         kill -0 "$WSG_PID" 2>/dev/null || die "wsguard died during idle test $s (see $TMP/wsguard-$s.log)"
@@ -691,8 +756,8 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
     echo "### Echo throughput ($CONNS conns, $SIZE B payload, ${WARMUP}s warmup + ${DURATION}s, $TP_ROUNDS_DONE round(s), median)"
     echo
     [[ "$PIN" == 1 ]] && echo "PIN=1: loadgen and echo-server on CPU 0, the proxy (wsguard; nginx with 1 worker) on CPU 1." && echo
-    echo "| scenario | msgs/s | runs used | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | errors | cores: loadgen / proxy / backend / other |"
-    echo "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|"
+    echo "| scenario | msgs/s | MB/s (payload, one way) | runs used | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | proxy CPU us per echo (median) | errors | cores: loadgen / proxy / backend / other |"
+    echo "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|"
     # A run is "clean" when the rest of the machine stayed below NOISE_MAX cores.
     clean() { [[ "${TP_OTHER[$1]:--}" != - ]] && awk -v x="${TP_OTHER[$1]}" -v m="$NOISE_MAX" 'BEGIN { exit !(x <= m) }'; }
     declare -A MED USED
@@ -710,7 +775,7 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
     done
     for s in $TP_SCENARIOS; do
         [[ -n "${MED[$s]:-}" ]] || continue
-        rates=() p50s=() p99s=() errs=0 cpu=() any_clean=0
+        rates=() p50s=() p99s=() errs=0 cpu=() any_clean=0 uspe=()
         for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
             if [[ -n "${TP_RATE[$s:$r]:-}" ]] && clean "$s:$r"; then any_clean=1; fi
         done
@@ -724,6 +789,8 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
                 continue
             fi
             rates+=("${TP_RATE[$k]}")
+            [[ "${TP_PROXY[$k]}" != - && "${TP_RATE[$k]}" != - && "${TP_PROXY[$k]}" != 0.00 ]] &&
+                uspe+=("$(calc "'%.2f' % (${TP_PROXY[$k]} * 1e6 / ${TP_RATE[$k]})")")
             p50s+=("${TP_P50[$k]}")
             p99s+=("${TP_P99[$k]}")
         done
@@ -732,7 +799,11 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
             rd="$(calc "'%.2f' % (${MED[$s]} / ${MED[direct]})")"
         [[ -n "$base" && -n "${MED[$base]:-}" && "${MED[$base]}" != "-" && "${MED[$s]}" != "-" ]] &&
             rb="$(calc "'%.2f' % (${MED[$s]} / ${MED[$base]})")"
-        echo "| $s | ${MED[$s]} | ${USED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $errs | ${cpu[*]} |"
+        mbs="-"
+        [[ "${MED[$s]}" != - ]] && mbs="$(calc "'%.1f' % (${MED[$s]} * $SIZE / 1e6)")"
+        us="-"
+        [[ ${#uspe[@]} -gt 0 ]] && us="$(python3 -c 'import statistics, sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "${uspe[@]}") (${uspe[*]})"
+        echo "| $s | ${MED[$s]} | $mbs | ${USED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $us | $errs | ${cpu[*]} |"
     done
     echo
     echo "cores: CPU cores used over the measurement window, per round (loadgen / proxy / echo backend / rest of the machine)."
@@ -743,8 +814,10 @@ fi
 if [[ ${#IDLE_DONE[@]} -gt 0 ]]; then
     echo "### Idle sessions ($IDLE_CONNS requested at $IDLE_RATE/s; RSS = VmRSS KiB sampled ${IDLE_SETTLE}s after READY; CPU over ${KA_WINDOW}s after that)"
     echo
-    echo "| scenario | open at READY / at end | failed / dropped | measured process | RSS before | RSS after | KiB per session | %CPU (one core) | backend RSS delta / session | backend %CPU | loadgen %CPU | other %CPU | pings answered (loadgen) | ping RTTs (wsguard) |"
-    echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "burst: $([[ "$IDLE_BURST_SIZE" != 0 ]] && echo "every ${IDLE_BURST_EVERY}th session echoed one ${IDLE_BURST_SIZE} B message before READY" || echo none)"
+    echo
+    echo "| scenario | open at READY / at end | failed / dropped | bursts echoed | measured process | RSS before | RSS after | KiB per session | %CPU (one core) | backend RSS delta / session | backend %CPU | loadgen %CPU | other %CPU | pings answered (loadgen) | ping RTTs (wsguard) |"
+    echo "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for s in "${IDLE_DONE[@]}"; do
         n="${ID_OPEN[$s]}"
         per="-" bper="-"
@@ -754,7 +827,7 @@ if [[ ${#IDLE_DONE[@]} -gt 0 ]]; then
         fi
         proc=wsguard
         [[ "$s" == direct-* ]] && proc="echo backend" bper="(same)"
-        echo "| $s | $n / ${ID_END[$s]} | ${ID_FAIL[$s]} / ${ID_DROP[$s]} | $proc | ${ID_RSS0[$s]} | ${ID_RSS1[$s]} | $per | ${ID_CPU[$s]} | $bper | ${ID_BCPU[$s]} | ${ID_LCPU[$s]} | ${ID_OTHER[$s]} | ${ID_PINGS[$s]} | ${ID_RTT[$s]} |"
+        echo "| $s | $n / ${ID_END[$s]} | ${ID_FAIL[$s]} / ${ID_DROP[$s]} | ${ID_BURSTS[$s]} | $proc | ${ID_RSS0[$s]} | ${ID_RSS1[$s]} | $per | ${ID_CPU[$s]} | $bper | ${ID_BCPU[$s]} | ${ID_LCPU[$s]} | ${ID_OTHER[$s]} | ${ID_PINGS[$s]} | ${ID_RTT[$s]} |"
     done
     echo
     echo "loadgen client RSS at the sample (KiB, info): $(for s in "${IDLE_DONE[@]}"; do printf '%s=%s ' "$s" "${ID_CLRSS[$s]}"; done)"

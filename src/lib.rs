@@ -17,6 +17,7 @@
 )]
 
 pub mod admin;
+pub mod compression;
 pub mod config;
 pub mod demo;
 pub mod error;

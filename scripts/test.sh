@@ -27,4 +27,5 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "== chromium not installed (WSGUARD_BROWSER_TESTS=0): the browser tests will be skipped"
   fi
 fi
-cargo test --locked --no-fail-fast "$@"
+# `fuzzing` builds the fuzz entry points the corpus replay test needs.
+cargo test --locked --no-fail-fast --features fuzzing "$@"

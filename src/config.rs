@@ -87,6 +87,10 @@ pub struct Config {
     pub shutdown_grace: Option<Str>,
     #[serde(default)]
     pub shutdown_delay: Option<Str>,
+    /// (wsguard addition) The close code clients get on a SIGTERM drain:
+    /// 1001 (the contract's default) or 1012 (Service Restart).
+    #[serde(default)]
+    pub shutdown_close_code: Option<Spanned<u64>>,
     #[serde(default)]
     pub log: Option<LogConfig>,
     #[serde(default)]
@@ -473,6 +477,8 @@ pub struct LimitsConfig {
     pub max_pending_handshakes: Option<Spanned<u64>>,
     #[serde(default)]
     pub trusted_proxies: Option<Vec<Str>>,
+    #[serde(default)]
+    pub max_session_duration: Option<Str>,
     #[serde(default)]
     pub per_ip: Tri<PerIpConfig>,
     #[serde(default)]

@@ -1,7 +1,8 @@
 //! `wsguard demo`: a built-in echo backend on loopback with wsguard in
 //! front of it, using the example policy, so a newcomer sees it work; and a
 //! small page, served on an origin the policy allows, that connects through
-//! wsguard from a browser with its token in a subprotocol.
+//! wsguard from a browser with its token in a subprotocol and signs its
+//! messages (HMAC-SHA256 with SubtleCrypto, contract section 3).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ pub const SECURE_PATH: &str = "/secure";
 
 /// The subprotocol prefix that carries the page's token.
 pub const TOKEN_PREFIX: &str = "bearer.";
+
+/// The key id of the demo's client signing key.
+pub const CLIENT_KID: &str = "demo";
 
 /// A conformant echo server: text and binary come back as sent.
 pub async fn echo_backend(listener: TcpListener) {
@@ -59,7 +63,8 @@ pub async fn echo_backend(listener: TcpListener) {
     }
 }
 
-/// The demo's JWT secret, in a private temporary file removed on drop.
+/// The demo's JWT secret and signing keys, in a private temporary
+/// directory removed on drop.
 #[derive(Debug)]
 pub struct SecretFile(PathBuf);
 
@@ -80,6 +85,11 @@ pub struct Demo {
     pub page_addr: SocketAddr,
     /// An HS256 token (sub `demo-user`, valid 24 h) for [`SECURE_PATH`].
     pub token: String,
+    /// The client signing key ([`CLIENT_KID`], base64) that the page signs
+    /// its messages with on [`SECURE_PATH`]. A key shipped to a page is
+    /// readable by the page's scripts: fine for a demo, see
+    /// docs/signing.md before doing it in production.
+    pub client_key: String,
     pub secret: SecretFile,
 }
 
@@ -115,11 +125,27 @@ pub async fn prepare(
         Alphanumeric.sample_string(&mut rand::rng(), 48)
     };
     write_private(&secret_path, &secret_text)?;
+    // Fresh signing keys too: the page's client key and wsguard's key
+    // toward the backend (32 random bytes each, base64).
+    let random_key = || {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    };
+    let client_key = random_key();
+    let client_key_path = secret.0.join("client.key");
+    write_private(&client_key_path, &client_key)?;
+    let upstream_key_path = secret.0.join("upstream.key");
+    write_private(&upstream_key_path, &random_key())?;
 
     let origin = format!("http://{}", page_origin_host(page_addr));
+    // The echo backend returns wsguard's own c2s envelope instead of
+    // signing s2c, so the demo trusts it (verify_upstream: false): wsguard
+    // strips that envelope and signs the echo for the page.
     let route = format!(
-        "routes:\n  - path: {SECURE_PATH}\n    origin: {{ mode: enforce, allow: [\"{origin}\"] }}\n    jwt:\n      mode: enforce\n      algorithms: [HS256]\n      keys: [{{ secret_file: \"{}\" }}]\n      token_sources: [header, \"subprotocol:{TOKEN_PREFIX}\"]\n",
-        secret_path.display()
+        "routes:\n  - path: {SECURE_PATH}\n    origin: {{ mode: enforce, allow: [\"{origin}\"] }}\n    jwt:\n      mode: enforce\n      algorithms: [HS256]\n      keys: [{{ secret_file: \"{}\" }}]\n      token_sources: [header, \"subprotocol:{TOKEN_PREFIX}\"]\n    hmac:\n      mode: enforce\n      client_keys: [{{ id: {CLIENT_KID}, secret_file: \"{}\" }}]\n      upstream_key: {{ id: demo-upstream, secret_file: \"{}\" }}\n      verify_upstream: false\n",
+        secret_path.display(),
+        client_key_path.display(),
+        upstream_key_path.display(),
     );
     let yaml: String = EXAMPLE_POLICY
         .lines()
@@ -147,6 +173,7 @@ pub async fn prepare(
         page: page_listener,
         page_addr,
         token,
+        client_key,
         secret,
     })
 }
@@ -174,7 +201,6 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
 }
 
 fn mint_token(secret: &str) -> Result<String, String> {
-    crate::guard::jwt::install_crypto_provider();
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -189,20 +215,23 @@ fn mint_token(secret: &str) -> Result<String, String> {
 }
 
 /// The demo page: connects to `ws://{proxy}/secure` offering only
-/// `bearer.<token>` as subprotocol, sends one message, shows the echo, and
-/// reports each step to the page server (`GET /report?...`).
-pub fn page_html(proxy: SocketAddr, token: &str) -> String {
+/// `bearer.<token>` as subprotocol, sends one signed message, verifies the
+/// signed echo, and reports each step to the page server
+/// (`GET /report?...`).
+pub fn page_html(proxy: SocketAddr, token: &str, client_key: &str) -> String {
     let proxy = page_origin_host(proxy);
     PAGE.replace("{{WS_URL}}", &format!("ws://{proxy}{SECURE_PATH}"))
         .replace("{{PREFIX}}", TOKEN_PREFIX)
         .replace("{{TOKEN}}", token)
+        .replace("{{KID}}", CLIENT_KID)
+        .replace("{{KEY}}", client_key)
 }
 
 const PAGE: &str = r#"<!doctype html>
 <html lang="en">
 <head><meta charset="utf-8"><title>wsguard demo</title>
 <style>body{font:15px/1.5 system-ui,sans-serif;max-width:46em;margin:2em auto;padding:0 1em}
-pre{background:#f4f4f4;padding:.8em;white-space:pre-wrap}</style></head>
+pre{background:#f4f4f4;padding:.8em;white-space:pre-wrap;word-break:break-all}</style></head>
 <body>
 <h1>wsguard demo</h1>
 <p>This page is served on an origin that the demo policy allows on the
@@ -214,34 +243,81 @@ WebSocket):</p>
 request goes to the echo backend, and answers the token subprotocol back
 (the backend selected none, and a browser aborts a handshake that offered a
 subprotocol and got none back).</p>
+<p>The route also enforces message signatures: the page signs each message
+with HMAC-SHA256 (SubtleCrypto) under the demo client key <code>{{KID}}</code>
+(<code>wsg1.kid.seq.ts.sig</code>, a newline, the payload; see
+docs/signing.md). wsguard verifies and strips the envelope, and signs the
+echo for the page, which verifies it. An unsigned message would be closed
+with 1008.</p>
 <p><input id="msg" value="hello through wsguard" size="30">
 <button id="send">send</button></p>
 <pre id="log"></pre>
 <script>
 "use strict";
-const token = "{{TOKEN}}";
+const token = "{{TOKEN}}", kid = "{{KID}}";
+const enc = new TextEncoder(), dec = new TextDecoder();
 const out = document.getElementById("log");
 function log(line) { out.textContent += line + "\n"; }
 function report(params) {
   fetch("/report?" + new URLSearchParams(params)).catch(() => {});
+}
+const b64 = (s) => Uint8Array.from(atob(s.replace(/-/g, "+").replace(/_/g, "/")), (c) => c.charCodeAt(0));
+const b64url = (buf) => btoa(String.fromCharCode(...new Uint8Array(buf)))
+  .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+// canonical: wsg1, direction, kid, seq, ts, bind (none here), type, payload
+const canonical = (dir, k, seq, ts, payload) =>
+  enc.encode(["wsg1", dir, k, seq, ts, "", "text", payload].join("\n"));
+const subtle = window.crypto && crypto.subtle;
+if (!subtle) log("SubtleCrypto needs a secure context: open this page on 127.0.0.1 or localhost");
+const key = subtle && subtle.importKey("raw", b64("{{KEY}}"),
+  { name: "HMAC", hash: "SHA-256" }, false, ["sign", "verify"]);
+let seq = 0, sending = Promise.resolve(), lastSeq = 0;
+function sendSigned(text) {
+  if (!key) return;
+  const s = ++seq;  // chained, so messages leave in seq order
+  sending = sending.then(async () => {
+    const ts = String(Date.now());
+    const mac = await crypto.subtle.sign("HMAC", await key, canonical("c2s", kid, s, ts, text));
+    const msg = `wsg1.${kid}.${s}.${ts}.${b64url(mac)}\n${text}`;
+    log("sent: " + msg.replace("\n", " \u21b5 "));
+    ws.send(msg);
+  });
+}
+async function verify(data) {
+  const nl = data.indexOf("\n");
+  const head = (nl < 0 ? "" : data.slice(0, nl)).split("."), payload = data.slice(nl + 1);
+  if (!key || head.length !== 5 || head[0] !== "wsg1" || head[1] !== kid) return null;
+  const s = Number(head[2]);
+  if (!(s > lastSeq) || Math.abs(Date.now() - Number(head[3])) > 30000) return null;
+  const ok = await crypto.subtle.verify("HMAC", await key, b64(head[4]),
+    canonical("s2c", head[1], head[2], head[3], payload));
+  if (!ok) return null;
+  lastSeq = s;
+  return { seq: s, payload };
 }
 const ws = new WebSocket("{{WS_URL}}", ["{{PREFIX}}" + token]);
 ws.onopen = () => {
   const proto = ws.protocol.startsWith("{{PREFIX}}") ? "{{PREFIX}}<token>" : ws.protocol;
   log("open; subprotocol: " + proto);
   report({ event: "open", protocol: proto });
-  ws.send(document.getElementById("msg").value);
+  sendSigned(document.getElementById("msg").value);
 };
-ws.onmessage = (e) => {
-  log("echo: " + e.data);
-  report({ event: "echo", data: e.data });
+ws.onmessage = async (e) => {
+  const v = await verify(e.data);
+  if (v) {
+    log("echo, signature verified (s2c seq " + v.seq + "): " + v.payload);
+    report({ event: "echo", data: v.payload, verified: "s2c", seq: v.seq });
+  } else {
+    log("echo with a bad signature: " + e.data);
+    report({ event: "echo", data: e.data, verified: "no" });
+  }
 };
 ws.onclose = (e) => {
   log("closed: " + e.code + " " + e.reason);
   report({ event: "close", code: e.code });
 };
 ws.onerror = () => log("error (see the browser console)");
-document.getElementById("send").onclick = () => ws.send(document.getElementById("msg").value);
+document.getElementById("send").onclick = () => sendSigned(document.getElementById("msg").value);
 </script>
 </body>
 </html>

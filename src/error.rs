@@ -61,6 +61,11 @@ pub enum Reject {
     /// The proxy is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The policy in force names the route but holds no runtime state for
+    /// it (an internal inconsistency, not a shutdown): 503, logged as an
+    /// error.
+    #[error("route not ready")]
+    RouteUnavailable,
 }
 
 impl Reject {
@@ -76,6 +81,7 @@ impl Reject {
             Reject::Capacity { .. }
             | Reject::CircuitOpen { .. }
             | Reject::ShuttingDown
+            | Reject::RouteUnavailable
             | Reject::SharedUnavailable
             | Reject::IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -102,6 +108,7 @@ impl Reject {
             Reject::BadGateway(_) => "bad_gateway",
             Reject::GatewayTimeout => "gateway_timeout",
             Reject::ShuttingDown => "shutting_down",
+            Reject::RouteUnavailable => "route_unavailable",
             Reject::SharedUnavailable => "shared_unavailable",
         }
     }
@@ -114,6 +121,7 @@ impl Reject {
             | Reject::Capacity { retry_after }
             | Reject::CircuitOpen { retry_after } => Some((*retry_after).max(1)),
             Reject::ShuttingDown
+            | Reject::RouteUnavailable
             | Reject::SharedUnavailable
             | Reject::IntrospectionUnavailable(_) => Some(1),
             _ => None,

@@ -13,8 +13,9 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Version};
 
 use crate::handshake::{self, Forwarding};
-use crate::policy::{Cidr, Policy};
+use crate::policy::Policy;
 use crate::sign::{self, Direction, Key, MsgType, SeqState};
+use crate::values::Cidr;
 
 /// The key id of the fixed fuzzing key. Seed envelopes in
 /// `fuzz/corpus/envelope/` are signed with it (`wsguard sign --kid k1`).

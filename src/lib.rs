@@ -1,15 +1,29 @@
 //! wsguard: a WebSocket hardening sidecar.
 //!
-//! The path of one connection is a straight line through the modules:
+//! The path of one connection:
 //!
 //! ```text
-//! server (accept, hyper upgrade) -> handshake (validate, headers)
-//!   -> guard::{limits, breaker} -> upstream (dial, strict 101 check)
-//!   -> session (two pumps: sign, limits; keepalive) -> close
+//! server (accept, TLS, hyper upgrade; today also the admission checks)
+//!   -> handshake (validate the upgrade, build the upstream header set)
+//!   -> guard::{limits, origin, jwt, introspect, shared, breaker}
+//!   -> upstream (dial, strict 101 check)
+//!   -> session (the frame engine: relay, sign, limits, keepalive; `frame`
+//!      is its RFC 6455 codec)
+//!   -> close
 //! ```
 //!
-//! `config` is the raw YAML, `policy` the validated form every other module
-//! reads; `runtime` holds the hot-swappable policy and process-wide state.
+//! Beside it:
+//! - `config` (the raw YAML) -> `policy` (validated at load; every other
+//!   module reads this) -> `values` (durations, sizes, rates, CIDRs,
+//!   breaker settings: a leaf that `policy` and the guards both import);
+//! - `runtime`: the hot-swappable policy generation and process-wide state;
+//!   `reload` swaps it, `admin` serves health and metrics, `metrics` counts;
+//! - `error` (why a handshake was refused), `reject_log` (one line per
+//!   refusal, rate-limited), `logging`, `files` (bounded reads of the files
+//!   a policy names), `tls` (certificates and rustls configs), `sign` (the
+//!   wsg1 message signature), `demo` (`wsguard demo`);
+//! - `fuzzing` (feature `fuzzing`): entry points for fuzz/ and the corpus
+//!   replay test.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -22,15 +36,15 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod files;
+pub mod frame;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod gate;
 pub mod guard;
 pub mod handshake;
 pub mod keepalive;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
-pub mod pongs;
 pub mod reject_log;
 pub mod reload;
 pub mod runtime;
@@ -39,6 +53,7 @@ pub mod session;
 pub mod sign;
 pub mod tls;
 pub mod upstream;
+pub mod values;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

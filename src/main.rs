@@ -17,8 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncBufReadExt;
 use tokio::signal::unix::{signal, SignalKind};
 use wsguard::config::LogFormat;
-use wsguard::policy::{parse_duration, Policy};
+use wsguard::policy::Policy;
 use wsguard::sign::{self, Direction, Key, MsgType, SeqState};
+use wsguard::values::parse_duration;
 
 #[derive(Parser)]
 #[command(
@@ -378,6 +379,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, page: SocketAddr) -> ExitCo
         page,
         page_addr,
         token,
+        client_key,
         secret: _secret,
     } = demo;
     let _logs = init_logs(policy.log_format, &policy.log_level);
@@ -394,7 +396,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, page: SocketAddr) -> ExitCo
     let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(wsguard::demo::serve_page(
         page,
-        wsguard::demo::page_html(listen, &token),
+        wsguard::demo::page_html(listen, &token, &client_key),
         tx,
     ));
     tokio::spawn(async move {
@@ -407,8 +409,9 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, page: SocketAddr) -> ExitCo
     println!("wsguard demo: echo backend on {backend}");
     println!("wsguard demo: proxy on ws://{listen}/  (admin: http://{admin}/metrics)");
     println!("wsguard demo: open http://{page_addr}/ in a browser: the page connects to");
+    println!("              ws://{listen}{secure} (origin, token and message signatures enforced;");
     println!(
-        "              ws://{listen}{secure} (origin and token enforced, token in a subprotocol)"
+        "              token in a subprotocol, messages signed with SubtleCrypto HMAC-SHA256)"
     );
     println!("try it:  echo hello | {exe} connect ws://{listen}/");
     println!("         (or: cargo run -- connect ws://{listen}/ and type lines)");

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub route_handshakes: Family<RouteResultLabel, Counter>,
     /// Shared-limit checks that found Redis slow or down.
     pub shared_unavailable: Counter,
+    /// Sessions ended by `limits.max_session_duration`.
+    pub session_duration_closes: Counter,
     pub messages_c2s: Counter,
     pub messages_s2c: Counter,
     pub bytes_c2s: Counter,
@@ -167,6 +169,12 @@ impl Metrics {
             "Shared-limit checks that found Redis slow or down (on_error applied)",
             shared_unavailable.clone(),
         );
+        let session_duration_closes = Counter::default();
+        registry.register(
+            "session_duration_closes",
+            "Sessions closed by limits.max_session_duration (1001 \"session too long\")",
+            session_duration_closes.clone(),
+        );
         let introspection = crate::guard::introspect::IntrospectionMetrics::default();
         registry.register(
             "introspection_cache",
@@ -223,6 +231,7 @@ impl Metrics {
             route_connections_active,
             route_handshakes,
             shared_unavailable,
+            session_duration_closes,
             introspection,
         }
     }
@@ -308,6 +317,7 @@ pub fn known_rejections() -> Vec<&'static str> {
         Reject::GatewayTimeout,
         Reject::SharedUnavailable,
         Reject::ShuttingDown,
+        Reject::RouteUnavailable,
         Reject::NotUpgrade,
         Reject::PendingCap { retry_after: 0 },
         Reject::AmbiguousToken("jwt_ambiguous"),

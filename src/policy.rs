@@ -10,7 +10,7 @@
 //! would make an operator believe it is enforced.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
@@ -21,6 +21,10 @@ use crate::config::{self, Config, LogFormat, Mode, OnFailure, SizeValue, Str, Tr
 use crate::guard::jwt::{self, Jwt};
 use crate::guard::origin::OriginPolicy;
 use crate::sign;
+// The value types a policy is made of live in `values`, which the guards
+// import too; re-exported here because `Policy`'s fields name them.
+use crate::values::size_text;
+pub use crate::values::{canonical_ip, parse_duration, parse_rate, BreakerPolicy, Cidr, Rate};
 use std::sync::Arc;
 
 /// One problem with the policy file.
@@ -66,6 +70,9 @@ pub struct Policy {
     /// Time between `/readyz` turning 503 and the listener closing on
     /// SIGTERM (an addition to the contract; default 0s).
     pub shutdown_delay: Duration,
+    /// `shutdown_close_code` (an addition to the contract): what live
+    /// sessions' clients get on SIGTERM, 1001 (default) or 1012.
+    pub shutdown_close_code: u16,
     /// TLS termination; None for plain ws://.
     pub tls: Option<TlsPolicy>,
     pub log_format: LogFormat,
@@ -201,16 +208,6 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerPolicy {
-    pub consecutive_failures: u32,
-    pub open_for: Duration,
-    pub max_open_for: Duration,
-    pub half_open_probes: u32,
-    /// Keep the state in `limits.shared`'s Redis, for every replica.
-    pub shared: bool,
-}
-
 #[derive(Clone)]
 pub struct Hmac {
     pub mode: Mode,
@@ -292,21 +289,6 @@ pub struct Keepalive {
     pub idle_timeout: Option<Duration>,
 }
 
-/// A token-bucket rate: `count` cells per `per`, with a burst capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Rate {
-    pub count: NonZeroU32,
-    pub per: Duration,
-    pub burst: NonZeroU32,
-}
-
-impl Rate {
-    /// The time to replenish one cell.
-    pub fn period(&self) -> Duration {
-        self.per / self.count.get()
-    }
-}
-
 /// The limits a route may set (the process-wide ones live on [`Policy`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -317,62 +299,29 @@ pub struct Limits {
     pub per_connection_messages: Option<Rate>,
     pub per_connection_bytes: Option<Rate>,
     pub on_message_limit: OnFailure,
+    /// `max_session_duration`: a session is closed with 1001 "session too
+    /// long" this long after it opened, plus a jitter drawn once per session
+    /// (see [`Limits::session_deadline`]); None = never.
+    pub max_session_duration: Option<Duration>,
 }
 
-/// An IP network, for `trusted_proxies`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
+impl Limits {
+    /// When a session opened at `start` must end: `max_session_duration`
+    /// plus a random jitter in `[0, d/10)`, drawn once per session, so the
+    /// close falls in `[d, 1.1d)`. Never before `d`: the operator's value is
+    /// the shortest a session lives, and the jitter only spreads the
+    /// reconnects of sessions opened together (after a deploy or a
+    /// scale-out) over a tenth of `d` instead of one instant.
+    pub fn session_deadline(&self, start: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        use rand::Rng;
+        let d = self.max_session_duration?;
+        let spread = d / 10;
+        let jitter = if spread.is_zero() {
+            Duration::ZERO
+        } else {
+            rand::rng().random_range(Duration::ZERO..spread)
         };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are the IPv4 address: a
-/// dual-stack listener must not give one client two identities.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+        Some(start + d + jitter)
     }
 }
 
@@ -509,87 +458,11 @@ impl Check {
     }
 }
 
-/// `500ms`, `25s`, `10m`, `1h` (also `0` for zero).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("`{s}` is not a duration (use e.g. 500ms, 25s, 10m, 1h)");
-    if num.is_empty() || num.len() > 12 {
-        return Err(bad());
-    }
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(bad()),
-    };
-    Ok(d)
-}
-
-fn size_text(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("`{s}` is not a size (use bytes, or e.g. 64KiB, 1MiB)");
-    if num.is_empty() || num.len() > 15 {
-        return Err(bad());
-    }
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mult).ok_or_else(bad)
-}
-
 pub fn parse_size(v: &SizeValue) -> Result<u64, String> {
     match v {
         SizeValue::Bytes(n) => Ok(*n),
         SizeValue::Text(s) => size_text(s),
     }
-}
-
-/// `50/s`, `600/m`, `10/h`, and for byte rates `1MiB/s`. A zero rate is
-/// refused: it would block everything, which `null` says more honestly.
-pub fn parse_rate(s: &str, bytes: bool) -> Result<(NonZeroU32, Duration), String> {
-    let bad = || {
-        if bytes {
-            format!("`{s}` is not a byte rate (use e.g. 1MiB/s, 64KiB/s)")
-        } else {
-            format!("`{s}` is not a rate (use e.g. 50/s, 600/m, 10/h)")
-        }
-    };
-    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
-    let count = if bytes {
-        size_text(n)?
-    } else {
-        n.trim().parse::<u64>().map_err(|_| bad())?
-    };
-    let per = match unit.trim() {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(bad()),
-    };
-    if count == 0 {
-        return Err(format!(
-            "`{s}`: a rate must be above zero (use null to turn the limit off)"
-        ));
-    }
-    let count = u32::try_from(count)
-        .ok()
-        .and_then(NonZeroU32::new)
-        .ok_or_else(|| format!("`{s}`: rate too large"))?;
-    Ok((count, per))
 }
 
 /// Parses `ws[s]://host[:port][/path]` into (host, port, base path, tls).
@@ -733,6 +606,18 @@ impl TryFrom<&Config> for Policy {
             Duration::from_secs(10),
         );
         let shutdown_delay = c.duration(&cfg.shutdown_delay, "shutdown_delay", Duration::ZERO);
+        let shutdown_close_code = match &cfg.shutdown_close_code {
+            None => 1001,
+            Some(v) if matches!(v.value, 1001 | 1012) => u16::try_from(v.value).unwrap_or(1001),
+            Some(v) => {
+                c.push(
+                    v.referenced,
+                    "shutdown_close_code",
+                    "must be 1001 (Going Away) or 1012 (Service Restart)",
+                );
+                1001
+            }
+        };
 
         let log = cfg.log.as_ref();
         let log_format = log.and_then(|l| l.format).unwrap_or_default();
@@ -859,6 +744,7 @@ impl TryFrom<&Config> for Policy {
                 admin_listen,
                 shutdown_grace,
                 shutdown_delay,
+                shutdown_close_code,
                 tls,
                 log_format,
                 log_level,
@@ -1353,7 +1239,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
     let mut trusted_proxies = Vec::new();
     for (i, s) in l.trusted_proxies.iter().flatten().enumerate() {
         match Cidr::parse(&s.value) {
-            Ok(cidr) if cidr.prefix == 0 => c.push(
+            Ok(cidr) if cidr.prefix_len() == 0 => c.push(
                 s.referenced,
                 &format!("{path}.trusted_proxies[{i}]"),
                 "trusting every address would let any client forge X-Forwarded-For; list your proxies' networks",
@@ -1629,6 +1515,26 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         );
     }
 
+    let max_session_duration = c.timer(
+        &l.max_session_duration,
+        &format!("{path}.max_session_duration"),
+        Duration::ZERO,
+    );
+    // A shorter bound would make clients reconnect in a loop: the
+    // handshake (TLS, token check, upstream dial) costs more than the
+    // session it buys.
+    if max_session_duration.is_some_and(|d| d < Duration::from_secs(1)) {
+        let loc = l
+            .max_session_duration
+            .as_ref()
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        c.push(
+            loc,
+            &format!("{path}.max_session_duration"),
+            "must be 0s (never) or at least 1s",
+        );
+    }
+
     let default_rate = |count: u32, burst: u32| Rate {
         count: NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN),
         per: Duration::from_secs(1),
@@ -1688,6 +1594,7 @@ fn limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) -> Limits
         per_connection_messages,
         per_connection_bytes,
         on_message_limit: l.on_message_limit.unwrap_or_default(),
+        max_session_duration,
     }
 }
 
@@ -1767,13 +1674,14 @@ impl Policy {
     /// `check --explain`: the effective policy of every route.
     pub fn explain(&self) -> String {
         let mut out = format!(
-            "listen {}  admin {}  max_connections {}  handshake_timeout {}  trusted_proxies {}  shutdown_grace {}\n",
+            "listen {}  admin {}  max_connections {}  handshake_timeout {}  trusted_proxies {}  shutdown_grace {}  shutdown_close_code {}\n",
             self.listen,
             self.admin_listen,
             self.max_connections,
             show_duration(self.handshake_timeout),
             self.trusted_proxies.len(),
             show_duration(self.shutdown_grace),
+            self.shutdown_close_code,
         );
         for r in self
             .routes
@@ -1852,7 +1760,7 @@ impl Route {
         };
         format!(
             "upstream {} (connect_timeout {}, breaker {}), origin {}, jwt {}, introspection {}, hmac {}, keepalive interval {} upstream_interval {} idle_timeout {} max_missed {}, \
-             max_message_size {} max_frame_size {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {}, on_message_limit: {}",
+             max_message_size {} max_frame_size {}, per_ip handshakes {} connections {}, per_connection messages {} bytes {}, on_message_limit: {}, max_session_duration {}",
             self.upstream.url,
             show_duration(self.upstream.connect_timeout),
             self.upstream.breaker.map_or("off".to_string(), |b| format!("after {} failures", b.consecutive_failures)),
@@ -1871,6 +1779,7 @@ impl Route {
             rate(&self.limits.per_connection_messages),
             self.limits.per_connection_bytes.map_or("off".to_string(), |r| show_rate(&r, true)),
             on_limit,
+            timer(self.limits.max_session_duration),
         )
     }
 }
@@ -2377,19 +2286,7 @@ mod tests {
     }
 
     #[test]
-    fn parsers() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("1.5s").is_err());
-        assert_eq!(size_text("64KiB"), Ok(65536));
-        assert!(size_text("1MB").is_err());
-        let (n, per) = parse_rate("600/m", false).unwrap();
-        assert_eq!((n.get(), per), (600, Duration::from_secs(60)));
-        assert_eq!(parse_rate("1MiB/s", true).map(|r| r.0.get()), Ok(1 << 20));
-        assert!(parse_rate("0/s", false).is_err());
-        assert!(parse_rate("5", false).is_err());
+    fn upstream_urls() {
         assert_eq!(
             parse_upstream_url("ws://127.0.0.1:9000/base/"),
             Ok(("127.0.0.1".into(), 9000, "/base".into(), false))
@@ -2398,16 +2295,96 @@ mod tests {
     }
 
     #[test]
-    fn cidr_matching() {
-        let c = Cidr::parse("10.0.0.0/8").unwrap();
-        assert!(c.contains("10.1.2.3".parse().unwrap()));
-        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
-        assert!(!c.contains("11.0.0.1".parse().unwrap()));
-        let c = Cidr::parse("fd00::/8").unwrap();
-        assert!(c.contains("fd12::1".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("0.0.0.0/0")
-            .unwrap()
-            .contains("1.2.3.4".parse().unwrap()));
+    fn max_session_duration_is_off_by_default_per_route_and_checked() {
+        let p = Policy::from_text(
+            "p.yaml",
+            "limits:\n  max_session_duration: 1h\nroutes:\n  - path: /short\n    limits: { max_session_duration: 10m }\n  - path: /other\n    limits: { max_message_size: 64KiB }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.default_route.limits.max_session_duration,
+            Some(Duration::from_secs(3600))
+        );
+        let at = |path: &str| p.route(p.route_index(path)).limits.max_session_duration;
+        assert_eq!(at("/short"), Some(Duration::from_secs(600)));
+        // A route's limits section replaces the top-level one as a whole.
+        assert_eq!(at("/other"), None);
+        assert!(
+            p.summary().contains("max_session_duration 1h"),
+            "{}",
+            p.summary()
+        );
+        let d = Policy::from_text("p.yaml", "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.default_route.limits.max_session_duration, None);
+        assert_eq!(
+            d.default_route
+                .limits
+                .session_deadline(tokio::time::Instant::now()),
+            None
+        );
+        assert!(problems("limits: { max_session_duration: 0s }\n").is_empty());
+
+        let p = problems("limits:\n  max_session_duration: 500ms\nroutes:\n  - path: /a\n    limits:\n      max_session_duration: forever\n");
+        let got: Vec<(u64, &str, &str)> = p
+            .iter()
+            .map(|p| (p.line, p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, 2);
+        assert_eq!(got[0].1, "limits.max_session_duration");
+        assert!(got[0].2.contains("at least 1s"), "{got:?}");
+        assert_eq!(got[1].0, 6);
+        assert_eq!(got[1].1, "routes[0].limits.max_session_duration");
+    }
+
+    #[test]
+    fn session_deadlines_fall_in_d_to_1_1d_and_differ() {
+        let p = Policy::from_text("p.yaml", "limits: { max_session_duration: 100s }\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let start = tokio::time::Instant::now();
+        let d = Duration::from_secs(100);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let at = p
+                .default_route
+                .limits
+                .session_deadline(start)
+                .unwrap_or(start);
+            let after = at - start;
+            assert!(after >= d && after < d + d / 10, "{after:?}");
+            seen.insert(after);
+        }
+        // Drawn per session: a fleet's sessions do not all end at once.
+        assert!(seen.len() > 900, "{}", seen.len());
+    }
+
+    #[test]
+    fn shutdown_close_code_is_1001_or_1012() {
+        let code = |text: &str| {
+            Policy::from_text("p.yaml", text)
+                .map(|p| p.shutdown_close_code)
+                .map_err(|e| e.list)
+        };
+        assert_eq!(code(""), Ok(1001));
+        assert_eq!(code("shutdown_close_code: 1001\n"), Ok(1001));
+        assert_eq!(code("shutdown_close_code: 1012\n"), Ok(1012));
+        for bad in ["1000", "1013", "70000", "-1", "restart"] {
+            let p = code(&format!("shutdown_grace: 5s\nshutdown_close_code: {bad}\n"))
+                .err()
+                .unwrap_or_default();
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(
+                (p[0].line, p[0].path.as_str()),
+                (2, "shutdown_close_code"),
+                "{bad}"
+            );
+        }
+        let p = Policy::from_text("p.yaml", "shutdown_close_code: 1012\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            p.explain().contains("shutdown_close_code 1012"),
+            "{}",
+            p.explain()
+        );
     }
 }

@@ -46,13 +46,15 @@ pub fn reload(shared: &Shared, path: &Path) -> bool {
             true
         }
         Err(problems) => {
+            // Counted before it is logged: whoever reads the log line and
+            // then scrapes /metrics sees the refusal counted.
+            shared.metrics.reload("error");
             for p in &problems.list {
                 tracing::error!(
                     file = %problems.file, line = p.line, col = p.col, key = %p.path,
                     "reload refused: {}", p.message
                 );
             }
-            shared.metrics.reload("error");
             false
         }
     }

@@ -15,7 +15,8 @@ use crate::guard::jwt::{JwksCache, Verifier};
 use crate::guard::limits::{ConnCounts, HandshakeLimiter, SubjectLimiter};
 use crate::guard::shared::{SharedLimiter, SharedSettings};
 use crate::metrics::{Metrics, UpstreamLabel};
-use crate::policy::{BreakerPolicy, Limits, Policy, Rate, Route};
+use crate::policy::{Limits, Policy, Route};
+use crate::values::{BreakerPolicy, Rate};
 
 /// One policy generation plus what is derived from it. New handshakes load
 /// the current one; a live session keeps the one it started with.
@@ -105,6 +106,9 @@ pub struct Shared {
     pub ready: std::sync::atomic::AtomicBool,
     /// Refused handshakes are logged at info through this rate limit.
     pub refusals: crate::reject_log::RefusalLog,
+    /// Bytes held in unfinished messages that HMAC must see whole, across
+    /// every session (see [`crate::session::Budget`]).
+    pub partial: crate::session::Budget,
     /// The generation of `current`, readable without touching the ArcSwap.
     generation: std::sync::atomic::AtomicU64,
 }
@@ -156,6 +160,7 @@ impl Shared {
             shared_limiter: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
             refusals: crate::reject_log::RefusalLog::default(),
+            partial: crate::session::Budget::new(crate::session::DEFAULT_PARTIAL_BUDGET),
             generation: std::sync::atomic::AtomicU64::new(0),
         });
         shared.install(policy);

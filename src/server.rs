@@ -29,8 +29,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::config::Mode;
 use crate::config::OnError;
@@ -39,7 +37,6 @@ use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
-use crate::pongs::PongFilter;
 use crate::runtime::Shared;
 use crate::session::{self, SessionInfo};
 use crate::upstream::{self, DialError};
@@ -422,7 +419,13 @@ async fn upgrade(
     // normalised path (with them) is what travels upstream and into logs.
     let route_index = policy.route_index(&up.match_path);
     let (route, derived) = rt.route(route_index);
-    let derived = derived.ok_or(Reject::ShuttingDown)?;
+    let Some(derived) = derived else {
+        tracing::error!(
+            route = route_index,
+            "no runtime state for this route in the policy in force"
+        );
+        return Err(Reject::RouteUnavailable);
+    };
 
     let ip = client_ip_of(peer.ip(), req.headers(), &policy.trusted_proxies);
     let peer_trusted = policy.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
@@ -438,6 +441,17 @@ async fn upgrade(
         ),
         _ => None,
     };
+
+    // Cheap checks first: the local connection caps before the origin, the
+    // rate limit, the token (a signature, maybe a JWKS or introspection
+    // round trip) and the shared limits (a Redis round trip).
+    let slot = shared
+        .counts
+        .acquire(key, policy.max_connections, route.limits.per_ip_connections)
+        .map_err(|e| match e {
+            SlotError::Global => Reject::Capacity { retry_after: 1 },
+            SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
+        })?;
 
     if let Some(origin) = &route.origin {
         let values: Vec<&[u8]> = req
@@ -457,13 +471,6 @@ async fn upgrade(
     handshake_rate(shared, &rt, route, derived, key).await?;
     let auth = authenticate(&req, &up, route, derived, shared, peer, deadline).await?;
     let (subject_slot, shared_slot) = subject_slots(shared, &rt, auth.subject.as_deref()).await?;
-    let slot = shared
-        .counts
-        .acquire(key, policy.max_connections, route.limits.per_ip_connections)
-        .map_err(|e| match e {
-            SlotError::Global => Reject::Capacity { retry_after: 1 },
-            SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
-        })?;
     let permit = match &derived.breaker {
         None => None,
         Some(b) => Some(b.acquire().await.map_err(|wait| Reject::CircuitOpen {
@@ -573,23 +580,24 @@ async fn upgrade(
     };
     let shared2 = Arc::clone(shared);
     let rt2 = Arc::clone(&rt);
-    let ws_config = derived.ws_config;
     let tracker = shared.tracker.clone();
     shared.tracker.spawn(async move {
         let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
             Ok(Ok(u)) => u,
             _ => return,
         };
-        let client = WebSocketStream::from_raw_socket(
-            PongFilter::new(TokioIo::new(upgraded)),
-            Role::Server,
-            Some(ws_config),
-        )
-        .await;
+        let client = TokioIo::new(upgraded);
         // The session gets a task of its own: this block keeps everything
         // it captured (the backend's stream, the session info) for as long
         // as it runs, which would cost every idle session about 1 KiB.
-        tracker.spawn(session::run(client, dialed.ws, rt2, shared2, info));
+        tracker.spawn(session::run(
+            client,
+            dialed.stream,
+            dialed.rest,
+            rt2,
+            shared2,
+            info,
+        ));
     });
     Ok(resp)
 }

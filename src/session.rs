@@ -1,38 +1,51 @@
-//! One proxied session after both upgrades: two message pumps and the
-//! keepalive, in a single task.
+//! One proxied session after both upgrades: wsguard's own frame engine.
 //!
-//! Each direction is its own pump future so that a slow reader on one side
-//! only slows the sender on the other (backpressure: a pump awaits the
-//! write before it reads the next message), while the other direction keeps
-//! flowing. Both pumps run in one task to keep per-session memory small.
-//! When either pump ends (or shutdown, idle timeout, keepalive death), the
-//! other is dropped and [`finish`] closes both sides with the right codes.
+//! The engine owns the frames of both hops. It is one hand-written future
+//! per session (no split streams, no locks, no second task):
+//!
+//! - **Relay.** Data frames are relayed as they arrive: each read's bytes
+//!   are decoded ([`crate::frame::Decoder`]), unmasked in place, re-masked
+//!   toward the backend and written on. No message is built. Only when HMAC
+//!   must see a whole message is it assembled, under a process-wide budget
+//!   of bytes held in unfinished messages ([`Budget`]); past it the sender
+//!   gets 1013 (Try Again Later).
+//! - **Buffers on demand.** Reads go into a per-thread scratch buffer; what
+//!   the engine keeps between reads is at most an unfinished frame header
+//!   and an unfinished control frame (inline, no heap). Writes go straight
+//!   to the socket; only what the socket would not take is kept, in a buffer
+//!   freed as soon as it empties. An idle session therefore holds no read or
+//!   write buffer.
+//! - **Backpressure.** A hop is read only while the far hop has nothing
+//!   waiting to be written: a slow reader slows the sender, and what waits
+//!   is at most one read's worth.
+//! - **Control frames.** A peer's ping goes to the far side and the far
+//!   side's pong comes back; nothing answers a ping automatically.
+//!   wsguard's own keepalive pings carry a nonce ([`keepalive`]); their
+//!   pongs are matched and consumed.
+//! - **Close.** Close codes and reasons pass unchanged (contract section
+//!   4). After wsguard sends a close it shuts down its write side and
+//!   discards what still arrives, for a bounded time, so the peer can read
+//!   the close frame instead of a reset.
 
-use std::future::Future;
+use std::cell::RefCell;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{Mode, OnFailure};
-use crate::gate::Gated;
+use crate::frame::{self, Decoder, FrameError, Header, Rules, Sink};
 use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
 use crate::policy::{Hmac, Route};
-use crate::pongs::{PongFilter, PongPasses};
 use crate::runtime::{Runtime, Shared};
 use crate::sign::{self, Direction, MsgType, SeqState};
 
@@ -41,9 +54,68 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// How long to try to tell a dead peer we are closing.
 const DEAD_PEER_WAIT: Duration = Duration::from_millis(500);
 
-/// Close code 1014 (Bad Gateway, IANA-registered) for "the backend failed".
-/// tungstenite has no name for it.
+/// Close code 1014 (Bad Gateway) for "the backend failed".
 const BAD_GATEWAY: u16 = 1014;
+/// Close code 1013 (Try Again Later): the partial-message budget is spent.
+const TRY_AGAIN_LATER: u16 = 1013;
+
+/// Bytes one read may take: a per-thread scratch buffer of this size.
+const SCRATCH: usize = 64 * 1024;
+/// Reads per wakeup before the session yields to other tasks.
+const READS_PER_POLL: usize = 16;
+
+thread_local! {
+    /// Where every session on this thread reads into.
+    static READ: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+    /// Where one read's output is built before it is written.
+    static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The default partial-message budget: 256 MiB across the process. At the
+/// default `max_message_size` (1 MiB) that is 256 large messages being
+/// assembled at once; past it, a new large message gets 1013.
+pub const DEFAULT_PARTIAL_BUDGET: usize = 256 << 20;
+
+/// Bytes held process-wide in unfinished messages that HMAC must see
+/// whole. Reserved frame by frame as each frame header arrives (so a slow
+/// sender cannot hold more than it reserved), released when the message
+/// is complete or the session ends.
+pub struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Relaxed, Relaxed, |u| {
+                u.checked_add(n).filter(|&t| t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Relaxed, Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
 
 /// Everything a session needs from the handshake.
 pub struct SessionInfo {
@@ -66,11 +138,14 @@ pub struct SessionInfo {
     pub slot: ConnSlot,
 }
 
-/// Why the relay loop stopped.
+/// A close frame's payload: `None` is a close with no status.
+type CloseMsg = Option<(u16, String)>;
+
+/// Why the relay stopped.
 #[derive(Debug)]
 enum End {
-    ClientClosed(Option<CloseFrame>),
-    UpstreamClosed(Option<CloseFrame>),
+    ClientClosed(CloseMsg),
+    UpstreamClosed(CloseMsg),
     /// TCP gone or reset without a close frame.
     ClientGone,
     UpstreamGone,
@@ -79,142 +154,409 @@ enum End {
     UpstreamViolation(u16, &'static str),
     /// A guard closed the session (signature failure, rate limit): 1008.
     Policy(&'static str, &'static str),
+    /// The partial-message budget is spent: 1013 to both sides.
+    Overload,
     ClientDead,
     UpstreamDead,
     Idle,
-    Shutdown,
+    /// `limits.max_session_duration` passed: 1001 "session too long".
+    TooLong,
+    /// SIGTERM drain, with the client's close code (`shutdown_close_code`).
+    Shutdown(u16),
 }
 
-/// State the two pumps share. Atomics, because both pumps live in one
-/// task but must be `Send`.
-struct Pumps<'a> {
+/// Which of a session's wall-clock ends comes first.
+#[derive(Clone, Copy)]
+enum Timed {
+    TokenExpired,
+    TooLong,
+}
+
+/// The earlier of the token's expiry and the session's duration limit, so
+/// that every session holds one timer, not two. On a tie the token wins:
+/// its 1008 tells the client to fetch a new one before reconnecting.
+fn first_deadline(expires: Option<Instant>, too_long: Option<Instant>) -> Option<(Instant, Timed)> {
+    match (expires, too_long) {
+        (Some(e), Some(t)) if t < e => Some((t, Timed::TooLong)),
+        (Some(e), _) => Some((e, Timed::TokenExpired)),
+        (None, Some(t)) => Some((t, Timed::TooLong)),
+        (None, None) => None,
+    }
+}
+
+/// How the sink stops the decoder.
+enum Halt {
+    Frame(FrameError),
+    Closed(CloseMsg),
+    Policy(&'static str, &'static str),
+    Overload,
+}
+
+impl From<FrameError> for Halt {
+    fn from(e: FrameError) -> Halt {
+        Halt::Frame(e)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// What a sink needs from the session besides its own direction's state.
+struct Env<'a> {
     route: &'a Route,
-    bind: &'a str,
-    /// The token claim values this session's derived client keys need.
-    derive: &'a sign::DeriveInputs,
-    subject: Option<(&'a str, &'a SubjectLimiter)>,
     shared: &'a Shared,
-    start: Instant,
-    client_live: Liveness,
-    upstream_live: Liveness,
-    /// Passes for the pongs relayed to each hop: every other pong written
-    /// there (tungstenite's automatic answers) is dropped, so a ping is
-    /// answered by the far end of the session, once.
-    client_pongs: PongPasses,
-    upstream_pongs: PongPasses,
-    last_data_ms: AtomicU64,
-    /// True while a pump waits for its peer to take a message. A side we
-    /// are not reading from cannot prove liveness, so its keepalive verdict
-    /// is suspended; the stalled write has its own deadline instead.
-    c2u_blocked: AtomicBool,
-    u2c_blocked: AtomicBool,
-    msgs: [AtomicU64; 2],
-    bytes: [AtomicU64; 2],
-    limiter: Option<MessageLimiter>,
+    bind: &'a str,
+    derive: &'a sign::DeriveInputs,
+    /// The source hop's keepalive state (its pongs may be ours).
+    live: &'a Liveness,
+    /// Client direction only: per-connection and per-subject limits.
+    limiter: Option<&'a MessageLimiter>,
+    subject: Option<(&'a str, &'a SubjectLimiter)>,
 }
 
-impl Pumps<'_> {
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_data_ms.store(ms, Relaxed);
+/// An HMAC message being assembled.
+struct Assembly {
+    op: u8,
+    buf: Vec<u8>,
+    reserved: usize,
+}
+
+/// One direction's relay state.
+struct Flow {
+    dec: Decoder,
+    st: FlowState,
+}
+
+struct FlowState {
+    dir: Direction,
+    /// Frames written by this flow are masked (toward the backend).
+    mask_out: bool,
+    /// The frame being relayed: its mask and payload position.
+    out_mask: Option<[u8; 4]>,
+    out_off: usize,
+    /// A relayed frame's payload is still coming: nothing of wsguard's own
+    /// (a keepalive ping, a close) may be written to this flow's hop yet.
+    open_out: bool,
+    /// The current message was refused by a limit (`on_message_limit:
+    /// drop`): its frames are discarded.
+    dropping: bool,
+    msg_len: u64,
+    assembly: Option<Box<Assembly>>,
+    /// A data frame arrived since the engine last looked.
+    data_seen: bool,
+    msgs: u64,
+    bytes: u64,
+    keys: KeyView,
+    seq_in: SeqState,
+    seq_out: u64,
+    /// A keepalive ping waiting for the open frame to end.
+    pending_ping: Option<Bytes>,
+}
+
+impl Flow {
+    fn new(dir: Direction, rules: Rules) -> Flow {
+        Flow {
+            dec: Decoder::new(rules),
+            st: FlowState {
+                dir,
+                mask_out: dir == Direction::C2s,
+                out_mask: None,
+                out_off: 0,
+                open_out: false,
+                dropping: false,
+                msg_len: 0,
+                assembly: None,
+                data_seen: false,
+                msgs: 0,
+                bytes: 0,
+                keys: KeyView::default(),
+                seq_in: SeqState::default(),
+                seq_out: 0,
+                pending_ping: None,
+            },
+        }
+    }
+}
+
+fn out_mask(masked: bool) -> Option<[u8; 4]> {
+    masked.then(rand::random::<[u8; 4]>)
+}
+
+struct FlowSink<'a> {
+    st: &'a mut FlowState,
+    env: &'a Env<'a>,
+    out: &'a mut Vec<u8>,
+}
+
+impl FlowSink<'_> {
+    fn is_client_to_backend(&self) -> bool {
+        self.st.dir == Direction::C2s
     }
 
-    fn sig_failure(&self, reason: &'static str) {
-        self.shared
-            .metrics
-            .signature_failures
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
+    /// A limit refused something: close, or drop what it refused.
+    fn limited(&self, reason: &'static str) -> Result<bool, Halt> {
+        self.env.shared.metrics.reject(reason);
+        match self.env.route.limits.on_message_limit {
+            OnFailure::Close => Err(Halt::Policy("rate limit", "rate limit")),
+            OnFailure::Drop => Ok(true),
+        }
+    }
+
+    fn finish_assembly(&mut self, a: Assembly) -> Result<(), Halt> {
+        let env = self.env;
+        let Assembly { op, buf, reserved } = a;
+        env.shared.partial.release(reserved);
+        let ty = if op == frame::OP_TEXT {
+            MsgType::Text
+        } else {
+            MsgType::Binary
+        };
+        let st = &mut *self.st;
+        st.keys.refresh(env.shared, &env.route.prefix);
+        let Some((h, client_keys)) = st.keys.hmac_keys(env.route, env.derive) else {
+            // The policy in force has no hmac any more: relay as is.
+            frame::write_frame(self.out, true, op, &buf, out_mask(st.mask_out));
+            return Ok(());
+        };
+        let signed = match st.dir {
+            Direction::C2s => resign(
+                h,
+                env,
+                Direction::C2s,
+                true,
+                client_keys,
+                h.upstream_signing_key(),
+                &mut st.seq_in,
+                &mut st.seq_out,
+                &buf,
+                ty,
+            ),
+            Direction::S2c => {
+                let first = client_keys.first().unwrap_or(h.upstream_signing_key());
+                resign(
+                    h,
+                    env,
+                    Direction::S2c,
+                    h.verify_upstream,
+                    h.upstream_verify_keys(),
+                    first,
+                    &mut st.seq_in,
+                    &mut st.seq_out,
+                    &buf,
+                    ty,
+                )
+            }
+        };
+        match signed {
+            Signed::Forward(data) => {
+                frame::write_frame(self.out, true, op, &data, out_mask(st.mask_out));
+                self.count();
+                Ok(())
+            }
+            Signed::Drop => Ok(()),
+            Signed::Close(f) => Err(Halt::Policy(
+                f.close_reason(st.dir == Direction::S2c),
+                f.label(),
+            )),
+        }
+    }
+
+    fn count(&mut self) {
+        let len = self.st.msg_len;
+        self.st.msgs += 1;
+        self.st.bytes += len;
+        let m = &self.env.shared.metrics;
+        match self.st.dir {
+            Direction::C2s => {
+                m.messages_c2s.inc();
+                m.bytes_c2s.inc_by(len);
+            }
+            Direction::S2c => {
+                m.messages_s2c.inc();
+                m.bytes_s2c.inc_by(len);
+            }
+        }
     }
 }
 
-fn close_frame(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from_static(reason),
-    }))
-}
+impl Sink for FlowSink<'_> {
+    type Error = Halt;
 
-/// Maps a read error from the client to the contract's close code.
-fn violation(e: &WsError) -> Option<(u16, &'static str)> {
-    match e {
-        WsError::Capacity(_) => Some((1009, "message too big")),
-        WsError::Utf8(_) => Some((1007, "invalid utf-8")),
-        WsError::Protocol(
-            ProtocolError::ResetWithoutClosingHandshake
-            | ProtocolError::SendAfterClosing
-            | ProtocolError::ReceivedAfterClosing,
-        ) => None,
-        WsError::Protocol(_) => Some((1002, "protocol error")),
-        _ => None,
+    fn frame_start(&mut self, h: &Header, op: u8, first: bool) -> Result<(), Halt> {
+        self.st.data_seen = true;
+        if first {
+            self.st.msg_len = 0;
+            self.st.dropping = false;
+            if let Some(l) = self.env.limiter {
+                // A message's first frame pays for the message and its own
+                // bytes; continuation frames pay for their bytes.
+                if !l.allow(usize::try_from(h.len).unwrap_or(usize::MAX)) {
+                    self.st.dropping = self.limited("message_rate")?;
+                }
+            }
+            if let (Some((sub, l)), false) = (self.env.subject, self.st.dropping) {
+                if l.check_key(&sub.to_string()).is_err() {
+                    self.st.dropping = self.limited("subject_message_rate")?;
+                }
+            }
+            if !self.st.dropping {
+                let env = self.env;
+                self.st.keys.refresh(env.shared, &env.route.prefix);
+                if self.st.keys.hmac_keys(env.route, env.derive).is_some() {
+                    self.st.assembly = Some(Box::new(Assembly {
+                        op,
+                        buf: Vec::new(),
+                        reserved: 0,
+                    }));
+                }
+            }
+        } else if let Some(l) = self.env.limiter {
+            // Part of the message went on already: it cannot be dropped
+            // any more, so a refused continuation closes the session.
+            if !self.st.dropping && !l.allow_bytes(usize::try_from(h.len).unwrap_or(usize::MAX)) {
+                self.env.shared.metrics.reject("message_rate");
+                return Err(Halt::Policy("rate limit", "rate limit"));
+            }
+        }
+        self.st.msg_len = self.st.msg_len.saturating_add(h.len);
+        if self.st.dropping {
+            return Ok(());
+        }
+        if let Some(a) = &mut self.st.assembly {
+            let n = usize::try_from(h.len).unwrap_or(usize::MAX);
+            if !self.env.shared.partial.reserve(n) {
+                self.env.shared.metrics.reject("partial_budget");
+                return Err(Halt::Overload);
+            }
+            a.reserved += n;
+            a.buf.reserve_exact(n);
+            return Ok(());
+        }
+        let mask = out_mask(self.st.mask_out);
+        frame::write_header(self.out, h.fin, h.rsv, h.opcode, h.len, mask);
+        self.st.out_mask = mask;
+        self.st.out_off = 0;
+        self.st.open_out = true;
+        Ok(())
+    }
+
+    fn payload(&mut self, data: &[u8]) -> Result<(), Halt> {
+        if self.st.dropping {
+            return Ok(());
+        }
+        if let Some(a) = &mut self.st.assembly {
+            a.buf.extend_from_slice(data);
+            return Ok(());
+        }
+        match self.st.out_mask {
+            Some(k) => frame::mask_extend(self.out, data, k, self.st.out_off),
+            None => self.out.extend_from_slice(data),
+        }
+        self.st.out_off = self.st.out_off.wrapping_add(data.len());
+        Ok(())
+    }
+
+    fn frame_end(&mut self, fin: bool) -> Result<(), Halt> {
+        self.st.open_out = false;
+        if !fin {
+            return Ok(());
+        }
+        if self.st.dropping {
+            self.st.dropping = false;
+            return Ok(());
+        }
+        match self.st.assembly.take() {
+            Some(a) => self.finish_assembly(*a),
+            None => {
+                self.count();
+                Ok(())
+            }
+        }
+    }
+
+    fn control(&mut self, op: u8, payload: &[u8]) -> Result<(), Halt> {
+        if op == frame::OP_CLOSE {
+            let close = frame::parse_close(payload)?;
+            return Err(Halt::Closed(close.map(|(c, r)| (c, r.to_string()))));
+        }
+        // Pings and pongs from the client count against its message
+        // limits: they are forwarded too.
+        if let (Some(l), true) = (self.env.limiter, self.is_client_to_backend()) {
+            if !l.allow(payload.len()) && self.limited("message_rate")? {
+                return Ok(());
+            }
+        }
+        if op == frame::OP_PONG {
+            if let Some(rtt) = self.env.live.on_pong(payload) {
+                self.env.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
+                return Ok(());
+            }
+        }
+        frame::write_frame(self.out, true, op, payload, out_mask(self.st.mask_out));
+        Ok(())
     }
 }
 
 enum Signed {
-    Forward(Message),
+    Forward(Vec<u8>),
     Drop,
     Close(sign::SigFailure),
+}
+
+fn sig_failure(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .signature_failures
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
 }
 
 /// Verifies one data message and re-signs it for the next hop.
 #[allow(clippy::too_many_arguments)]
 fn resign(
     h: &Hmac,
-    p: &Pumps<'_>,
+    env: &Env<'_>,
     dir: Direction,
     verify: bool,
     verify_keys: &[sign::Key],
     sign_key: &sign::Key,
     state: &mut SeqState,
     out_seq: &mut u64,
-    msg: Message,
+    raw: &[u8],
+    ty: MsgType,
 ) -> Signed {
-    let (raw, ty): (Bytes, MsgType) = match msg {
-        Message::Text(t) => (Bytes::from(t), MsgType::Text),
-        Message::Binary(b) => (b, MsgType::Binary),
-        other => return Signed::Forward(other),
-    };
     let skew = u64::try_from(h.max_skew.as_millis()).unwrap_or(u64::MAX);
     let now = sign::now_ms();
     let outcome = if verify {
-        sign::verify(verify_keys, dir, p.bind, ty, &raw, now, skew, state).map(|pl| pl.len())
+        sign::verify(verify_keys, dir, env.bind, ty, raw, now, skew, state)
     } else {
         // Trusted backend: strip its envelope without checking it.
-        sign::parse(&raw).map(|env| env.payload.len())
-    };
-    let build = |payload: Bytes, signed: bool, out_seq: &mut u64| -> Option<Message> {
-        let data = if signed {
-            *out_seq += 1;
-            Bytes::from(sign::sign(
-                sign_key, dir, *out_seq, now, p.bind, ty, &payload,
-            ))
-        } else {
-            payload
-        };
-        match ty {
-            MsgType::Text => Utf8Bytes::try_from(data).ok().map(Message::Text),
-            MsgType::Binary => Some(Message::Binary(data)),
-        }
+        sign::parse(raw).map(|env| env.payload)
     };
     match outcome {
-        Ok(len) => {
-            let payload = raw.slice(raw.len() - len..);
-            build(payload, true, out_seq).map_or(Signed::Drop, Signed::Forward)
+        Ok(payload) => {
+            *out_seq += 1;
+            Signed::Forward(sign::sign(
+                sign_key, dir, *out_seq, now, env.bind, ty, payload,
+            ))
         }
         Err(failure) => {
             let reason = failure.label();
-            p.sig_failure(reason);
+            sig_failure(env.shared, reason);
             if h.mode == Mode::Report {
                 tracing::info!(
                     reason,
                     direction = dir.as_str(),
                     "signature failure (report mode, forwarded unsigned)"
                 );
-                let payload = match sign::parse(&raw) {
-                    Ok(env) => raw.slice(raw.len() - env.payload.len()..),
+                let payload = match sign::parse(raw) {
+                    Ok(e) => e.payload,
                     Err(_) => raw,
                 };
-                return build(payload, false, out_seq).map_or(Signed::Drop, Signed::Forward);
+                return Signed::Forward(payload.to_vec());
             }
             tracing::info!(reason, direction = dir.as_str(), "signature failure");
             match h.on_failure {
@@ -273,260 +615,568 @@ impl KeyView {
     }
 }
 
-type Rx<S> = Gated<SplitStream<WebSocketStream<S>>>;
-type Tx<S> = SplitSink<WebSocketStream<S>, Message>;
+/// One hop's socket and what waits to be written to it.
+struct Hop<S> {
+    io: S,
+    /// Bytes the socket would not take yet; empty (no allocation) otherwise.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// A write went in since the last flush (TLS streams need one).
+    unflushed: bool,
+    /// Since when output has waited for this peer.
+    stalled_since: Option<Instant>,
+}
 
-/// Client to backend.
-async fn client_to_upstream<C, U>(p: &Pumps<'_>, crx: &mut Rx<C>, utx: &mut Tx<U>) -> End
+impl<S: AsyncRead + AsyncWrite + Unpin> Hop<S> {
+    fn new(io: S) -> Hop<S> {
+        Hop {
+            io,
+            wbuf: Vec::new(),
+            wpos: 0,
+            unflushed: false,
+            stalled_since: None,
+        }
+    }
+
+    /// Something waits to be written (or flushed).
+    fn busy(&self) -> bool {
+        self.wpos < self.wbuf.len() || self.unflushed
+    }
+
+    fn stall(&mut self) {
+        if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+        }
+    }
+
+    /// Writes what waits. `Ready(Ok)` once everything is out.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(rest) = self.wbuf.get(self.wpos..).filter(|r| !r.is_empty()) {
+            match Pin::new(&mut self.io).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.wpos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.stall();
+                    return Poll::Pending;
+                }
+            }
+        }
+        if !self.wbuf.is_empty() {
+            // Give the memory back: an idle hop holds no write buffer.
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+        }
+        if self.unflushed {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.stall();
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.stalled_since = None;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `out` straight to the socket when nothing waits before it;
+    /// keeps only what the socket would not take.
+    fn write(&mut self, cx: &mut Context<'_>, out: &[u8]) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.unflushed = true;
+        if self.wpos < self.wbuf.len() {
+            self.wbuf.extend_from_slice(out);
+            return Ok(());
+        }
+        let mut at = 0;
+        while let Some(rest) = out.get(at..).filter(|r| !r.is_empty()) {
+            match Pin::new(&mut self.io).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => at += n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if let Some(rest) = out.get(at..).filter(|r| !r.is_empty()) {
+            self.wbuf = rest.to_vec();
+            self.wpos = 0;
+            self.stall();
+        }
+        Ok(())
+    }
+
+    /// Queues bytes of wsguard's own (a keepalive ping, a close frame).
+    fn queue(&mut self, out: &[u8]) {
+        if self.wpos >= self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        }
+        self.wbuf.extend_from_slice(out);
+        self.unflushed = true;
+    }
+}
+
+/// The session: both hops, both directions, and the keepalive state.
+struct Engine<'r, C, U> {
+    route: &'r Route,
+    shared: &'r Shared,
+    bind: &'r str,
+    derive: &'r sign::DeriveInputs,
+    subject: Option<(&'r str, &'r SubjectLimiter)>,
+    limiter: Option<MessageLimiter>,
+    client: Hop<C>,
+    upstream: Hop<U>,
+    /// Client to backend, backend to client.
+    c2u: Flow,
+    u2c: Flow,
+    client_live: Liveness,
+    upstream_live: Liveness,
+    /// Bytes the backend sent after its 101, read with the handshake.
+    upstream_rest: Vec<u8>,
+    /// After a client violation: the client is not read any more while the
+    /// backend's last answers are relayed.
+    tail: bool,
+    last_data: Instant,
+}
+
+impl<C, U> Engine<'_, C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let ka = &p.route.keepalive;
-    let mut ticker = keepalive::ticker(ka.upstream_interval);
-    let stall = stall_limit(ka.upstream_interval, ka.max_missed);
-    let mut keys = KeyView::default();
-    let mut seq_in = SeqState::default();
-    let mut seq_out = 0u64;
-    let on_limit = p.route.limits.on_message_limit;
-    let fail = |e: SendError| match e {
-        SendError::Closed => End::UpstreamGone,
-        SendError::Stalled => End::UpstreamDead,
-    };
-    loop {
-        let next = tokio::select! {
-            m = crx.next() => m,
-            () = keepalive::tick(&mut ticker) => {
-                if p.u2c_blocked.load(Relaxed) {
-                    continue;
-                }
-                match p.upstream_live.on_tick() {
-                    Tick::Skip => continue,
-                    Tick::Dead => return End::UpstreamDead,
-                    Tick::Ping(payload) => {
-                        if let Err(e) = send_within(utx, Message::Ping(payload), stall, &p.c2u_blocked).await {
-                            return fail(e);
-                        }
-                        continue;
-                    }
+    /// Feeds one read's bytes from `from` through its flow, and writes the
+    /// result to the far hop.
+    fn on_bytes(&mut self, from: Side, data: &mut [u8], cx: &mut Context<'_>) -> Result<(), End> {
+        OUT.with_borrow_mut(|out| {
+            out.clear();
+            let (flow, live, limiter, subject) = match from {
+                Side::Client => (
+                    &mut self.c2u,
+                    &self.client_live,
+                    self.limiter.as_ref(),
+                    self.subject,
+                ),
+                Side::Upstream => (&mut self.u2c, &self.upstream_live, None, None),
+            };
+            let env = Env {
+                route: self.route,
+                shared: self.shared,
+                bind: self.bind,
+                derive: self.derive,
+                live,
+                limiter,
+                subject,
+            };
+            let mut sink = FlowSink {
+                st: &mut flow.st,
+                env: &env,
+                out,
+            };
+            let r = flow.dec.feed(data, &mut sink);
+            if !flow.st.open_out {
+                if let Some(p) = flow.st.pending_ping.take() {
+                    frame::write_frame(out, true, frame::OP_PING, &p, out_mask(flow.st.mask_out));
                 }
             }
-        };
-        let msg = match next {
-            None => return End::ClientGone,
-            Some(Err(e)) => {
-                return violation(&e).map_or(End::ClientGone, |(c, r)| End::ClientViolation(c, r))
+            if std::mem::take(&mut flow.st.data_seen) {
+                live.on_data();
+                self.last_data = Instant::now();
             }
-            Some(Ok(m)) => m,
+            // What came before an error still goes on (a direct peer would
+            // have answered it too).
+            let w = match from {
+                Side::Client => self.upstream.write(cx, out),
+                Side::Upstream => self.client.write(cx, out),
+            };
+            if out.capacity() > 4 * SCRATCH {
+                *out = Vec::new();
+            }
+            if let Err(h) = r {
+                return Err(halt_end(h, from));
+            }
+            w.map_err(|_| match from {
+                Side::Client => End::UpstreamGone,
+                Side::Upstream => End::ClientGone,
+            })
+        })
+    }
+
+    /// Reads once from `side` into the thread's scratch buffer and relays
+    /// what came.
+    fn read_side(&mut self, side: Side, cx: &mut Context<'_>) -> Poll<Result<(), End>> {
+        let gone = match side {
+            Side::Client => End::ClientGone,
+            Side::Upstream => End::UpstreamGone,
         };
-        // Every frame from the client counts against its message limits,
-        // pings and pongs included: they are forwarded too.
-        if let (Some(l), false) = (
-            &p.limiter,
-            matches!(msg, Message::Close(_) | Message::Frame(_)),
-        ) {
-            if !l.allow(msg.len()) {
-                p.shared.metrics.reject("message_rate");
-                match on_limit {
-                    OnFailure::Close => return End::Policy("rate limit", "rate limit"),
-                    OnFailure::Drop => continue,
-                }
+        READ.with_borrow_mut(|scratch| {
+            if scratch.len() < SCRATCH {
+                scratch.resize(SCRATCH, 0);
+            }
+            let mut rb = ReadBuf::new(scratch);
+            let r = match side {
+                Side::Client => Pin::new(&mut self.client.io).poll_read(cx, &mut rb),
+                Side::Upstream => Pin::new(&mut self.upstream.io).poll_read(cx, &mut rb),
+            };
+            let n = rb.filled().len();
+            match r {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(_)) => Poll::Ready(Err(gone)),
+                Poll::Ready(Ok(())) if n == 0 => Poll::Ready(Err(gone)),
+                Poll::Ready(Ok(())) => match scratch.get_mut(..n) {
+                    Some(data) => Poll::Ready(self.on_bytes(side, data, cx)),
+                    None => Poll::Ready(Err(gone)),
+                },
+            }
+        })
+    }
+
+    /// Relays until the session ends. Cancel-safe: all state lives in the
+    /// engine, none in the future.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        if !self.upstream_rest.is_empty() {
+            let mut rest = std::mem::take(&mut self.upstream_rest);
+            if let Err(e) = self.on_bytes(Side::Upstream, &mut rest, cx) {
+                return Poll::Ready(e);
             }
         }
-        if let (Some((sub, l)), true) = (p.subject, msg.is_text() || msg.is_binary()) {
-            if l.check_key(&sub.to_string()).is_err() {
-                p.shared.metrics.reject("subject_message_rate");
-                match on_limit {
-                    OnFailure::Close => return End::Policy("rate limit", "rate limit"),
-                    OnFailure::Drop => continue,
+        for _ in 0..READS_PER_POLL {
+            let mut progress = false;
+            if let Poll::Ready(Err(_)) = self.client.poll_out(cx) {
+                return Poll::Ready(End::ClientGone);
+            }
+            if let Poll::Ready(Err(_)) = self.upstream.poll_out(cx) {
+                return Poll::Ready(End::UpstreamGone);
+            }
+            // Backpressure: read a hop only while the far hop has taken
+            // everything so far.
+            if !self.tail && !self.upstream.busy() {
+                match self.read_side(Side::Client, cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Ready(Ok(())) => progress = true,
                 }
             }
-        }
-        let msg = match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                p.client_live.on_data();
-                p.touch();
-                let len = msg.len();
-                keys.refresh(p.shared, &p.route.prefix);
-                let msg = match keys.hmac_keys(p.route, p.derive) {
-                    None => msg,
-                    Some((h, client_keys)) => match resign(
-                        h,
-                        p,
-                        Direction::C2s,
-                        true,
-                        client_keys,
-                        h.upstream_signing_key(),
-                        &mut seq_in,
-                        &mut seq_out,
-                        msg,
-                    ) {
-                        Signed::Forward(m) => m,
-                        Signed::Drop => continue,
-                        Signed::Close(f) => return End::Policy(f.close_reason(false), f.label()),
-                    },
-                };
-                p.msgs[0].fetch_add(1, Relaxed);
-                p.bytes[0].fetch_add(len as u64, Relaxed);
-                p.shared.metrics.messages_c2s.inc();
-                p.shared.metrics.bytes_c2s.inc_by(len as u64);
-                msg
-            }
-            ping @ Message::Ping(_) => ping,
-            Message::Pong(payload) => {
-                if let Some(rtt) = p.client_live.on_pong(&payload) {
-                    p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
-                    continue;
+            if !self.client.busy() {
+                match self.read_side(Side::Upstream, cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Ready(Ok(())) => progress = true,
                 }
-                p.upstream_pongs.grant();
-                Message::Pong(payload)
             }
-            Message::Close(f) => return End::ClientClosed(f),
-            Message::Frame(_) => continue,
-        };
-        if let Err(e) = send_within(utx, msg, stall, &p.c2u_blocked).await {
-            return fail(e);
+            if !progress {
+                return Poll::Pending;
+            }
         }
+        // Busy: let other sessions on this worker run.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
-/// Backend to client.
-async fn upstream_to_client<C, U>(p: &Pumps<'_>, urx: &mut Rx<U>, ctx: &mut Tx<C>) -> End
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let ka = &p.route.keepalive;
-    let mut ticker = keepalive::ticker(ka.interval);
-    let stall = stall_limit(ka.interval, ka.max_missed);
-    let mut keys = KeyView::default();
-    let mut seq_in = SeqState::default();
-    let mut seq_out = 0u64;
-    let fail = |e: SendError| match e {
-        SendError::Closed => End::ClientGone,
-        SendError::Stalled => End::ClientDead,
-    };
-    loop {
-        let next = tokio::select! {
-            m = urx.next() => m,
-            () = keepalive::tick(&mut ticker) => {
-                if p.c2u_blocked.load(Relaxed) {
-                    continue;
-                }
-                match p.client_live.on_tick() {
-                    Tick::Skip => continue,
-                    Tick::Dead => return End::ClientDead,
-                    Tick::Ping(payload) => {
-                        if let Err(e) = send_within(ctx, Message::Ping(payload), stall, &p.u2c_blocked).await {
-                            return fail(e);
-                        }
-                        continue;
-                    }
-                }
-            }
-        };
-        let msg = match next {
-            None => return End::UpstreamGone,
-            Some(Err(e)) => {
-                return violation(&e)
-                    .map_or(End::UpstreamGone, |(c, r)| End::UpstreamViolation(c, r))
-            }
-            Some(Ok(m)) => m,
-        };
-        let msg = match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                p.upstream_live.on_data();
-                p.touch();
-                let len = msg.len();
-                keys.refresh(p.shared, &p.route.prefix);
-                let msg = match keys.hmac_keys(p.route, p.derive) {
-                    None => msg,
-                    Some((h, client_keys)) => {
-                        let first = client_keys.first().unwrap_or(h.upstream_signing_key());
-                        let keys = h.upstream_verify_keys();
-                        match resign(
-                            h,
-                            p,
-                            Direction::S2c,
-                            h.verify_upstream,
-                            keys,
-                            first,
-                            &mut seq_in,
-                            &mut seq_out,
-                            msg,
-                        ) {
-                            Signed::Forward(m) => m,
-                            Signed::Drop => continue,
-                            Signed::Close(f) => {
-                                return End::Policy(f.close_reason(true), f.label())
-                            }
-                        }
-                    }
-                };
-                p.msgs[1].fetch_add(1, Relaxed);
-                p.bytes[1].fetch_add(len as u64, Relaxed);
-                p.shared.metrics.messages_s2c.inc();
-                p.shared.metrics.bytes_s2c.inc_by(len as u64);
-                msg
-            }
-            ping @ Message::Ping(_) => ping,
-            Message::Pong(payload) => {
-                if let Some(rtt) = p.upstream_live.on_pong(&payload) {
-                    p.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
-                    continue;
-                }
-                p.client_pongs.grant();
-                Message::Pong(payload)
-            }
-            Message::Close(f) => return End::UpstreamClosed(f),
-            Message::Frame(_) => continue,
-        };
-        if let Err(e) = send_within(ctx, msg, stall, &p.u2c_blocked).await {
-            return fail(e);
-        }
+/// Maps a sink's halt on `from`'s input to the session's end.
+fn halt_end(h: Halt, from: Side) -> End {
+    match (h, from) {
+        (Halt::Frame(e), Side::Client) => End::ClientViolation(e.code(), e.reason()),
+        (Halt::Frame(e), Side::Upstream) => End::UpstreamViolation(e.code(), e.reason()),
+        (Halt::Closed(c), Side::Client) => End::ClientClosed(c),
+        (Halt::Closed(c), Side::Upstream) => End::UpstreamClosed(c),
+        (Halt::Policy(what, label), _) => End::Policy(what, label),
+        (Halt::Overload, _) => End::Overload,
     }
 }
 
-/// How long a write to a peer may stall before the peer counts as dead:
+/// How long output may wait for a peer before the peer counts as dead:
 /// the same budget keepalive gives it (`interval × max_missed`). With
-/// keepalive off on that hop, writes wait as long as the peer holds them
+/// keepalive off on that hop, output waits as long as the peer holds it
 /// (backpressure), bounded by the other timers.
 fn stall_limit(interval: Option<Duration>, max_missed: u32) -> Option<Duration> {
     interval.map(|i| i.saturating_mul(max_missed.max(1)))
 }
 
-enum SendError {
-    Closed,
-    Stalled,
-}
-
-async fn send_within<S>(
-    tx: &mut Tx<S>,
-    msg: Message,
-    limit: Option<Duration>,
-    blocked: &AtomicBool,
-) -> Result<(), SendError>
+impl<C, U> Engine<'_, C, U>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
-    blocked.store(true, Relaxed);
-    let mut send = std::pin::pin!(tx.send(msg));
-    // Almost every send completes on its first poll; only one that has to
-    // wait for the peer pays for a timer.
-    let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
-    let r = match (first, limit) {
-        (Poll::Ready(r), _) => r.map_err(|_| SendError::Closed),
-        (Poll::Pending, None) => send.await.map_err(|_| SendError::Closed),
-        (Poll::Pending, Some(l)) => match tokio::time::timeout(l, send).await {
-            Ok(r) => r.map_err(|_| SendError::Closed),
-            Err(_) => Err(SendError::Stalled),
-        },
-    };
-    blocked.store(false, Relaxed);
-    r
+    /// A keepalive tick for `side`.
+    fn on_tick(&mut self, side: Side, stall: Option<Duration>) -> Result<(), End> {
+        let (stalled, far_busy, live, flow, dead) = match side {
+            Side::Client => (
+                self.client.stalled_since,
+                self.upstream.busy() || self.tail,
+                &self.client_live,
+                &mut self.u2c,
+                End::ClientDead,
+            ),
+            Side::Upstream => (
+                self.upstream.stalled_since,
+                self.client.busy(),
+                &self.upstream_live,
+                &mut self.c2u,
+                End::UpstreamDead,
+            ),
+        };
+        if let (Some(since), Some(limit)) = (stalled, stall) {
+            if since.elapsed() >= limit {
+                return Err(dead);
+            }
+        }
+        // A hop we are not reading (its far side is backed up) cannot
+        // prove it is alive: no verdict until it is read again.
+        if far_busy {
+            return Ok(());
+        }
+        match live.on_tick() {
+            Tick::Skip => Ok(()),
+            Tick::Dead => Err(dead),
+            Tick::Ping(p) => {
+                if flow.st.open_out {
+                    flow.st.pending_ping = Some(p);
+                } else {
+                    let mut f = Vec::with_capacity(2 + 4 + p.len());
+                    frame::write_frame(
+                        &mut f,
+                        true,
+                        frame::OP_PING,
+                        &p,
+                        out_mask(flow.st.mask_out),
+                    );
+                    match side {
+                        Side::Client => self.client.queue(&f),
+                        Side::Upstream => self.upstream.queue(&f),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes both sides with the codes `end` calls for, and counts the
+    /// close. Returns the code the client got and who ended the session.
+    async fn finish(&mut self, end: &End) -> (u16, &'static str) {
+        let close = |code: u16, reason: &str| Some(Some((code, reason.to_string())));
+        // (to client, to backend, who ended it, client wait); `None`: that
+        // side gets nothing (it is gone, or is answered separately).
+        let (to_client, to_upstream, side, client_wait): (
+            Option<CloseMsg>,
+            Option<CloseMsg>,
+            &'static str,
+            Duration,
+        ) = match end {
+            // A close is answered with the same payload (as an endpoint
+            // would) and passed on unchanged.
+            End::ClientClosed(f) => (Some(f.clone()), Some(f.clone()), "client", CLOSE_WAIT),
+            End::UpstreamClosed(f) => (Some(f.clone()), Some(f.clone()), "backend", CLOSE_WAIT),
+            End::ClientGone => (
+                None,
+                close(1001, "client went away"),
+                "client",
+                Duration::ZERO,
+            ),
+            End::UpstreamGone => (
+                close(BAD_GATEWAY, "backend went away"),
+                None,
+                "backend",
+                CLOSE_WAIT,
+            ),
+            End::ClientViolation(code, reason) => (
+                close(*code, reason),
+                close(1001, "client error"),
+                "client",
+                CLOSE_WAIT,
+            ),
+            End::UpstreamViolation(code, reason) => (
+                close(BAD_GATEWAY, "backend error"),
+                close(*code, reason),
+                "backend",
+                CLOSE_WAIT,
+            ),
+            End::Policy(what, _) => (close(1008, what), close(1008, what), "proxy", CLOSE_WAIT),
+            End::Overload => (
+                close(TRY_AGAIN_LATER, "try again later"),
+                close(TRY_AGAIN_LATER, "try again later"),
+                "proxy",
+                CLOSE_WAIT,
+            ),
+            End::ClientDead => (
+                close(1011, "keepalive timeout"),
+                close(1001, "client keepalive timeout"),
+                "client",
+                DEAD_PEER_WAIT,
+            ),
+            End::UpstreamDead => (
+                close(BAD_GATEWAY, "backend keepalive timeout"),
+                close(1001, "keepalive timeout"),
+                "backend",
+                CLOSE_WAIT,
+            ),
+            End::Idle => (
+                close(1001, "idle timeout"),
+                close(1001, "idle timeout"),
+                "proxy",
+                CLOSE_WAIT,
+            ),
+            End::TooLong => (
+                close(1001, "session too long"),
+                close(1001, "session too long"),
+                "proxy",
+                CLOSE_WAIT,
+            ),
+            // 1012 (Service Restart) is a server's word; toward the backend
+            // wsguard is the client, which is going away (1001) either way.
+            End::Shutdown(code) => (
+                close(*code, "shutting down"),
+                close(1001, "shutting down"),
+                "proxy",
+                CLOSE_WAIT,
+            ),
+        };
+        let client_code = match (end, &to_client) {
+            (End::ClientClosed(f), _) => f.as_ref().map_or(1005, |f| f.0),
+            (_, Some(Some((code, _)))) => *code,
+            _ => 1006,
+        };
+        // Counted when decided, not after the (bounded) close handshake.
+        self.shared
+            .metrics
+            .closes
+            .get_or_create(&CloseLabel {
+                side,
+                code: code_label(client_code),
+            })
+            .inc();
+        let upstream_wait = if matches!(end, End::UpstreamDead | End::UpstreamGone) {
+            DEAD_PEER_WAIT
+        } else {
+            CLOSE_WAIT
+        };
+
+        // A client that broke the protocol still gets the backend's answers
+        // to what it sent before (a peer talking to the backend directly
+        // would): close the backend first, relay its last messages, then
+        // fail the client with the violation's code.
+        let mut to_upstream = to_upstream;
+        if matches!(end, End::ClientViolation(..)) && !self.c2u.st.open_out {
+            if let Some(msg) = to_upstream.take() {
+                self.upstream
+                    .queue(&close_frame(&msg, self.c2u.st.mask_out));
+                self.tail = true;
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, std::future::poll_fn(|cx| self.poll_io(cx)))
+                        .await;
+            }
+        }
+        let client_gone = matches!(end, End::ClientGone);
+        let upstream_gone = matches!(end, End::UpstreamGone);
+        let (client_open, upstream_open) = (self.u2c.st.open_out, self.c2u.st.open_out);
+        let client_done = async {
+            if !client_gone {
+                let peer_closed = matches!(end, End::ClientClosed(_));
+                close_hop(
+                    &mut self.client,
+                    client_open,
+                    false,
+                    peer_closed,
+                    to_client,
+                    client_wait,
+                )
+                .await;
+            }
+        };
+        let upstream_done = async {
+            if !upstream_gone {
+                let peer_closed = matches!(end, End::UpstreamClosed(_));
+                close_hop(
+                    &mut self.upstream,
+                    upstream_open,
+                    true,
+                    peer_closed,
+                    to_upstream,
+                    upstream_wait,
+                )
+                .await;
+            }
+        };
+        tokio::join!(client_done, upstream_done);
+        for flow in [&mut self.c2u, &mut self.u2c] {
+            if let Some(a) = flow.st.assembly.take() {
+                self.shared.partial.release(a.reserved);
+            }
+        }
+        (client_code, side)
+    }
 }
 
-/// `close_on_expiry`: one timer per session, no polling.
+fn close_frame(msg: &CloseMsg, masked: bool) -> Vec<u8> {
+    let mut payload = Vec::new();
+    if let Some((code, reason)) = msg {
+        payload.extend_from_slice(&code.to_be_bytes());
+        // A reason is at most 123 bytes, cut at a character boundary.
+        let mut end = reason.len().min(frame::MAX_CONTROL - 2);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        payload.extend_from_slice(reason.get(..end).unwrap_or_default().as_bytes());
+    }
+    let mut f = Vec::with_capacity(payload.len() + 6);
+    frame::write_frame(&mut f, true, frame::OP_CLOSE, &payload, out_mask(masked));
+    f
+}
+
+/// Sends a close frame (unless `msg` is `None`, or a relayed frame is still
+/// open on this hop), shuts down the write side, then discards what still
+/// arrives until the peer closes: the peer reads our close frame instead of
+/// a reset. All of it within `wait`.
+///
+/// When the peer closed first (`peer_closed`), nothing can follow its close
+/// frame, so there is nothing to drain and nothing to wait for: the
+/// connection ends as soon as the answer is written, as RFC 6455 7.1.1 asks
+/// of a server. Waiting for the peer's FIN instead would hold the session
+/// (and its connection slot) open for as long as the client keeps its
+/// socket.
+async fn close_hop<S: AsyncRead + AsyncWrite + Unpin>(
+    hop: &mut Hop<S>,
+    open_out: bool,
+    masked: bool,
+    peer_closed: bool,
+    msg: Option<CloseMsg>,
+    wait: Duration,
+) {
+    let _ = tokio::time::timeout(wait, async {
+        if let (Some(m), false) = (&msg, open_out) {
+            hop.queue(&close_frame(m, masked));
+        }
+        if std::future::poll_fn(|cx| hop.poll_out(cx)).await.is_err() {
+            return;
+        }
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut hop.io).poll_shutdown(cx)).await;
+        if peer_closed {
+            return;
+        }
+        std::future::poll_fn(|cx| {
+            READ.with_borrow_mut(|scratch| loop {
+                if scratch.len() < SCRATCH {
+                    scratch.resize(SCRATCH, 0);
+                }
+                let mut rb = ReadBuf::new(scratch);
+                match Pin::new(&mut hop.io).poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
+                    Poll::Ready(_) => return Poll::Ready(()),
+                }
+            })
+        })
+        .await;
+    })
+    .await;
+}
+
+/// The session's wall-clock end ([`first_deadline`]): one timer per
+/// session, no polling.
 async fn expiry(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -534,300 +1184,159 @@ async fn expiry(at: Option<Instant>) {
     }
 }
 
-async fn idle_watch(p: &Pumps<'_>, timeout: Option<Duration>) {
-    let Some(t) = timeout else {
-        return std::future::pending().await;
-    };
-    loop {
-        let last = Duration::from_millis(p.last_data_ms.load(Relaxed));
-        let deadline = p.start + last + t;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
-}
-
-/// Reads until the peer closes, bounded in time, so our close frame is
-/// answered and the TCP connection ends cleanly.
-async fn drain<S: AsyncRead + AsyncWrite + Unpin>(rx: &mut Rx<S>, wait: Duration) {
-    let _ = tokio::time::timeout(wait, async { while let Some(Ok(_)) = rx.next().await {} }).await;
-}
-
-/// Sends `msg` (a close frame, or nothing for a close the peer started)
-/// and waits for the peer's side of the close.
-async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
-    tx: &mut Tx<S>,
-    rx: &mut Rx<S>,
-    msg: Option<Message>,
-    wait: Duration,
-) {
-    let sent = tokio::time::timeout(wait, async {
-        match msg {
-            Some(m) => tx.send(m).await,
-            // The peer closed: flush tungstenite's queued reply.
-            None => tx.close().await,
-        }
-    })
-    .await;
-    if matches!(sent, Ok(Ok(()))) {
-        drain(rx, wait).await;
-    }
-}
-
-/// Sends `close` to the backend and forwards its remaining data messages to
-/// the client until the backend's close arrives (bounded by [`CLOSE_WAIT`]).
-async fn relay_tail<C, U>(utx: &mut Tx<U>, urx: &mut Rx<U>, ctx: &mut Tx<C>, close: Message)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        if utx.send(close).await.is_err() {
-            return;
-        }
-        while let Some(Ok(m)) = urx.next().await {
-            if matches!(m, Message::Close(_)) {
-                return;
-            }
-            let data = matches!(m, Message::Text(_) | Message::Binary(_));
-            if data && ctx.send(m).await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-}
-
-/// Closes both sides with the codes `end` calls for, and counts the close.
-/// Returns the code the client got and who ended the session.
-async fn finish<C, U>(
-    end: &End,
-    shared: &Shared,
-    ctx: &mut Tx<C>,
-    crx: &mut Rx<C>,
-    utx: &mut Tx<U>,
-    urx: &mut Rx<U>,
-) -> (u16, &'static str)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    // (frame to client, frame to backend, who ended it, client wait)
-    let (to_client, mut to_upstream, side, client_wait): (
-        Option<Message>,
-        Option<Message>,
-        &str,
-        Duration,
-    ) = match end {
-        End::ClientClosed(f) => (None, Some(Message::Close(f.clone())), "client", CLOSE_WAIT),
-        End::UpstreamClosed(f) => (Some(Message::Close(f.clone())), None, "backend", CLOSE_WAIT),
-        End::ClientGone => (
-            None,
-            Some(close_frame(1001, "client went away")),
-            "client",
-            Duration::ZERO,
-        ),
-        End::UpstreamGone => (
-            Some(close_frame(BAD_GATEWAY, "backend went away")),
-            None,
-            "backend",
-            CLOSE_WAIT,
-        ),
-        End::ClientViolation(code, reason) => (
-            Some(close_frame(*code, reason)),
-            Some(close_frame(1001, "client error")),
-            "client",
-            CLOSE_WAIT,
-        ),
-        End::UpstreamViolation(code, reason) => (
-            Some(close_frame(BAD_GATEWAY, "backend error")),
-            Some(close_frame(*code, reason)),
-            "backend",
-            CLOSE_WAIT,
-        ),
-        End::Policy(what, _) => (
-            Some(close_frame(1008, what)),
-            Some(close_frame(1008, what)),
-            "proxy",
-            CLOSE_WAIT,
-        ),
-        End::ClientDead => (
-            Some(close_frame(1011, "keepalive timeout")),
-            Some(close_frame(1001, "client keepalive timeout")),
-            "client",
-            DEAD_PEER_WAIT,
-        ),
-        End::UpstreamDead => (
-            Some(close_frame(BAD_GATEWAY, "backend keepalive timeout")),
-            Some(close_frame(1001, "keepalive timeout")),
-            "backend",
-            CLOSE_WAIT,
-        ),
-        End::Idle => (
-            Some(close_frame(1001, "idle timeout")),
-            Some(close_frame(1001, "idle timeout")),
-            "proxy",
-            CLOSE_WAIT,
-        ),
-        End::Shutdown => (
-            Some(close_frame(1001, "shutting down")),
-            Some(close_frame(1001, "shutting down")),
-            "proxy",
-            CLOSE_WAIT,
-        ),
-    };
-    let client_code = match (end, &to_client) {
-        (End::ClientClosed(f), _) => f.as_ref().map_or(1005, |f| u16::from(f.code)),
-        (_, Some(Message::Close(Some(f)))) => u16::from(f.code),
-        _ => 1006,
-    };
-    let client_msg = match end {
-        End::ClientClosed(_) | End::ClientGone => None,
-        _ => to_client,
-    };
-    let upstream_wait = if matches!(end, End::UpstreamDead | End::UpstreamGone) {
-        DEAD_PEER_WAIT
-    } else {
-        CLOSE_WAIT
-    };
-    // A client that broke the protocol still gets the backend's answers to
-    // what it sent before (a peer talking to the backend directly would):
-    // close the backend first, relay its last messages, then fail the
-    // client with the violation's code.
-    let mut upstream_closed = false;
-    if let End::ClientViolation(..) = end {
-        if let Some(m) = to_upstream.take() {
-            relay_tail(utx, urx, ctx, m).await;
-            upstream_closed = true;
-        }
-    }
-    let client_done = async {
-        if matches!(end, End::ClientGone) {
-            return;
-        }
-        close_side(ctx, crx, client_msg, client_wait).await;
-    };
-    let upstream_done = async {
-        if matches!(end, End::UpstreamGone) || upstream_closed {
-            return;
-        }
-        let msg = if matches!(end, End::UpstreamClosed(_)) {
-            None
-        } else {
-            to_upstream
-        };
-        close_side(utx, urx, msg, upstream_wait).await;
-    };
-    // Counted when decided, not after the (bounded) close handshake.
-    shared
-        .metrics
-        .closes
-        .get_or_create(&CloseLabel {
-            side: match side {
-                "client" => "client",
-                "backend" => "backend",
-                _ => "proxy",
-            },
-            code: code_label(client_code),
-        })
-        .inc();
-    tokio::join!(client_done, upstream_done);
-    (client_code, side)
+enum Ev {
+    End(End),
+    Tick(Side),
+    Idle,
 }
 
 /// Runs a session to the end and writes its access-log line.
 ///
-/// Not an `async fn`: an async fn keeps its arguments (here two whole
-/// WebSocket streams, about 700 bytes) in its state for as long as it
-/// runs, and copies them once more into locals. The streams are split
-/// first, and the future captures only what the session uses.
-pub fn run<C, U>(
-    client: WebSocketStream<PongFilter<C>>,
-    upstream: WebSocketStream<PongFilter<U>>,
+/// `upstream_rest` holds the bytes the backend sent right after its 101
+/// (read together with the handshake); they are its first frames.
+pub async fn run<C, U>(
+    client: C,
+    upstream: U,
+    upstream_rest: Vec<u8>,
     rt: Arc<Runtime>,
     shared: Arc<Shared>,
     info: SessionInfo,
-) -> impl Future<Output = ()>
-where
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let pongs = (client.get_ref().passes(), upstream.get_ref().passes());
-    let (mut ctx, crx) = client.split();
-    let (mut utx, urx) = upstream.split();
-    let (mut crx, mut urx) = (Gated::new(crx), Gated::new(urx));
-    async move {
-        let route = rt.policy.route(info.route);
-        let limits = &route.limits;
-        let p = Pumps {
-            route,
-            bind: &info.bind,
-            derive: &info.derive,
-            subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
-            shared: &shared,
-            start: Instant::now(),
-            client_live: Liveness::new(route.keepalive.max_missed),
-            upstream_live: Liveness::new(route.keepalive.max_missed),
-            client_pongs: pongs.0,
-            upstream_pongs: pongs.1,
-            last_data_ms: AtomicU64::new(0),
-            c2u_blocked: AtomicBool::new(false),
-            u2c_blocked: AtomicBool::new(false),
-            msgs: [AtomicU64::new(0), AtomicU64::new(0)],
-            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
-            limiter: MessageLimiter::new(
-                limits.per_connection_messages.as_ref(),
-                limits.per_connection_bytes.as_ref(),
-            ),
-        };
-        shared.metrics.connections_active.inc();
-        let route_active = shared.metrics.route_active(&route.prefix);
-        route_active.inc();
-        let end = tokio::select! {
-            e = client_to_upstream(&p, &mut crx, &mut utx) => e,
-            e = upstream_to_client(&p, &mut urx, &mut ctx) => e,
-            () = shared.shutdown.cancelled() => End::Shutdown,
-            () = idle_watch(&p, route.keepalive.idle_timeout) => End::Idle,
-            () = expiry(info.expires) => End::Policy("token expired", "token expired"),
-        };
+    let route = rt.policy.route(info.route);
+    let limits = &route.limits;
+    let ka = &route.keepalive;
+    let max_message = u64::try_from(limits.max_message_size).unwrap_or(u64::MAX);
+    let start = Instant::now();
+    let mut eng = Engine {
+        route,
+        shared: &shared,
+        bind: &info.bind,
+        derive: &info.derive,
+        subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
+        limiter: MessageLimiter::new(
+            limits.per_connection_messages.as_ref(),
+            limits.per_connection_bytes.as_ref(),
+        ),
+        client: Hop::new(client),
+        upstream: Hop::new(upstream),
+        c2u: Flow::new(
+            Direction::C2s,
+            Rules {
+                masked: true,
+                allow_rsv1: false,
+                max_frame: u64::try_from(limits.max_frame_size).unwrap_or(u64::MAX),
+                max_message,
+            },
+        ),
+        // Backends send messages as one frame: no frame limit; the
+        // message limit has room for a signature envelope.
+        u2c: Flow::new(
+            Direction::S2c,
+            Rules {
+                masked: false,
+                allow_rsv1: false,
+                max_frame: u64::MAX,
+                max_message: max_message.saturating_add(1024),
+            },
+        ),
+        client_live: Liveness::new(ka.max_missed),
+        upstream_live: Liveness::new(ka.max_missed),
+        upstream_rest,
+        tail: false,
+        last_data: start,
+    };
+    shared.metrics.connections_active.inc();
+    let route_active = shared.metrics.route_active(&route.prefix);
+    route_active.inc();
 
-        // The close phase is boxed: its timers and close handshakes would
-        // otherwise reserve room in every idle session's future.
-        let (client_code, side) = Box::pin(finish(
-            &end, &shared, &mut ctx, &mut crx, &mut utx, &mut urx,
-        ))
-        .await;
-
-        shared.metrics.connections_active.dec();
-        route_active.dec();
-        let reason = match &end {
-            End::Policy(_, r) => *r,
-            _ => "",
+    let mut client_ticker = keepalive::ticker(ka.interval);
+    let mut upstream_ticker = keepalive::ticker(ka.upstream_interval);
+    let client_stall = stall_limit(ka.interval, ka.max_missed);
+    let upstream_stall = stall_limit(ka.upstream_interval, ka.max_missed);
+    let idle = ka.idle_timeout;
+    let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
+    let deadline = first_deadline(info.expires, limits.session_deadline(start));
+    let mut expires = std::pin::pin!(expiry(deadline.map(|d| d.0)));
+    let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
+        start + idle.unwrap_or(Duration::from_secs(86_400 * 365))
+    ));
+    let end = loop {
+        let ev = tokio::select! {
+            biased;
+            // The policy in force at the drain decides the code.
+            () = &mut shutdown => Ev::End(End::Shutdown(shared.runtime().policy.shutdown_close_code)),
+            e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
+            () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
+            () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
+            () = &mut idle_sleep, if idle.is_some() => Ev::Idle,
+            () = &mut expires => Ev::End(match deadline.map(|d| d.1) {
+                Some(Timed::TooLong) => End::TooLong,
+                _ => End::Policy("token expired", "token expired"),
+            }),
         };
-        tracing::info!(
-            target: "access",
-            client = %info.peer,
-            path = %info.path,
-            request_id = %info.request_id,
-            duration_ms = u64::try_from(p.start.elapsed().as_millis()).unwrap_or(u64::MAX),
-            msgs_c2s = p.msgs[0].load(Relaxed),
-            msgs_s2c = p.msgs[1].load(Relaxed),
-            bytes_c2s = p.bytes[0].load(Relaxed),
-            bytes_s2c = p.bytes[1].load(Relaxed),
-            close_code = client_code,
-            closed_by = side,
-            reason,
-            "session closed"
-        );
-        // Named, so the future owns them: an async block captures only the
-        // fields it uses, and these slots must live as long as the session.
-        drop((info.slot, info.subject_slot));
-        // The fleet-wide lease goes back before the task ends (bounded by
-        // limits.shared.timeout), so a graceful shutdown waits for it.
-        if let Some(lease) = info.shared_slot {
-            lease.release().await;
+        match ev {
+            Ev::End(e) => break e,
+            Ev::Tick(side) => {
+                let stall = match side {
+                    Side::Client => client_stall,
+                    Side::Upstream => upstream_stall,
+                };
+                if let Err(e) = eng.on_tick(side, stall) {
+                    break e;
+                }
+            }
+            Ev::Idle => {
+                let deadline = eng.last_data + idle.unwrap_or_default();
+                if Instant::now() >= deadline {
+                    break End::Idle;
+                }
+                idle_sleep.as_mut().reset(deadline);
+            }
         }
+    };
+
+    if let End::TooLong = end {
+        shared.metrics.session_duration_closes.inc();
+    }
+
+    // The close phase is boxed: its timers and close handshakes would
+    // otherwise reserve room in every idle session's future.
+    let (client_code, side) = Box::pin(eng.finish(&end)).await;
+
+    shared.metrics.connections_active.dec();
+    route_active.dec();
+    let reason = match &end {
+        End::Policy(_, r) => *r,
+        End::Overload => "partial message budget",
+        End::TooLong => "session too long",
+        _ => "",
+    };
+    tracing::info!(
+        target: "access",
+        client = %info.peer,
+        path = %info.path,
+        request_id = %info.request_id,
+        duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        msgs_c2s = eng.c2u.st.msgs,
+        msgs_s2c = eng.u2c.st.msgs,
+        bytes_c2s = eng.c2u.st.bytes,
+        bytes_s2c = eng.u2c.st.bytes,
+        close_code = client_code,
+        closed_by = side,
+        reason,
+        "session closed"
+    );
+    drop(eng);
+    // Named, so the future owns them: an async block captures only the
+    // fields it uses, and these slots must live as long as the session.
+    drop((info.slot, info.subject_slot));
+    // The fleet-wide lease goes back before the task ends (bounded by
+    // limits.shared.timeout), so a graceful shutdown waits for it.
+    if let Some(lease) = info.shared_slot {
+        lease.release().await;
     }
 }
 
@@ -844,9 +1353,29 @@ fn code_label(code: u16) -> &'static str {
         1008 => "1008",
         1009 => "1009",
         1011 => "1011",
+        1012 => "1012",
+        1013 => "1013",
         1014 => "1014",
         3000..=3999 => "3xxx",
         4000..=4999 => "4xxx",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earlier_deadline_wins_and_the_token_wins_a_tie() {
+        let now = Instant::now();
+        let (early, late) = (now + Duration::from_secs(1), now + Duration::from_secs(2));
+        let which = |e, t| first_deadline(e, t).map(|(at, w)| (at, matches!(w, Timed::TooLong)));
+        assert_eq!(which(None, None), None);
+        assert_eq!(which(Some(early), None), Some((early, false)));
+        assert_eq!(which(None, Some(early)), Some((early, true)));
+        assert_eq!(which(Some(late), Some(early)), Some((early, true)));
+        assert_eq!(which(Some(early), Some(late)), Some((early, false)));
+        assert_eq!(which(Some(early), Some(early)), Some((early, false)));
     }
 }

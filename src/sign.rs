@@ -33,7 +33,7 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::alphabet;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use hkdf::Hkdf;
@@ -731,86 +731,30 @@ fn fmt_dec(mut n: u64, buf: &mut [u8; MAX_DEC_LEN]) -> &[u8] {
     buf.get(start..).unwrap_or(&[])
 }
 
-/// base64url alphabet value -> character (input is masked to 6 bits).
-fn b64url_char(v: u8) -> u8 {
-    let v = v & 0x3f;
-    match v {
-        0..=25 => b'A' + v,
-        26..=51 => b'a' + (v - 26),
-        52..=61 => b'0' + (v - 52),
-        62 => b'-',
-        _ => b'_',
-    }
-}
-
-/// base64url character -> 6-bit value; `None` for anything else, including
-/// `=`, `+` and `/`, which must not appear in a wsg1 signature.
-fn b64url_val(c: u8) -> Option<u8> {
-    match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'-' => Some(62),
-        b'_' => Some(63),
-        _ => None,
-    }
-}
-
-/// Encodes a 32-byte tag as 43 base64url characters without padding.
-///
-/// A tiny fixed-size codec instead of the `base64` crate's slice API: it is
-/// infallible (no impossible error branch in `sign`) and allocation-free. The
-/// tests cross-check it against the `base64` crate.
+/// Encodes a 32-byte tag as 43 base64url characters without padding,
+/// with `base64`'s slice API (no allocation).
 fn encode_sig(tag: &[u8; 32]) -> [u8; SIG_B64_LEN] {
     let mut out = [0u8; SIG_B64_LEN];
-    let mut slots = out.iter_mut();
-    let mut acc: u32 = 0;
-    let mut bits: u32 = 0;
-    for &b in tag {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 6 {
-            bits -= 6;
-            if let Some(slot) = slots.next() {
-                *slot = b64url_char((acc >> bits) as u8);
-            }
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // 256 = 42 * 6 + 4: the last character carries 4 bits, left-aligned.
-    if bits > 0 {
-        if let Some(slot) = slots.next() {
-            *slot = b64url_char((acc << (6 - bits)) as u8);
-        }
-    }
+    // Cannot fail: the buffer is exactly the encoded length of 32 bytes. If
+    // it ever did, the zero bytes left would not verify anywhere (the
+    // receiver's strict decoder refuses them), so the failure is closed.
+    let written = URL_SAFE_NO_PAD.encode_slice(tag, &mut out);
+    debug_assert_eq!(written.ok(), Some(SIG_B64_LEN));
     out
 }
 
-/// Decodes exactly 43 base64url characters into a 32-byte tag. Rejects
-/// padding, other alphabets and non-zero trailing bits, so every tag has
-/// exactly one accepted encoding.
+/// Decodes exactly 43 base64url characters into a 32-byte tag. The engine
+/// is strict (no padding, no other alphabet, trailing bits must be zero), so
+/// every tag has exactly one accepted encoding.
 fn decode_sig(s: &[u8]) -> Option<[u8; 32]> {
     if s.len() != SIG_B64_LEN {
         return None;
     }
     let mut out = [0u8; 32];
-    let mut slots = out.iter_mut();
-    let mut acc: u32 = 0;
-    let mut bits: u32 = 0;
-    for &c in s {
-        acc = (acc << 6) | u32::from(b64url_val(c)?);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            *slots.next()? = (acc >> bits) as u8;
-            acc &= (1 << bits) - 1;
-        }
+    match URL_SAFE_NO_PAD.decode_slice(s, &mut out) {
+        Ok(32) => Some(out),
+        _ => None,
     }
-    // 43 * 6 = 258 = 32 * 8 + 2: two leftover bits, which must be zero.
-    if bits != 2 || acc != 0 || slots.next().is_some() {
-        return None;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

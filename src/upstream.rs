@@ -17,11 +17,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::policy::Upstream;
-use crate::pongs::PongFilter;
 
 /// Largest response head accepted from the backend.
 const MAX_HEAD: usize = 16 * 1024;
@@ -106,7 +104,9 @@ impl AsyncWrite for UpStream {
 }
 
 pub struct Dialed {
-    pub ws: WebSocketStream<PongFilter<UpStream>>,
+    pub stream: UpStream,
+    /// Bytes the backend sent after its 101 (its first frames).
+    pub rest: Vec<u8>,
     /// The subprotocol the backend selected, if any.
     pub protocol: Option<String>,
     /// End-to-end headers of the backend's 101 (e.g. Set-Cookie), returned
@@ -223,15 +223,10 @@ async fn handshake(
     let (protocol, extra) =
         check_response(buf.get(..head_len).unwrap_or_default(), &key, protocols)?;
     let rest = buf.get(head_len..).unwrap_or_default().to_vec();
-    let ws = WebSocketStream::from_partially_read(
-        PongFilter::new(stream),
-        rest,
-        Role::Client,
-        Some(ws_config),
-    )
-    .await;
+    let _ = ws_config;
     Ok(Dialed {
-        ws,
+        stream,
+        rest,
         protocol,
         headers: extra,
     })

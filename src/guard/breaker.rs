@@ -38,7 +38,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use crate::guard::shared::SharedLimiter;
-use crate::policy::BreakerPolicy;
+use crate::values::BreakerPolicy;
 
 /// How long a shared half-open probe holds its slot at most.
 pub const PROBE_WINDOW: Duration = Duration::from_secs(10);

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use crate::config::{IntrospectionConfig, IntrospectionOnError, Mode, Str};
 use crate::guard::jwt::{self, Claims, Problem, TokenSource};
 use crate::metrics::ResultLabel;
-use crate::policy::parse_duration;
+use crate::values::parse_duration;
 
 type HmacSha256 = Hmac<Sha256>;
 

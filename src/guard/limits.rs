@@ -16,7 +16,7 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::policy::{canonical_ip, Cidr, Rate};
+use crate::values::{canonical_ip, Cidr, Rate};
 
 /// The limiter key for a client: its IPv4 address, or its IPv6 /64 (one
 /// subscriber usually owns a whole /64, so keying by /128 would let one
@@ -127,6 +127,18 @@ impl MessageLimiter {
             return matches!(b.check_n(n), Ok(Ok(())));
         }
         true
+    }
+
+    /// True when `len` more bytes of a message already under way fit the
+    /// byte bucket (the message itself was counted at its first frame).
+    pub fn allow_bytes(&self, len: usize) -> bool {
+        let Some(b) = &self.bytes else {
+            return true;
+        };
+        let Some(n) = u32::try_from(len).ok().and_then(NonZeroU32::new) else {
+            return len == 0;
+        };
+        matches!(b.check_n(n), Ok(Ok(())))
     }
 }
 

@@ -107,7 +107,7 @@ use redis::{
 use tokio_util::task::TaskTracker;
 
 use crate::config::OnError;
-use crate::policy::Rate;
+use crate::values::Rate;
 
 /// While down, at most one call per this interval actually goes to Redis.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);

@@ -439,6 +439,11 @@ impl Raw {
         None
     }
 
+    /// The socket and any bytes already read past the response head.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.s, self.buf)
+    }
+
     /// Everything after the response head until the server closes.
     pub async fn body(&mut self) -> String {
         let mut rest = std::mem::take(&mut self.buf);

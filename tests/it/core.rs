@@ -465,6 +465,42 @@ async fn shutdown_sends_1001_to_both_sides() {
     );
 }
 
+/// `shutdown_close_code: 1012` (Service Restart): clients that know it
+/// reconnect at once. It is read from the policy in force at the drain, so
+/// a reload can turn it on; the backend still gets 1001 (wsguard is its
+/// client, going away).
+#[tokio::test]
+async fn shutdown_close_code_1012_reaches_the_client_after_a_reload() {
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(b, NO_GUARDS).await;
+    assert_eq!(p.shared.runtime().policy.shutdown_close_code, 1001);
+    let mut c = ws(p.addr, "/").await;
+    c.send(Message::text("x")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("x"));
+    let policy = wsguard::policy::Policy::from_text(
+        "t.yaml",
+        &format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\nshutdown_close_code: 1012\n{NO_GUARDS}"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    p.shared.install(policy);
+    let shutdown = tokio::spawn(p.shutdown(WAIT));
+    let m = next(&mut c).await;
+    assert_eq!(close_of(&m), Some((1012, "shutting down".into())));
+    drop(c);
+    let mut backend_code = None;
+    while let Some(m) = seen_msg(&mut rx).await {
+        if let Some((code, _)) = close_of(&m) {
+            backend_code = Some(code);
+            break;
+        }
+    }
+    assert_eq!(backend_code, Some(1001));
+    assert!(
+        within("drain", shutdown).await.unwrap(),
+        "drain finished within grace"
+    );
+}
+
 #[tokio::test]
 async fn echo_of_earlier_message_arrives_before_the_protocol_error_close() {
     let p = proxy(echo_backend().await, NO_GUARDS).await;

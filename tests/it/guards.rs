@@ -147,6 +147,50 @@ async fn idle_timeout_fires_and_traffic_resets_it() {
 }
 
 #[tokio::test]
+async fn max_session_duration_closes_both_sides_with_1001_session_too_long() {
+    let (b, mut rx) = recording_backend().await;
+    let p = proxy(
+        b,
+        &format!("keepalive: {{ interval: 0s, upstream_interval: 0s }}\n{NO_LIMITS}  max_session_duration: 1s\n"),
+    )
+    .await;
+    let mut c = ws(p.addr, "/").await;
+    let start = tokio::time::Instant::now();
+    c.send(Message::text("x")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("x"));
+    // Traffic does not extend it (unlike idle_timeout): wait for the close.
+    let m = next(&mut c).await;
+    let after = start.elapsed();
+    assert_eq!(close_of(&m), Some((1001, "session too long".into())));
+    // 1s plus at most 10% jitter; the upper bound is loose for a loaded
+    // machine (the exact range is a unit test of Limits::session_deadline).
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "{after:?}"
+    );
+    let mut backend_close = None;
+    while let Some(m) = seen_msg(&mut rx).await {
+        if let Some(c) = close_of(&m) {
+            backend_close = Some(c);
+            break;
+        }
+    }
+    assert_eq!(backend_close, Some((1001, "session too long".into())));
+    assert_eq!(metric(&p, "wsguard_session_duration_closes_total"), 1.0);
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_session_closes_total{side=\"proxy\",code=\"1001\"}"
+        ),
+        1.0
+    );
+    // The proxy goes on serving.
+    let mut c = ws(p.addr, "/").await;
+    c.send(Message::text("again")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("again"));
+}
+
+#[tokio::test]
 async fn handshake_rate_gives_429_with_retry_after() {
     let p = proxy(
         echo_backend().await,

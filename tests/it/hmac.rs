@@ -10,15 +10,15 @@ use wsguard::sign::{self, Direction, Key, MsgType, SeqState};
 
 use crate::common::*;
 
-const CLIENT1: [u8; 32] = [1u8; 32];
+pub(crate) const CLIENT1: [u8; 32] = [1u8; 32];
 const CLIENT2: [u8; 32] = [2u8; 32];
-const UPSTREAM: [u8; 32] = [9u8; 32];
+pub(crate) const UPSTREAM: [u8; 32] = [9u8; 32];
 
 fn b64(k: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(k)
 }
 
-fn key_file(name: &str, k: &[u8]) -> String {
+pub(crate) fn key_file(name: &str, k: &[u8]) -> String {
     let dir = std::env::temp_dir().join(format!("wsguard-hmac-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Unique per call: parallel tests must never read a half-written file.
@@ -38,7 +38,7 @@ fn policy(extra_hmac: &str) -> String {
     )
 }
 
-fn key(kid: &str, k: &[u8]) -> Key {
+pub(crate) fn key(kid: &str, k: &[u8]) -> Key {
     Key::new(kid, k.to_vec()).unwrap()
 }
 
@@ -57,7 +57,7 @@ fn signed_text(kid: &str, k: &[u8], dir: Direction, seq: u64, ts: u64, payload: 
 
 /// A backend that verifies every message with the upstream key (c2s),
 /// reports what it got, and answers with the payload signed s2c.
-async fn signing_backend() -> (
+pub(crate) async fn signing_backend() -> (
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>,
 ) {

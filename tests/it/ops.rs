@@ -224,7 +224,6 @@ async fn request_seen(
 
 #[tokio::test]
 async fn a_token_only_subprotocol_is_answered_back_and_never_forwarded() {
-    wsguard::guard::jwt::install_crypto_provider();
     let secret_text = "0123456789abcdef0123456789abcdef";
     let secret = std::env::temp_dir().join(format!("wsguard-ops-sp-{}", std::process::id()));
     std::fs::write(&secret, secret_text).unwrap();
@@ -285,7 +284,7 @@ async fn a_token_only_subprotocol_is_answered_back_and_never_forwarded() {
 }
 
 /// Headless Chromium, or None (with a message) when it is not installed.
-fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     let found = ["chromium", "chromium-browser", "google-chrome"]
         .iter()
         .find_map(|name| {
@@ -313,7 +312,7 @@ async fn the_demo_page_works_in_headless_chromium() {
     let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(wsguard::demo::serve_page(
         demo.page,
-        wsguard::demo::page_html(p.addr, &demo.token),
+        wsguard::demo::page_html(p.addr, &demo.token, &demo.client_key),
         tx,
     ));
     let profile = std::env::temp_dir().join(format!("wsguard-chromium-{}", std::process::id()));
@@ -354,9 +353,33 @@ async fn the_demo_page_works_in_headless_chromium() {
         Some("event=open&protocol=bearer.%3Ctoken%3E"),
         "{got:?}"
     );
-    assert_eq!(last, "event=echo&data=hello+through+wsguard", "{got:?}");
+    // The page signed its message (wsguard enforces signatures on the
+    // route and passed it), and verified wsguard's s2c signature on the echo.
+    assert_eq!(
+        last, "event=echo&data=hello+through+wsguard&verified=s2c&seq=1",
+        "{got:?}"
+    );
     // The page went through the proxy: one accepted handshake on /secure.
     assert_eq!(metric(&p, "wsguard_handshakes_total{result=\"ok\"}"), 1.0);
+    assert_eq!(metric(&p, "wsguard_messages_total{direction=\"c2s\"}"), 1.0);
+    for reason in wsguard::metrics::known_signature_failures() {
+        let series = format!("wsguard_signature_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&p, &series), 0.0, "{series}");
+    }
+    // The route really enforces signatures: the same origin and token with
+    // an unsigned message is closed with 1008.
+    let (mut r, h) = Raw::upgrade(
+        p.addr,
+        wsguard::demo::SECURE_PATH,
+        &format!(
+            "Origin: http://{page_addr}\r\nAuthorization: Bearer {}\r\n",
+            demo.token
+        ),
+    )
+    .await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    r.send_frame(true, 1, b"unsigned", true).await;
+    assert_eq!(r.close_code().await, Some(1008));
 }
 
 #[tokio::test]

@@ -232,6 +232,11 @@ impl Proc {
         .await
     }
 
+    /// The child's process id (for /proc/PID/status).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("wsguard still running")
+    }
+
     pub(crate) fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap();
         let st = Command::new("kill")
@@ -279,6 +284,38 @@ async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
     let m = next(&mut c).await;
     assert_eq!(close_of(&m).map(|c| c.0), Some(1001));
     drop(c);
+    assert_eq!(p.exit_code().await, Some(0));
+}
+
+/// The address a spawned proxy logged as `listen` (it binds port 0, so no
+/// port is guessed and released for it).
+async fn logged_listen(p: &mut Proc) -> std::net::SocketAddr {
+    let line = p.log_line("wsguard listening").await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v["listen"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_with_shutdown_close_code_1012_gives_clients_1012_and_exits_0() {
+    let (backend, mut rx) = recording_backend().await;
+    let f = policy_file("term1012", &format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nshutdown_grace: 5s\nshutdown_close_code: 1012\n"));
+    let mut p = Proc::spawn(&f);
+    let addr = logged_listen(&mut p).await;
+    let mut c = ws(addr, "/").await;
+    c.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("hi"));
+    p.signal("TERM");
+    let m = next(&mut c).await;
+    assert_eq!(close_of(&m), Some((1012, "shutting down".into())));
+    drop(c);
+    let mut backend_code = None;
+    while let Some(m) = seen_msg(&mut rx).await {
+        if let Some((code, _)) = close_of(&m) {
+            backend_code = Some(code);
+            break;
+        }
+    }
+    assert_eq!(backend_code, Some(1001));
     assert_eq!(p.exit_code().await, Some(0));
 }
 

@@ -256,9 +256,14 @@ impl Drop for Node {
 
 /// A 3-master Redis Cluster, no replicas.
 async fn cluster() -> (Vec<Node>, PathBuf) {
+    cluster_with(0).await
+}
+
+/// A 3-master Redis Cluster with `replicas` replicas per master.
+async fn cluster_with(replicas: usize) -> (Vec<Node>, PathBuf) {
     let dir = scratch("cluster");
     let mut nodes = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..3 * (1 + replicas) {
         nodes.push(
             Node::start(
                 &dir,
@@ -278,7 +283,7 @@ async fn cluster() -> (Vec<Node>, PathBuf) {
     let out = Command::new("redis-cli")
         .args(["--cluster", "create"])
         .args(&addrs)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
         .output()
         .unwrap();
     assert!(
@@ -289,6 +294,13 @@ async fn cluster() -> (Vec<Node>, PathBuf) {
     for n in &nodes {
         until("cluster_state:ok", Duration::from_secs(20), || {
             cli(n.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        })
+        .await;
+    }
+    for n in &nodes {
+        until("every replica in sync", Duration::from_secs(20), || {
+            let info = cli(n.port, &["INFO", "replication"]);
+            info.contains("role:master") || info.contains("master_link_status:up")
         })
         .await;
     }
@@ -412,6 +424,111 @@ async fn cluster_shares_limits_across_replicas() {
     g1.release().await;
     g2.release().await;
     assert!(l2.acquire_slot_guard("conn:sub:zoe", 2).await.is_ok());
+}
+
+/// Issue 14: a Cluster failover (the master holding the bucket is stopped,
+/// its replica promoted) is survived with `on_error: local`: meanwhile each
+/// replica applies its own bucket (101s although the shared one is empty,
+/// never a 5xx), and afterwards both proxies are back on the cluster by
+/// themselves, on the replicated bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_follows_on_error_local_then_recovers() {
+    if !have_redis() {
+        return;
+    }
+    let (mut nodes, _dir) = cluster_with(1).await;
+    let urls: Vec<String> = nodes.iter().map(Node::url).collect();
+    // Seeded with every node, as an operator should: a dead seed is skipped.
+    let seeds = format!("    cluster: [{}]\n", urls.join(", "));
+    let backend = echo_backend().await;
+    let a = proxy(backend, &ha_policy(&seeds, "local", "cf")).await;
+    let b = proxy(backend, &ha_policy(&seeds, "local", "cf")).await;
+    for p in [&a, &b] {
+        reachable(p.shared.runtime().shared_limiter.as_ref().unwrap()).await;
+    }
+    let unavailable = |p: &wsguard::Running| metric(p, "wsguard_shared_limiter_unavailable_total");
+    let before = (unavailable(&a), unavailable(&b));
+    let seen = [
+        status(a.addr).await,
+        status(b.addr).await,
+        status(a.addr).await,
+        status(b.addr).await,
+        status(a.addr).await,
+    ];
+    assert_eq!(seen, [101, 101, 101, 429, 429], "burst 3 across both");
+    assert_eq!((unavailable(&a), unavailable(&b)), before);
+
+    // The master that holds the bucket, once its replica has it too.
+    let key = "cf:hs:/:127.0.0.1";
+    let master = nodes
+        .iter()
+        .position(|n| {
+            cli(n.port, &["ROLE"]).starts_with("master")
+                && cli(n.port, &["EXISTS", key]).trim() == "1"
+        })
+        .expect("a master holds the bucket");
+    assert_eq!(cli(nodes[master].port, &["WAIT", "1", "5000"]).trim(), "1");
+    let id = cli(nodes[master].port, &["CLUSTER", "MYID"])
+        .trim()
+        .to_string();
+    let replica = nodes
+        .iter()
+        .position(|n| {
+            cli(n.port, &["CLUSTER", "MYID"]).trim() != id
+                && cli(n.port, &["INFO", "replication"])
+                    .contains(&format!("master_port:{}", nodes[master].port))
+        })
+        .expect("the master has a replica");
+    nodes[master].kill();
+
+    // During the failover: on_error local, never a 5xx.
+    let t = Instant::now();
+    let mut during = Vec::new();
+    loop {
+        for p in [&a, &b] {
+            let s = status(p.addr).await;
+            assert!(s == 101 || s == 429, "{s} during the failover");
+            during.push(s);
+        }
+        let promoted = cli(nodes[replica].port, &["ROLE"]).starts_with("master")
+            && cli(nodes[replica].port, &["CLUSTER", "INFO"]).contains("cluster_state:ok");
+        if promoted {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "cluster failover after {:?}; statuses meanwhile: {during:?}",
+        t.elapsed()
+    );
+    assert!(
+        unavailable(&a) + unavailable(&b) > before.0 + before.1,
+        "the outage was seen"
+    );
+    // The shared bucket is empty: only the replicas' own buckets let these in.
+    assert!(during.contains(&101), "{during:?}");
+
+    // Afterwards both proxies are back on the cluster by themselves: a
+    // handshake no longer counts as unavailable, and the bucket (replicated
+    // to the promoted node) still holds.
+    for p in [&a, &b] {
+        let t = Instant::now();
+        loop {
+            let before = unavailable(p);
+            let s = status(p.addr).await;
+            if unavailable(p) == before {
+                assert_eq!(s, 429, "the replicated bucket is still empty");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "proxy never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(cli(nodes[replica].port, &["EXISTS", key]).trim(), "1");
 }
 
 /// A primary, a replica and one sentinel watching them.

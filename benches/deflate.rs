@@ -40,7 +40,9 @@ fn json_like(n: usize) -> Vec<u8> {
     let mut s = String::from("[");
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         x >> 33
     };
     let syms = ["BTC-USD", "ETH-USD", "SOL-USD", "AAPL", "MSFT", "EUR-USD"];
@@ -151,7 +153,8 @@ fn inflate_miniz(bencher: Bencher, size: usize) {
     let mut out = vec![0; size + 1];
     bencher.counter(BytesCount::new(size)).bench_local(|| {
         st.reset(DataFormat::Raw);
-        let r = miniz_oxide::inflate::stream::inflate(&mut st, black_box(&z), &mut out, MZFlush::Sync);
+        let r =
+            miniz_oxide::inflate::stream::inflate(&mut st, black_box(&z), &mut out, MZFlush::Sync);
         r.status.unwrap();
         assert_eq!(r.bytes_written, data.len());
     });

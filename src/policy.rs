@@ -1162,11 +1162,11 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
     })
 }
 
-/// Whether the session engine inflates and deflates (RFC 7692). Until it
-/// does, `compression.mode: on` is refused as not supported yet and an
-/// omitted `mode` means off: negotiating an extension the relay cannot
+/// Whether the session engine inflates and deflates (RFC 7692). While it
+/// did not, `compression.mode: on` was refused as not supported yet and an
+/// omitted `mode` meant off: negotiating an extension the relay cannot
 /// honour would corrupt every compressed message.
-pub const COMPRESSION_BUILT: bool = false;
+pub const COMPRESSION_BUILT: bool = true;
 /// Whether messages may share an LZ77 window (context takeover). Only the
 /// no-takeover path is built: state lives for one message.
 pub const CONTEXT_TAKEOVER_BUILT: bool = false;

@@ -876,6 +876,13 @@ where
                 live.on_data();
                 self.last_data = Instant::now();
             }
+            let m = &self.shared.metrics;
+            let (wire_in, wire_out) = match from {
+                Side::Client => (&m.wire_client_c2s, &m.wire_backend_c2s),
+                Side::Upstream => (&m.wire_backend_s2c, &m.wire_client_s2c),
+            };
+            wire_in.inc_by(data.len() as u64);
+            wire_out.inc_by(out.len() as u64);
             // What came before an error still goes on (a direct peer would
             // have answered it too).
             let w = match from {

@@ -98,3 +98,8 @@ fn envelope_seeds_verify() {
         .count();
     assert!(verified >= 3, "only {verified} seed envelopes verify");
 }
+
+#[test]
+fn inflate_corpus() {
+    replay("inflate", wsguard::fuzzing::inflate);
+}

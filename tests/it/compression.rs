@@ -315,6 +315,29 @@ async fn all_four_hop_combinations_echo_text_and_binary() {
                 assert_eq!(echoed, data, "{what}");
                 assert_eq!(c, client_c && backend_c, "{what}");
             }
+            // Payload bytes against wire bytes, per hop: the saving shows.
+            let payload = metric(&p, "wsguard_bytes_total{direction=\"c2s\"}");
+            let wire = |hop: &str, dir: &str| {
+                metric(
+                    &p,
+                    &format!("wsguard_wire_bytes_total{{hop=\"{hop}\",direction=\"{dir}\"}}"),
+                )
+            };
+            assert!(payload >= 400.0 * 1024.0, "{what}: {payload}");
+            for (hop, dir, compressed) in [
+                ("client", "c2s", client_c),
+                ("backend", "c2s", client_c && backend_c),
+                ("backend", "s2c", backend_c),
+                ("client", "s2c", client_c && backend_c),
+            ] {
+                let w = wire(hop, dir);
+                assert!(w > 0.0, "{what}: {hop} {dir}");
+                assert_eq!(
+                    w < payload / 3.0,
+                    compressed,
+                    "{what}: {hop} {dir} {w} vs {payload}"
+                );
+            }
             s.write_all(&frame(true, false, 8, &1000u16.to_be_bytes(), true))
                 .await
                 .unwrap();
@@ -497,4 +520,41 @@ async fn hmac_covers_the_decompressed_payload_on_compressed_hops() {
     )
     .unwrap();
     assert_eq!(payload, format!("echo:{text}").as_bytes());
+}
+
+#[tokio::test]
+async fn reload_switches_compression_for_new_sessions_only() {
+    let (b, mut rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (mut old, mut old_buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+    let _ = request_of(&mut rx).await;
+    let policy = |mode: &str| {
+        wsguard::policy::Policy::from_text(
+            "reload.yaml",
+            &format!(
+                "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\n{QUIET}compression: {{ mode: {mode} }}\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    p.shared.install(policy("off"));
+    // A new session negotiates nothing on either hop.
+    let (mut new, mut new_buf, ext) = client(p.addr, true).await;
+    assert_eq!(ext, None);
+    let req = request_of(&mut rx).await.to_ascii_lowercase();
+    assert!(!req.contains("sec-websocket-extensions"), "{req}");
+    write_message(&mut new, 1, b"new", false, true).await;
+    assert_eq!(message_of(&mut rx).await, (b"new".to_vec(), false));
+    let (_, echoed, c) = read_message(&mut new, &mut new_buf).await.unwrap();
+    assert_eq!((echoed.as_slice(), c), (&b"new"[..], false));
+    // The live session keeps what it negotiated.
+    write_message(&mut old, 1, b"old", true, true).await;
+    assert_eq!(message_of(&mut rx).await, (b"old".to_vec(), true));
+    let (_, echoed, c) = read_message(&mut old, &mut old_buf).await.unwrap();
+    assert_eq!((echoed.as_slice(), c), (&b"old"[..], true));
+    // And back on.
+    p.shared.install(policy("on"));
+    let (_s, _buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
 }

@@ -173,6 +173,18 @@ enum Saw {
 /// when `accept` and it is offered, and answers every message with
 /// `handler`'s reply, compressed when the hop is.
 async fn backend(accept: bool, handler: Handler) -> (SocketAddr, mpsc::UnboundedReceiver<Saw>) {
+    backend_answering(accept.then_some(GOOD_ANSWER), handler).await
+}
+
+const GOOD_ANSWER: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Like [`backend`], answering an offer with `answer` as it is (None:
+/// declining).
+async fn backend_answering(
+    answer: Option<&'static str>,
+    handler: Handler,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Saw>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -204,11 +216,10 @@ async fn backend(accept: bool, handler: Handler) -> (SocketAddr, mpsc::Unbounded
                     })
                     .unwrap_or_default();
                 let offered = head.to_ascii_lowercase().contains("permessage-deflate");
-                let on = accept && offered;
-                let ext = if on {
-                    "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
-                } else {
-                    ""
+                let on = answer.is_some() && offered;
+                let ext = match answer.filter(|_| offered) {
+                    Some(a) => format!("Sec-WebSocket-Extensions: {a}\r\n"),
+                    None => String::new(),
                 };
                 let resp = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{ext}\r\n",
@@ -557,4 +568,32 @@ async fn reload_switches_compression_for_new_sessions_only() {
     p.shared.install(policy("on"));
     let (_s, _buf, ext) = client(p.addr, true).await;
     assert!(ext.is_some());
+}
+
+#[tokio::test]
+async fn a_backend_answer_that_does_not_fit_the_offer_is_a_502() {
+    for answer in [
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover; bogus",
+        // server_no_context_takeover was asked for and not granted.
+        "permessage-deflate; client_no_context_takeover",
+        "x-webkit-deflate-frame",
+        "permessage-deflate; server_no_context_takeover, permessage-deflate; server_no_context_takeover",
+        "permessage-deflate; server_no_context_takeover; server_max_window_bits=16",
+    ] {
+        let (b, _rx) = backend_answering(Some(answer), echo()).await;
+        let p = proxy(b, QUIET).await;
+        let (_r, h) = Raw::upgrade(p.addr, "/", OFFER).await;
+        assert_eq!(h.status, 502, "{answer}: {}", h.text);
+    }
+    // A backend may narrow its own window and still be accepted.
+    let (b, _rx) = backend_answering(
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15"),
+        echo(),
+    )
+    .await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    write_message(&mut s, 1, b"fits", true, true).await;
+    let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!(echoed, b"fits");
 }

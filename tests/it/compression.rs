@@ -597,3 +597,30 @@ async fn a_backend_answer_that_does_not_fit_the_offer_is_a_502() {
     let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
     assert_eq!(echoed, b"fits");
 }
+
+#[tokio::test]
+async fn bad_compressed_data_and_bad_inflated_text_are_1007() {
+    let (b, _rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(true, true, 2, b"\xff\xff\xff\xfe not deflate", true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(
+        true,
+        true,
+        1,
+        &deflate(b"ok \xc3\x28 not utf-8"),
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    // Binary may hold any bytes.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    write_message(&mut s, 2, b"ok \xc3\x28", true, true).await;
+    let (op, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!((op, echoed.as_slice()), (2, &b"ok \xc3\x28"[..]));
+}

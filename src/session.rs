@@ -394,7 +394,17 @@ impl FlowSink<'_> {
             }
             let (plain, hold) = plain.into_parts();
             _hold = Some(hold);
+            // The byte rate limit counts payload bytes: the frames paid for
+            // their compressed size, the rest is charged now, so that
+            // compression cannot multiply what a client may send.
+            let wire = self.st.msg_len;
             self.st.msg_len = plain.len() as u64;
+            let extra = usize::try_from(self.st.msg_len.saturating_sub(wire)).unwrap_or(usize::MAX);
+            if let Some(l) = env.limiter {
+                if !l.allow_bytes(extra) && self.limited("message_rate")? {
+                    return Ok(());
+                }
+            }
             plain
         } else {
             env.shared.partial.release(reserved);

@@ -624,3 +624,22 @@ async fn bad_compressed_data_and_bad_inflated_text_are_1007() {
     let (op, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
     assert_eq!((op, echoed.as_slice()), (2, &b"ok \xc3\x28"[..]));
 }
+
+#[tokio::test]
+async fn the_byte_rate_limit_counts_inflated_bytes() {
+    let (b, _rx) = backend(true, echo()).await;
+    let p = proxy(
+        b,
+        "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits:\n  max_message_size: 256KiB\n  per_ip: null\n  per_connection:\n    bytes: { rate: 1KiB/s, burst: 256KiB }\n",
+    )
+    .await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let big = compressible(200 * 1024);
+    // A few KiB on the wire each: counted by wire size, both would pass.
+    assert!(deflate(&big).len() < 32 * 1024);
+    write_message(&mut s, 1, &big, true, true).await;
+    let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!(echoed, big);
+    write_message(&mut s, 1, &big, true, true).await;
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1008));
+}

@@ -108,7 +108,52 @@ pub struct Config {
     #[serde(default)]
     pub limits: Option<LimitsConfig>,
     #[serde(default)]
+    pub compression: Option<CompressionConfig>,
+    #[serde(default)]
     pub routes: Option<Spanned<Vec<RouteConfig>>>,
+}
+
+/// `on | off` for `compression.mode`. YAML 1.1 readers turn a bare `on`
+/// into `true`; both spellings are accepted so the file means the same
+/// whichever reading a tool applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOff {
+    #[default]
+    On,
+    Off,
+}
+
+impl<'de> Deserialize<'de> for OnOff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(OnOff::On),
+            Raw::Bool(false) => Ok(OnOff::Off),
+            Raw::Text(t) if t == "on" => Ok(OnOff::On),
+            Raw::Text(t) if t == "off" => Ok(OnOff::Off),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "unknown value `{t}`, expected `on` or `off`"
+            ))),
+        }
+    }
+}
+
+/// `compression` (contract sections 2 and 8): permessage-deflate, negotiated
+/// by wsguard with each hop separately.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    #[serde(default)]
+    pub mode: Option<Spanned<OnOff>>,
+    #[serde(default)]
+    pub context_takeover: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub max_window_bits: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

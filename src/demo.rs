@@ -298,8 +298,8 @@ async function verify(data) {
 const ws = new WebSocket("{{WS_URL}}", ["{{PREFIX}}" + token]);
 ws.onopen = () => {
   const proto = ws.protocol.startsWith("{{PREFIX}}") ? "{{PREFIX}}<token>" : ws.protocol;
-  log("open; subprotocol: " + proto);
-  report({ event: "open", protocol: proto });
+  log("open; subprotocol: " + proto + "; extensions: " + (ws.extensions || "none"));
+  report({ event: "open", protocol: proto, extensions: ws.extensions });
   sendSigned(document.getElementById("msg").value);
 };
 ws.onmessage = async (e) => {

@@ -45,6 +45,10 @@ pub enum FrameError {
     Utf8,
     #[error("{0}")]
     TooBig(&'static str),
+    /// Message data inconsistent with its type, other than UTF-8 (a
+    /// compressed message that does not inflate): 1007.
+    #[error("{0}")]
+    BadData(&'static str),
 }
 
 impl FrameError {
@@ -54,6 +58,7 @@ impl FrameError {
             FrameError::Protocol(_) => 1002,
             FrameError::Utf8 => 1007,
             FrameError::TooBig(_) => 1009,
+            FrameError::BadData(_) => 1007,
         }
     }
 
@@ -62,7 +67,7 @@ impl FrameError {
         match self {
             FrameError::Protocol(_) => "protocol error",
             FrameError::Utf8 => "invalid utf-8",
-            FrameError::TooBig(r) => r,
+            FrameError::TooBig(r) | FrameError::BadData(r) => r,
         }
     }
 }
@@ -386,6 +391,9 @@ pub struct Decoder {
     /// The current frame is the last of its message.
     fin: bool,
     utf8: Utf8,
+    /// The message in progress is compressed (RSV1 on its first frame): its
+    /// wire bytes are not UTF-8; the session checks the inflated text.
+    compressed: bool,
 }
 
 impl Decoder {
@@ -401,6 +409,7 @@ impl Decoder {
             message_len: 0,
             fin: false,
             utf8: Utf8::default(),
+            compressed: false,
         }
     }
 
@@ -475,7 +484,7 @@ impl Decoder {
                     if let Some(k) = mask {
                         apply_mask(chunk, k, offset);
                     }
-                    if self.message == Some(OP_TEXT) {
+                    if self.message == Some(OP_TEXT) && !self.compressed {
                         self.utf8.feed(chunk)?;
                     }
                     self.state = State::Data {
@@ -554,6 +563,7 @@ impl Decoder {
         }
         if first {
             self.utf8 = Utf8::default();
+            self.compressed = h.rsv & 0b100 != 0;
         }
         self.message = Some(op);
         self.message_len = total;
@@ -569,7 +579,7 @@ impl Decoder {
     fn end_data_frame<S: Sink>(&mut self, sink: &mut S) -> Result<(), S::Error> {
         let fin = self.fin;
         if fin {
-            if self.message == Some(OP_TEXT) {
+            if self.message == Some(OP_TEXT) && !self.compressed {
                 self.utf8.finish()?;
             }
             self.message = None;

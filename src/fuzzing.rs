@@ -870,3 +870,36 @@ pub fn frame_differential(data: &[u8]) {
         data,
     );
 }
+
+/// The inflate path of permessage-deflate under its caps. Byte 0 picks the
+/// peer's window (8..=15), byte 1 where the message is split into two
+/// frames; the rest is the compressed message. Never panics on bad data,
+/// and never holds more than the cap (the checks below are real bugs).
+pub fn inflate(data: &[u8]) {
+    use crate::compression::{InflateBudget, Inflated, Inflater};
+    const CAP: usize = 64 * 1024;
+    let (Some(&bits), Some(&split)) = (data.first(), data.get(1)) else {
+        return;
+    };
+    let body = data.get(2..).unwrap_or_default();
+    let at = usize::from(split).min(body.len());
+    let (a, b) = body.split_at(at);
+    let budget = InflateBudget::new(4 * CAP);
+    let mut inf = Inflater::new(8 + bits % 8, false);
+    let mut out = Inflated::new(&budget);
+    let r = inf
+        .inflate_into(a, false, CAP, &mut out)
+        .and_then(|()| inf.inflate_into(b, true, CAP, &mut out));
+    // One byte past the cap is how the inflater learns the message is too
+    // big (then it stops with TooBig); never more.
+    assert!(out.len() <= CAP + 1, "inflated {} past the cap", out.len());
+    assert!(r.is_err() || out.len() <= CAP);
+    assert!(
+        out.capacity() <= CAP + 1,
+        "allocated {} past the cap",
+        out.capacity()
+    );
+    assert!(r.is_err() || budget.used() <= CAP + 1);
+    drop(out);
+    assert_eq!(budget.used(), 0, "the inflate budget leaks");
+}

@@ -31,6 +31,7 @@
 )]
 
 pub mod admin;
+pub mod compression;
 pub mod config;
 pub mod demo;
 pub mod error;

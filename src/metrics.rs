@@ -17,6 +17,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// A hop (`client`, `backend`) and a direction (`c2s`, `s2c`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WireLabel {
+    pub hop: &'static str,
+    pub direction: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: &'static str,
@@ -74,6 +81,14 @@ pub struct Metrics {
     pub messages_s2c: Counter,
     pub bytes_c2s: Counter,
     pub bytes_s2c: Counter,
+    /// Frame bytes (headers and payloads as sent, compressed or not) per
+    /// hop and direction: with `wsguard_bytes_total` (payload bytes) it
+    /// shows what permessage-deflate saves on each hop.
+    pub wire: Family<WireLabel, Counter>,
+    pub wire_client_c2s: Counter,
+    pub wire_backend_c2s: Counter,
+    pub wire_backend_s2c: Counter,
+    pub wire_client_s2c: Counter,
     /// Token introspection: cache hits/misses/coalesced waits and calls
     /// to the endpoint by answer.
     pub introspection: crate::guard::introspect::IntrospectionMetrics,
@@ -106,6 +121,17 @@ impl Metrics {
             "Payload bytes relayed, by direction (c2s, s2c)",
             bytes.clone(),
         );
+        let wire = Family::<WireLabel, Counter>::default();
+        registry.register(
+            "wire_bytes",
+            "Frame bytes relayed on the wire (after compression), by hop (client, backend) and direction (c2s, s2c)",
+            wire.clone(),
+        );
+        let wire_of = |hop, direction| wire.get_or_create(&WireLabel { hop, direction }).clone();
+        let wire_client_c2s = wire_of("client", "c2s");
+        let wire_backend_c2s = wire_of("backend", "c2s");
+        let wire_backend_s2c = wire_of("backend", "s2c");
+        let wire_client_s2c = wire_of("client", "s2c");
         let rejections = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "rejections",
@@ -216,6 +242,11 @@ impl Metrics {
             messages_s2c,
             bytes_c2s,
             bytes_s2c,
+            wire,
+            wire_client_c2s,
+            wire_backend_c2s,
+            wire_backend_s2c,
+            wire_client_s2c,
             registry,
             connections_active,
             handshakes,
@@ -427,6 +458,8 @@ mod tests {
             "wsguard_route_connections_active{route=\"/admin\"} 0",
             "wsguard_route_handshakes_total{route=\"/\",result=\"ok\"} 0",
             "wsguard_session_closes_total{side=\"client\",code=\"1000\"} 0",
+            "wsguard_wire_bytes_total{hop=\"client\",direction=\"c2s\"} 0",
+            "wsguard_wire_bytes_total{hop=\"backend\",direction=\"s2c\"} 0",
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }

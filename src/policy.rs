@@ -94,6 +94,9 @@ pub struct Policy {
     /// `limits.shared`: per-IP handshake rates and per-subject connection
     /// caps across every replica sharing the prefix.
     pub shared: Option<crate::guard::shared::SharedSettings>,
+    /// `compression` (contract section 8), for every route: None is
+    /// `mode: off` (no extension is negotiated on either hop).
+    pub compression: Option<crate::compression::Settings>,
     /// The top-level sections: used when no route matches.
     pub default_route: Route,
     /// `routes`, longest prefix first.
@@ -636,6 +639,7 @@ impl TryFrom<&Config> for Policy {
             }
         };
 
+        let compression = compression(&mut c, cfg.compression.as_ref());
         let global = global_limits(&mut c, cfg.limits.as_ref(), "limits");
         let default_route = Route {
             prefix: String::new(),
@@ -756,6 +760,7 @@ impl TryFrom<&Config> for Policy {
                 per_subject_connections: global.per_subject_connections,
                 per_subject_messages: global.per_subject_messages,
                 shared: global.shared,
+                compression,
                 default_route,
                 routes,
             })
@@ -1155,6 +1160,58 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
         max_skew,
         on_failure: h.on_failure.unwrap_or_default(),
     })
+}
+
+/// Whether the session engine inflates and deflates (RFC 7692). While it
+/// did not, `compression.mode: on` was refused as not supported yet and an
+/// omitted `mode` meant off: negotiating an extension the relay cannot
+/// honour would corrupt every compressed message.
+pub const COMPRESSION_BUILT: bool = true;
+/// Whether messages may share an LZ77 window (context takeover). Only the
+/// no-takeover path is built: state lives for one message.
+pub const CONTEXT_TAKEOVER_BUILT: bool = false;
+
+fn compression(
+    c: &mut Check,
+    k: Option<&config::CompressionConfig>,
+) -> Option<crate::compression::Settings> {
+    let d = config::CompressionConfig::default();
+    let k = k.unwrap_or(&d);
+    let default_mode = if COMPRESSION_BUILT {
+        config::OnOff::On
+    } else {
+        config::OnOff::Off
+    };
+    let mode = k.mode.as_ref().map_or(default_mode, |m| m.value);
+    let mut settings = crate::compression::Settings::default();
+    if let Some(v) = &k.max_window_bits {
+        match u8::try_from(v.value) {
+            Ok(bits @ 9..=15) => settings.max_window_bits = bits,
+            _ => c.push(v.referenced, "compression.max_window_bits", "must be 9..15"),
+        }
+    }
+    if let Some(v) = &k.context_takeover {
+        settings.context_takeover = v.value;
+        if v.value && !CONTEXT_TAKEOVER_BUILT && mode == config::OnOff::On {
+            c.push(
+                v.referenced,
+                "compression.context_takeover",
+                "true is not supported yet (only false: no context takeover)",
+            );
+        }
+    }
+    match (mode, &k.mode) {
+        (config::OnOff::Off, _) => None,
+        (config::OnOff::On, Some(m)) if !COMPRESSION_BUILT => {
+            c.push(
+                m.referenced,
+                "compression.mode",
+                "on is not supported yet (use off)",
+            );
+            None
+        }
+        (config::OnOff::On, _) => Some(settings),
+    }
 }
 
 fn keepalive(c: &mut Check, k: Option<&config::KeepaliveConfig>, path: &str) -> Keepalive {
@@ -1683,6 +1740,13 @@ impl Policy {
             show_duration(self.shutdown_grace),
             self.shutdown_close_code,
         );
+        out.push_str(&match &self.compression {
+            None => "compression off\n".to_string(),
+            Some(s) => format!(
+                "compression on  context_takeover {}  max_window_bits {}\n",
+                s.context_takeover, s.max_window_bits
+            ),
+        });
         for r in self
             .routes
             .iter()
@@ -2356,6 +2420,60 @@ mod tests {
         }
         // Drawn per session: a fleet's sessions do not all end at once.
         assert!(seen.len() > 900, "{}", seen.len());
+    }
+
+    #[test]
+    fn compression_keys_are_checked_at_their_line() {
+        let p =
+            problems("compression:\n  mode: on\n  context_takeover: true\n  max_window_bits: 8\n");
+        let got: Vec<(u64, &str)> = p.iter().map(|p| (p.line, p.path.as_str())).collect();
+        let mut want = vec![(4, "compression.max_window_bits")];
+        if !CONTEXT_TAKEOVER_BUILT {
+            want.insert(0, (3, "compression.context_takeover"));
+        }
+        if !COMPRESSION_BUILT {
+            want.insert(0, (2, "compression.mode"));
+        }
+        assert_eq!(got, want, "{p:?}");
+        assert!(problems("compression:\n  mode: maybe\n")
+            .iter()
+            .any(|p| p.line == 2));
+        assert!(!problems("compression:\n  mode: on\n  max_window_bits: 16\n").is_empty());
+    }
+
+    #[test]
+    fn compression_off_is_always_accepted() {
+        for text in [
+            "compression:\n  mode: off\n",
+            "compression:\n  mode: off\n  context_takeover: true\n  max_window_bits: 9\n",
+            "compression: { mode: false }\n",
+        ] {
+            let p = Policy::from_text("t.yaml", text).map_err(|e| e.to_string());
+            assert_eq!(p.map(|p| p.compression), Ok(None), "{text}");
+        }
+        let omitted = Policy::from_text("t.yaml", "{}\n").map(|p| p.compression);
+        let want = COMPRESSION_BUILT.then(crate::compression::Settings::default);
+        assert_eq!(omitted.ok(), Some(want));
+    }
+
+    #[test]
+    fn compression_on_gives_the_settings() {
+        if !COMPRESSION_BUILT {
+            return;
+        }
+        let p = Policy::from_text(
+            "t.yaml",
+            "compression:\n  mode: on\n  max_window_bits: 10\n",
+        )
+        .map(|p| p.compression)
+        .map_err(|e| e.to_string());
+        assert_eq!(
+            p,
+            Ok(Some(crate::compression::Settings {
+                context_takeover: false,
+                max_window_bits: 10
+            }))
+        );
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub struct Shared {
     /// Bytes held in unfinished messages that HMAC must see whole, across
     /// every session (see [`crate::session::Budget`]).
     pub partial: crate::session::Budget,
+    /// Bytes held by messages being inflated (permessage-deflate), all
+    /// sessions together.
+    pub inflate: Arc<crate::compression::InflateBudget>,
     /// The generation of `current`, readable without touching the ArcSwap.
     generation: std::sync::atomic::AtomicU64,
 }
@@ -161,6 +164,9 @@ impl Shared {
             ready: std::sync::atomic::AtomicBool::new(false),
             refusals: crate::reject_log::RefusalLog::default(),
             partial: crate::session::Budget::new(crate::session::DEFAULT_PARTIAL_BUDGET),
+            inflate: crate::compression::InflateBudget::new(
+                crate::compression::budget::DEFAULT_BUDGET,
+            ),
             generation: std::sync::atomic::AtomicU64::new(0),
         });
         shared.install(policy);

@@ -518,6 +518,7 @@ async fn upgrade(
         &auth.protocols,
         &headers,
         derived.upstream_ws_config,
+        rt.policy.compression.as_ref(),
         dial_deadline,
     )
     .await;
@@ -563,6 +564,21 @@ async fn upgrade(
     {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p);
     }
+    // The client's offer is answered by wsguard itself, per hop.
+    let client_deflate = crate::compression::negotiate::answer_client(
+        req.headers()
+            .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        rt.policy.compression.as_ref(),
+    );
+    if let Some(v) = client_deflate
+        .as_ref()
+        .and_then(|a| HeaderValue::from_str(&a.response).ok())
+    {
+        resp.headers_mut()
+            .insert(hyper::header::SEC_WEBSOCKET_EXTENSIONS, v);
+    }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let info = SessionInfo {
@@ -577,6 +593,8 @@ async fn upgrade(
         path: handshake::redacted(&up.path_and_query).to_string(),
         request_id,
         slot,
+        deflate_client: client_deflate.map(|a| a.params),
+        deflate_upstream: dialed.deflate,
     };
     let shared2 = Arc::clone(shared);
     let rt2 = Arc::clone(&rt);

@@ -40,6 +40,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::compression::{Deflater, HopParams, InflateError, Inflated, Inflater};
 use crate::config::{Mode, OnFailure};
 use crate::frame::{self, Decoder, FrameError, Header, Rules, Sink};
 use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
@@ -140,6 +141,10 @@ pub struct SessionInfo {
     pub path: String,
     pub request_id: String,
     pub slot: ConnSlot,
+    /// permessage-deflate as negotiated with the client and with the
+    /// backend (None: that hop is uncompressed).
+    pub deflate_client: Option<HopParams>,
+    pub deflate_upstream: Option<HopParams>,
 }
 
 /// A close frame's payload: `None` is a close with no status.
@@ -226,6 +231,8 @@ struct Assembly {
     op: u8,
     buf: Vec<u8>,
     reserved: usize,
+    /// RSV1 was set: `buf` is raw DEFLATE, inflated when the message ends.
+    compressed: bool,
 }
 
 /// One direction's relay state.
@@ -258,6 +265,14 @@ struct FlowState {
     seq_out: u64,
     /// A keepalive ping waiting for the open frame to end.
     pending_ping: Option<Bytes>,
+    /// permessage-deflate on the source hop: inflates its compressed
+    /// messages (None: RSV1 is refused by the decoder).
+    inflater: Option<Inflater>,
+    /// permessage-deflate on the destination hop: messages wsguard
+    /// assembles are deflated again for it (None: sent uncompressed).
+    deflater: Option<Deflater>,
+    /// Largest inflated message (`max_message_size`).
+    max_plain: usize,
 }
 
 impl Flow {
@@ -280,8 +295,30 @@ impl Flow {
                 seq_in: SeqState::default(),
                 seq_out: 0,
                 pending_ping: None,
+                inflater: None,
+                deflater: None,
+                max_plain: usize::MAX,
             },
         }
+    }
+
+    /// Sets permessage-deflate for this flow: `from` as negotiated with the
+    /// hop it reads, `to` with the hop it writes.
+    fn with_deflate(mut self, from: Option<HopParams>, to: Option<HopParams>, max: u64) -> Flow {
+        self.st.inflater = from.map(|p| Inflater::new(p.recv_window_bits, p.recv_context_takeover));
+        self.st.deflater =
+            to.and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover));
+        self.st.max_plain = usize::try_from(max).unwrap_or(usize::MAX);
+        self
+    }
+}
+
+/// Why a compressed message cannot be delivered, as the decoder's errors.
+fn inflate_halt(e: InflateError) -> Halt {
+    match e {
+        InflateError::TooBig { .. } => Halt::Frame(FrameError::TooBig("message too big")),
+        InflateError::Busy => Halt::Overload,
+        InflateError::Corrupt(_) => Halt::Frame(FrameError::BadData("invalid compressed data")),
     }
 }
 
@@ -309,10 +346,70 @@ impl FlowSink<'_> {
         }
     }
 
+    /// Writes one whole message toward the destination hop: deflated
+    /// (RSV1) when that hop negotiated compression, else as is.
+    fn emit(&mut self, op: u8, data: &[u8]) -> Result<(), Halt> {
+        let mask = out_mask(self.st.mask_out);
+        let Some(d) = self.st.deflater.as_mut() else {
+            frame::write_frame(self.out, true, op, data, mask);
+            return Ok(());
+        };
+        let mut z = Vec::with_capacity(data.len() / 2 + 16);
+        if d.deflate(data, true, &mut z).is_err() {
+            // Never expected from valid state; RSV1 off is always legal.
+            frame::write_frame(self.out, true, op, data, mask);
+            return Ok(());
+        }
+        frame::write_header(self.out, true, 0b100, op, z.len() as u64, mask);
+        match mask {
+            Some(k) => frame::mask_extend(self.out, &z, k, 0),
+            None => self.out.extend_from_slice(&z),
+        }
+        Ok(())
+    }
+
     fn finish_assembly(&mut self, a: Assembly) -> Result<(), Halt> {
         let env = self.env;
-        let Assembly { op, buf, reserved } = a;
-        env.shared.partial.release(reserved);
+        let Assembly {
+            op,
+            buf,
+            reserved,
+            compressed,
+        } = a;
+        // Held until the message is written: the inflated bytes count
+        // against the process-wide inflate budget meanwhile.
+        let mut _hold = None;
+        let buf = if compressed {
+            let Some(inf) = self.st.inflater.as_mut() else {
+                env.shared.partial.release(reserved);
+                return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
+            };
+            let mut plain = Inflated::new(&env.shared.inflate);
+            let r = inf.inflate_into(&buf, true, self.st.max_plain, &mut plain);
+            drop(buf);
+            env.shared.partial.release(reserved);
+            r.map_err(inflate_halt)?;
+            if op == frame::OP_TEXT && std::str::from_utf8(plain.as_slice()).is_err() {
+                return Err(Halt::Frame(FrameError::Utf8));
+            }
+            let (plain, hold) = plain.into_parts();
+            _hold = Some(hold);
+            // The byte rate limit counts payload bytes: the frames paid for
+            // their compressed size, the rest is charged now, so that
+            // compression cannot multiply what a client may send.
+            let wire = self.st.msg_len;
+            self.st.msg_len = plain.len() as u64;
+            let extra = usize::try_from(self.st.msg_len.saturating_sub(wire)).unwrap_or(usize::MAX);
+            if let Some(l) = env.limiter {
+                if !l.allow_bytes(extra) && self.limited("message_rate")? {
+                    return Ok(());
+                }
+            }
+            plain
+        } else {
+            env.shared.partial.release(reserved);
+            buf
+        };
         let ty = if op == frame::OP_TEXT {
             MsgType::Text
         } else {
@@ -321,8 +418,9 @@ impl FlowSink<'_> {
         let st = &mut *self.st;
         st.keys.refresh(env.shared, &env.route.prefix);
         let Some((h, client_keys)) = st.keys.hmac_keys(env.route, env.derive) else {
-            // The policy in force has no hmac any more: relay as is.
-            frame::write_frame(self.out, true, op, &buf, out_mask(st.mask_out));
+            // No hmac (or none any more): relay the plaintext.
+            self.emit(op, &buf)?;
+            self.count();
             return Ok(());
         };
         let signed = match st.dir {
@@ -356,7 +454,7 @@ impl FlowSink<'_> {
         };
         match signed {
             Signed::Forward(data) => {
-                frame::write_frame(self.out, true, op, &data, out_mask(st.mask_out));
+                self.emit(op, &data)?;
                 self.count();
                 Ok(())
             }
@@ -408,12 +506,14 @@ impl Sink for FlowSink<'_> {
             }
             if !self.st.dropping {
                 let env = self.env;
+                let compressed = h.rsv & 0b100 != 0;
                 self.st.keys.refresh(env.shared, &env.route.prefix);
-                if self.st.keys.hmac_keys(env.route, env.derive).is_some() {
+                if compressed || self.st.keys.hmac_keys(env.route, env.derive).is_some() {
                     self.st.assembly = Some(Box::new(Assembly {
                         op,
                         buf: Vec::new(),
                         reserved: 0,
+                        compressed,
                     }));
                 }
             }
@@ -799,6 +899,13 @@ where
                 live.on_data();
                 self.last_data = Instant::now();
             }
+            let m = &self.shared.metrics;
+            let (wire_in, wire_out) = match from {
+                Side::Client => (&m.wire_client_c2s, &m.wire_backend_c2s),
+                Side::Upstream => (&m.wire_backend_s2c, &m.wire_client_s2c),
+            };
+            wire_in.inc_by(data.len() as u64);
+            wire_out.inc_by(out.len() as u64);
             // What came before an error still goes on (a direct peer would
             // have answered it too).
             let w = match from {
@@ -1239,21 +1346,27 @@ pub async fn run<C, U>(
             Direction::C2s,
             Rules {
                 masked: true,
-                allow_rsv1: false,
+                allow_rsv1: info.deflate_client.is_some(),
                 max_frame: u64::try_from(limits.max_frame_size).unwrap_or(u64::MAX),
                 max_message,
             },
-        ),
+        )
+        .with_deflate(info.deflate_client, info.deflate_upstream, max_message),
         // Backends send messages as one frame: no frame limit; the
         // message limit has room for a signature envelope.
         u2c: Flow::new(
             Direction::S2c,
             Rules {
                 masked: false,
-                allow_rsv1: false,
+                allow_rsv1: info.deflate_upstream.is_some(),
                 max_frame: u64::MAX,
                 max_message: max_message.saturating_add(1024),
             },
+        )
+        .with_deflate(
+            info.deflate_upstream,
+            info.deflate_client,
+            max_message.saturating_add(1024),
         ),
         client_live: Liveness::new(ka.max_missed),
         upstream_live: Liveness::new(ka.max_missed),

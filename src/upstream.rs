@@ -112,6 +112,9 @@ pub struct Dialed {
     /// End-to-end headers of the backend's 101 (e.g. Set-Cookie), returned
     /// to the client.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// permessage-deflate as the backend accepted it; None: this hop is
+    /// uncompressed.
+    pub deflate: Option<crate::compression::HopParams>,
 }
 
 /// Request target on the backend: its base path plus the client's path and
@@ -131,11 +134,19 @@ pub async fn dial(
     protocols: &[String],
     headers: &[(HeaderName, HeaderValue)],
     ws_config: WebSocketConfig,
+    compression: Option<&crate::compression::Settings>,
     deadline: Instant,
 ) -> Result<Dialed, DialError> {
     tokio::time::timeout_at(
         deadline,
-        handshake(up, path_and_query, protocols, headers, ws_config),
+        handshake(
+            up,
+            path_and_query,
+            protocols,
+            headers,
+            ws_config,
+            compression,
+        ),
     )
     .await
     .map_err(|_| DialError::Timeout)?
@@ -147,6 +158,7 @@ async fn handshake(
     protocols: &[String],
     headers: &[(HeaderName, HeaderValue)],
     ws_config: WebSocketConfig,
+    compression: Option<&crate::compression::Settings>,
 ) -> Result<Dialed, DialError> {
     let host = up.host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((host, up.port))
@@ -195,6 +207,12 @@ async fn handshake(
         req.extend_from_slice(protocols.join(", ").as_bytes());
         req.extend_from_slice(b"\r\n");
     }
+    // wsguard's own offer (the client's was stripped with the hop headers).
+    if let Some(offer) = crate::compression::negotiate::offer_to_backend(compression) {
+        req.extend_from_slice(b"sec-websocket-extensions: ");
+        req.extend_from_slice(offer.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
     req.extend_from_slice(b"\r\n");
     stream.write_all(&req).await.map_err(DialError::Io)?;
 
@@ -220,8 +238,12 @@ async fn handshake(
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     };
-    let (protocol, extra) =
-        check_response(buf.get(..head_len).unwrap_or_default(), &key, protocols)?;
+    let ((protocol, extra), deflate) = check_response_with(
+        buf.get(..head_len).unwrap_or_default(),
+        &key,
+        protocols,
+        compression,
+    )?;
     let rest = buf.get(head_len..).unwrap_or_default().to_vec();
     let _ = ws_config;
     Ok(Dialed {
@@ -229,6 +251,7 @@ async fn handshake(
         rest,
         protocol,
         headers: extra,
+        deflate,
     })
 }
 
@@ -255,8 +278,20 @@ const HOP: &[&str] = &[
 
 type Checked = (Option<String>, Vec<(HeaderName, HeaderValue)>);
 
-/// Strict validation of the backend's 101.
+/// Strict validation of the backend's 101 when no extension was offered.
 pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Checked, DialError> {
+    check_response_with(head, key, offered, None).map(|(c, _)| c)
+}
+
+/// Strict validation of the backend's 101, including its answer to the
+/// permessage-deflate offer made under `compression` (None: nothing was
+/// offered, so any extension in the answer fails the dial).
+pub fn check_response_with(
+    head: &[u8],
+    key: &str,
+    offered: &[String],
+    compression: Option<&crate::compression::Settings>,
+) -> Result<(Checked, Option<crate::compression::HopParams>), DialError> {
     let mut hdrs = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut hdrs);
     match resp.parse(head) {
@@ -300,11 +335,11 @@ pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Chec
         [v] if v.trim_ascii() == expected.as_bytes() => {}
         _ => return Err(DialError::Invalid("wrong Sec-WebSocket-Accept".into())),
     }
-    if !tokens("sec-websocket-extensions").is_empty() {
-        return Err(DialError::Invalid(
-            "backend selected an extension that was not offered".into(),
-        ));
-    }
+    let deflate = crate::compression::negotiate::accept_backend_response(
+        values("sec-websocket-extensions"),
+        compression,
+    )
+    .map_err(|e| DialError::Invalid(e.to_string()))?;
     let protocol = match values("sec-websocket-protocol").as_slice() {
         [] => None,
         [v] => {
@@ -333,7 +368,7 @@ pub fn check_response(head: &[u8], key: &str, offered: &[String]) -> Result<Chec
             extra.push((n, v));
         }
     }
-    Ok((protocol, extra))
+    Ok(((protocol, extra), deflate))
 }
 
 /// A sane default when a test or the demo wants a timeout value.

@@ -108,3 +108,8 @@ fn frame_corpus() {
 fn frame_differential_corpus() {
     replay("frame_differential", wsguard::fuzzing::frame_differential);
 }
+
+#[test]
+fn inflate_corpus() {
+    replay("inflate", wsguard::fuzzing::inflate);
+}

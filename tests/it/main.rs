@@ -5,6 +5,7 @@
 mod access;
 mod common;
 mod compose;
+mod compression;
 mod core;
 mod engine;
 mod guards;

@@ -1,0 +1,645 @@
+//! Issue 13: permessage-deflate negotiated per hop (contract section 8).
+//!
+//! The deflate-capable client and backend are raw sockets plus flate2, so
+//! that RSV1 and the exact wire bytes are visible to the tests.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use wsguard::sign::{self, Direction, MsgType, SeqState};
+
+use crate::common::*;
+
+const QUIET: &str = "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits: { per_ip: null, per_connection: null }\n";
+const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = Compress::new(Compression::default(), false);
+    let mut out = Vec::with_capacity(data.len() + 64);
+    loop {
+        let before = c.total_in() as usize;
+        out.reserve(64 * 1024);
+        c.compress_vec(&data[before..], &mut out, FlushCompress::Sync)
+            .unwrap();
+        if c.total_in() as usize == data.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn inflate(data: &[u8]) -> Vec<u8> {
+    let mut d = Decompress::new(false);
+    let mut input = data.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(data.len() * 4 + 1024);
+    loop {
+        let before = d.total_in() as usize;
+        out.reserve(256 * 1024);
+        d.decompress_vec(&input[before..], &mut out, FlushDecompress::Sync)
+            .unwrap();
+        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+            return out;
+        }
+    }
+}
+
+/// One frame: (fin, rsv1, opcode, payload).
+type Frame = (bool, bool, u8, Vec<u8>);
+
+fn frame(fin: bool, rsv1: bool, op: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | (if rsv1 { 0x40 } else { 0 }) | op];
+    let m = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n < 65536 => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x21, 0x43, 0x65, 0x87];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// Reads one frame from `s` (unmasking if needed); None on EOF.
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<Frame> {
+    loop {
+        if buf.len() >= 2 {
+            let b0 = buf[0];
+            let masked = buf[1] & 0x80 != 0;
+            let len0 = (buf[1] & 0x7f) as usize;
+            let (len, mut off) = match len0 {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => (usize::MAX, 0),
+                n => (n, 2),
+            };
+            let need = off + if masked { 4 } else { 0 };
+            if len != usize::MAX && buf.len() >= need + len {
+                let key = masked.then(|| [buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]);
+                if masked {
+                    off += 4;
+                }
+                let mut payload = buf[off..off + len].to_vec();
+                if let Some(k) = key {
+                    payload
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b ^= k[i % 4]);
+                }
+                buf.drain(..off + len);
+                return Some((b0 & 0x80 != 0, b0 & 0x40 != 0, b0 & 0x0f, payload));
+            }
+        }
+        let mut b = vec![0u8; 256 * 1024];
+        match within("a frame", s.read(&mut b)).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// Reads one whole data message: (opcode, plaintext, was compressed).
+/// Control frames are skipped; a close returns opcode 8 with its payload.
+async fn read_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<(u8, Vec<u8>, bool)> {
+    let mut msg: Option<(u8, Vec<u8>, bool)> = None;
+    loop {
+        let (fin, rsv1, op, payload) = read_frame(s, buf).await?;
+        if op == 8 {
+            return Some((8, payload, false));
+        }
+        if op >= 8 {
+            continue;
+        }
+        let m = msg.get_or_insert((op, Vec::new(), rsv1));
+        m.1.extend_from_slice(&payload);
+        if fin {
+            let (op, data, c) = msg.take().unwrap();
+            return Some((op, if c { inflate(&data) } else { data }, c));
+        }
+    }
+}
+
+async fn write_message<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    op: u8,
+    data: &[u8],
+    compress: bool,
+    masked: bool,
+) {
+    let f = if compress {
+        frame(true, true, op, &deflate(data), masked)
+    } else {
+        frame(true, false, op, data, masked)
+    };
+    s.write_all(&f).await.unwrap();
+}
+
+/// What the backend does with each message's plaintext: the reply.
+type Handler = Arc<dyn Fn(u8, Vec<u8>) -> Vec<u8> + Send + Sync>;
+
+/// What the backend saw: its upgrade request head, then each message as
+/// (plaintext, arrived compressed).
+#[derive(Debug)]
+enum Saw {
+    Request(String),
+    Message(Vec<u8>, bool),
+}
+
+/// A raw backend that accepts permessage-deflate (no context takeover)
+/// when `accept` and it is offered, and answers every message with
+/// `handler`'s reply, compressed when the hop is.
+async fn backend(accept: bool, handler: Handler) -> (SocketAddr, mpsc::UnboundedReceiver<Saw>) {
+    backend_answering(accept.then_some(GOOD_ANSWER), handler).await
+}
+
+const GOOD_ANSWER: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Like [`backend`], answering an offer with `answer` as it is (None:
+/// declining).
+async fn backend_answering(
+    answer: Option<&'static str>,
+    handler: Handler,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Saw>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            let handler = Arc::clone(&handler);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let head = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let h = String::from_utf8_lossy(&buf[..i + 4]).to_string();
+                        buf.drain(..i + 4);
+                        break h;
+                    }
+                    let mut b = [0u8; 4096];
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                };
+                let _ = tx.send(Saw::Request(head.clone()));
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let offered = head.to_ascii_lowercase().contains("permessage-deflate");
+                let on = answer.is_some() && offered;
+                let ext = match answer.filter(|_| offered) {
+                    Some(a) => format!("Sec-WebSocket-Extensions: {a}\r\n"),
+                    None => String::new(),
+                };
+                let resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{ext}\r\n",
+                    derive_accept_key(key.as_bytes())
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                while let Some((op, data, c)) = read_message(&mut s, &mut buf).await {
+                    if op == 8 {
+                        let _ = s.write_all(&frame(true, false, 8, &data, false)).await;
+                        return;
+                    }
+                    let _ = tx.send(Saw::Message(data.clone(), c));
+                    let reply = handler(op, data);
+                    write_message(&mut s, op, &reply, on, false).await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn echo() -> Handler {
+    Arc::new(|_, d| d)
+}
+
+/// A client connected through the proxy, offering permessage-deflate when
+/// `offer`. Returns the socket, its read buffer and whether the proxy
+/// accepted the offer.
+async fn client(addr: SocketAddr, offer: bool) -> (TcpStream, Vec<u8>, Option<String>) {
+    let (r, h) = Raw::upgrade(addr, "/", if offer { OFFER } else { "" }).await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    let ext = h.header("sec-websocket-extensions");
+    let (s, buf) = r.into_parts();
+    (s, buf, ext)
+}
+
+/// JSON-like, compressible: ~200 KiB.
+fn compressible(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 64);
+    let mut i = 0u64;
+    while v.len() < n {
+        v.extend_from_slice(
+            format!(
+                "{{\"id\":{i},\"symbol\":\"ABC\",\"price\":{}.25,\"side\":\"buy\"}},",
+                i % 97
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    v.truncate(n);
+    v
+}
+
+async fn request_of(rx: &mut mpsc::UnboundedReceiver<Saw>) -> String {
+    match within("backend request", rx.recv()).await {
+        Some(Saw::Request(h)) => h,
+        other => panic!("expected the upgrade request, got {other:?}"),
+    }
+}
+
+async fn message_of(rx: &mut mpsc::UnboundedReceiver<Saw>) -> (Vec<u8>, bool) {
+    match within("backend message", rx.recv()).await {
+        Some(Saw::Message(d, c)) => (d, c),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn all_four_hop_combinations_echo_text_and_binary() {
+    let big = compressible(200 * 1024);
+    for client_c in [false, true] {
+        for backend_c in [false, true] {
+            let what = format!("client compressed {client_c}, backend compressed {backend_c}");
+            let (b, mut rx) = backend(backend_c, echo()).await;
+            let p = proxy(b, QUIET).await;
+            let (mut s, mut buf, ext) = client(p.addr, client_c).await;
+            assert_eq!(ext.is_some(), client_c, "{what}");
+            if let Some(e) = &ext {
+                assert!(e.contains("server_no_context_takeover"), "{e}");
+                assert!(e.contains("client_no_context_takeover"), "{e}");
+            }
+            let req = request_of(&mut rx).await.to_ascii_lowercase();
+            // wsguard's own offer, never the client's.
+            assert!(
+                req.contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+                "{req}"
+            );
+            for (op, data) in [
+                (1u8, b"hello deflate".to_vec()),
+                (1, big.clone()),
+                (2, big.clone()),
+            ] {
+                write_message(&mut s, op, &data, client_c, true).await;
+                let (got, backend_saw_c) = message_of(&mut rx).await;
+                assert_eq!(got, data, "{what}");
+                // Re-deflated for a compressed backend hop; a plain message
+                // from a plain client stays plain.
+                assert_eq!(backend_saw_c, backend_c && client_c, "{what}");
+                let (rop, echoed, c) = read_message(&mut s, &mut buf).await.unwrap();
+                assert_eq!((rop, echoed.len()), (op, data.len()), "{what}");
+                assert_eq!(echoed, data, "{what}");
+                assert_eq!(c, client_c && backend_c, "{what}");
+            }
+            // Payload bytes against wire bytes, per hop: the saving shows.
+            let payload = metric(&p, "wsguard_bytes_total{direction=\"c2s\"}");
+            let wire = |hop: &str, dir: &str| {
+                metric(
+                    &p,
+                    &format!("wsguard_wire_bytes_total{{hop=\"{hop}\",direction=\"{dir}\"}}"),
+                )
+            };
+            assert!(payload >= 400.0 * 1024.0, "{what}: {payload}");
+            for (hop, dir, compressed) in [
+                ("client", "c2s", client_c),
+                ("backend", "c2s", client_c && backend_c),
+                ("backend", "s2c", backend_c),
+                ("client", "s2c", client_c && backend_c),
+            ] {
+                let w = wire(hop, dir);
+                assert!(w > 0.0, "{what}: {hop} {dir}");
+                assert_eq!(
+                    w < payload / 3.0,
+                    compressed,
+                    "{what}: {hop} {dir} {w} vs {payload}"
+                );
+            }
+            s.write_all(&frame(true, false, 8, &1000u16.to_be_bytes(), true))
+                .await
+                .unwrap();
+            p.shutdown(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_compressed_fragmented_message_is_reassembled() {
+    let (b, mut rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+    let data = compressible(50 * 1024);
+    let z = deflate(&data);
+    let (a, rest) = z.split_at(z.len() / 3);
+    let (m, e) = rest.split_at(rest.len() / 2);
+    s.write_all(&frame(false, true, 1, a, true)).await.unwrap();
+    s.write_all(&frame(false, false, 0, m, true)).await.unwrap();
+    s.write_all(&frame(true, false, 0, e, true)).await.unwrap();
+    let _ = request_of(&mut rx).await;
+    assert_eq!(message_of(&mut rx).await, (data.clone(), true));
+    let (op, echoed, c) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!((op, c), (1, true));
+    assert_eq!(echoed, data);
+}
+
+async fn close_code_of(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
+    while let Some((_, _, op, p)) = read_frame(s, buf).await {
+        if op == 8 {
+            return Some(u16::from_be_bytes([p[0], p[1]]));
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn rsv1_where_not_allowed_is_a_protocol_error() {
+    let (b, _rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    // A hop without compression.
+    let (mut s, mut buf, _) = client(p.addr, false).await;
+    s.write_all(&frame(true, true, 1, &deflate(b"hi"), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1002));
+    // A control frame on a compressed hop.
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+    s.write_all(&frame(true, true, 9, b"ping", true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1002));
+    // A continuation frame on a compressed hop.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let z = deflate(b"hello there");
+    s.write_all(&frame(false, true, 1, &z[..2], true))
+        .await
+        .unwrap();
+    s.write_all(&frame(true, true, 0, &z[2..], true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1002));
+    // The proxy still serves.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    write_message(&mut s, 1, b"after", true, true).await;
+    let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!(echoed, b"after");
+}
+
+#[tokio::test]
+async fn a_bomb_is_closed_1009_and_the_proxy_keeps_serving() {
+    let (b, mut rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let bomb = deflate(&vec![0u8; 16 * 1024 * 1024]);
+    assert!(bomb.len() < 32 * 1024, "{}", bomb.len());
+    s.write_all(&frame(true, true, 2, &bomb, true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1009));
+    assert_eq!(p.shared.inflate.used(), 0);
+    let _ = request_of(&mut rx).await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    write_message(&mut s, 1, b"normal", true, true).await;
+    let (_, echoed, c) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!((echoed.as_slice(), c), (&b"normal"[..], true));
+}
+
+#[tokio::test]
+async fn mode_off_negotiates_nothing_on_either_hop() {
+    let (b, mut rx) = backend(true, echo()).await;
+    let p = proxy(b, &format!("{QUIET}compression: {{ mode: off }}\n")).await;
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    assert_eq!(ext, None);
+    let req = request_of(&mut rx).await.to_ascii_lowercase();
+    assert!(!req.contains("sec-websocket-extensions"), "{req}");
+    write_message(&mut s, 1, b"plain", false, true).await;
+    assert_eq!(message_of(&mut rx).await, (b"plain".to_vec(), false));
+    let (_, echoed, c) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!((echoed.as_slice(), c), (&b"plain"[..], false));
+    // RSV1 is then a protocol error.
+    write_message(&mut s, 1, b"sneaky", true, true).await;
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1002));
+}
+
+#[tokio::test]
+async fn hmac_covers_the_decompressed_payload_on_compressed_hops() {
+    use crate::hmac::{key, key_file, CLIENT1, UPSTREAM};
+    let seq = Arc::new(Mutex::new((SeqState::default(), 0u64)));
+    let handler: Handler = Arc::new(move |_, d| {
+        let mut g = seq.lock().unwrap();
+        let (state, out_seq) = &mut *g;
+        let payload = sign::verify(
+            &[key("p1", &UPSTREAM)],
+            Direction::C2s,
+            "",
+            MsgType::Text,
+            &d,
+            sign::now_ms(),
+            30_000,
+            state,
+        )
+        .expect("wsguard's signature verifies");
+        *out_seq += 1;
+        let mut reply = b"echo:".to_vec();
+        reply.extend_from_slice(payload);
+        sign::sign(
+            &key("p1", &UPSTREAM),
+            Direction::S2c,
+            *out_seq,
+            sign::now_ms(),
+            "",
+            MsgType::Text,
+            &reply,
+        )
+    });
+    let (b, mut rx) = backend(true, handler).await;
+    let p = proxy(
+        b,
+        &format!(
+            "hmac:\n  mode: enforce\n  client_keys:\n    - {{ id: c1, secret_file: \"{}\" }}\n  upstream_key: {{ id: p1, secret_file: \"{}\" }}\n{QUIET}",
+            key_file("c1", &CLIENT1),
+            key_file("p1", &UPSTREAM)
+        ),
+    )
+    .await;
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+    let _ = request_of(&mut rx).await;
+    let text = String::from_utf8(compressible(20 * 1024)).unwrap();
+    let signed = sign::sign(
+        &key("c1", &CLIENT1),
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "",
+        MsgType::Text,
+        text.as_bytes(),
+    );
+    write_message(&mut s, 1, &signed, true, true).await;
+    let (_, backend_c) = message_of(&mut rx).await;
+    assert!(
+        backend_c,
+        "the re-signed message is deflated for the backend"
+    );
+    let (op, reply, c) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!((op, c), (1, true));
+    let mut st = SeqState::default();
+    let payload = sign::verify(
+        &[key("c1", &CLIENT1)],
+        Direction::S2c,
+        "",
+        MsgType::Text,
+        &reply,
+        sign::now_ms(),
+        30_000,
+        &mut st,
+    )
+    .unwrap();
+    assert_eq!(payload, format!("echo:{text}").as_bytes());
+}
+
+#[tokio::test]
+async fn reload_switches_compression_for_new_sessions_only() {
+    let (b, mut rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (mut old, mut old_buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+    let _ = request_of(&mut rx).await;
+    let policy = |mode: &str| {
+        wsguard::policy::Policy::from_text(
+            "reload.yaml",
+            &format!(
+                "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\n{QUIET}compression: {{ mode: {mode} }}\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    p.shared.install(policy("off"));
+    // A new session negotiates nothing on either hop.
+    let (mut new, mut new_buf, ext) = client(p.addr, true).await;
+    assert_eq!(ext, None);
+    let req = request_of(&mut rx).await.to_ascii_lowercase();
+    assert!(!req.contains("sec-websocket-extensions"), "{req}");
+    write_message(&mut new, 1, b"new", false, true).await;
+    assert_eq!(message_of(&mut rx).await, (b"new".to_vec(), false));
+    let (_, echoed, c) = read_message(&mut new, &mut new_buf).await.unwrap();
+    assert_eq!((echoed.as_slice(), c), (&b"new"[..], false));
+    // The live session keeps what it negotiated.
+    write_message(&mut old, 1, b"old", true, true).await;
+    assert_eq!(message_of(&mut rx).await, (b"old".to_vec(), true));
+    let (_, echoed, c) = read_message(&mut old, &mut old_buf).await.unwrap();
+    assert_eq!((echoed.as_slice(), c), (&b"old"[..], true));
+    // And back on.
+    p.shared.install(policy("on"));
+    let (_s, _buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+}
+
+#[tokio::test]
+async fn a_backend_answer_that_does_not_fit_the_offer_is_a_502() {
+    for answer in [
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover; bogus",
+        // server_no_context_takeover was asked for and not granted.
+        "permessage-deflate; client_no_context_takeover",
+        "x-webkit-deflate-frame",
+        "permessage-deflate; server_no_context_takeover, permessage-deflate; server_no_context_takeover",
+        "permessage-deflate; server_no_context_takeover; server_max_window_bits=16",
+    ] {
+        let (b, _rx) = backend_answering(Some(answer), echo()).await;
+        let p = proxy(b, QUIET).await;
+        let (_r, h) = Raw::upgrade(p.addr, "/", OFFER).await;
+        assert_eq!(h.status, 502, "{answer}: {}", h.text);
+    }
+    // A backend may narrow its own window and still be accepted.
+    let (b, _rx) = backend_answering(
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15"),
+        echo(),
+    )
+    .await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    write_message(&mut s, 1, b"fits", true, true).await;
+    let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!(echoed, b"fits");
+}
+
+#[tokio::test]
+async fn bad_compressed_data_and_bad_inflated_text_are_1007() {
+    let (b, _rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(true, true, 2, b"\xff\xff\xff\xfe not deflate", true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(
+        true,
+        true,
+        1,
+        &deflate(b"ok \xc3\x28 not utf-8"),
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    // Binary may hold any bytes.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    write_message(&mut s, 2, b"ok \xc3\x28", true, true).await;
+    let (op, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!((op, echoed.as_slice()), (2, &b"ok \xc3\x28"[..]));
+}
+
+#[tokio::test]
+async fn the_byte_rate_limit_counts_inflated_bytes() {
+    let (b, _rx) = backend(true, echo()).await;
+    let p = proxy(
+        b,
+        "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits:\n  max_message_size: 256KiB\n  per_ip: null\n  per_connection:\n    bytes: { rate: 1KiB/s, burst: 256KiB }\n",
+    )
+    .await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let big = compressible(200 * 1024);
+    // A few KiB on the wire each: counted by wire size, both would pass.
+    assert!(deflate(&big).len() < 32 * 1024);
+    write_message(&mut s, 1, &big, true, true).await;
+    let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!(echoed, big);
+    write_message(&mut s, 1, &big, true, true).await;
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1008));
+}

@@ -3,9 +3,11 @@
 //! The path of one connection:
 //!
 //! ```text
-//! server (accept, TLS, hyper upgrade; today also the admission checks)
+//! server (accept, TLS, hyper upgrade, the 101)
 //!   -> handshake (validate the upgrade, build the upstream header set)
-//!   -> guard::{limits, origin, jwt, introspect, shared, breaker}
+//!   -> admission (one ordered list of checks over the handshake, cheap
+//!      first; report mode handled once) calling
+//!      guard::{limits, origin, jwt, introspect, shared, breaker}
 //!   -> upstream (dial, strict 101 check)
 //!   -> session (the frame engine: relay, sign, limits, keepalive; `frame`
 //!      is its RFC 6455 codec)
@@ -31,6 +33,7 @@
 )]
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod demo;
 pub mod error;

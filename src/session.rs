@@ -135,7 +135,8 @@ pub struct SessionInfo {
     pub peer: SocketAddr,
     pub path: String,
     pub request_id: String,
-    pub slot: ConnSlot,
+    /// The place among live connections (taken by admission).
+    pub slot: Option<ConnSlot>,
 }
 
 /// A close frame's payload: `None` is a close with no status.

@@ -73,8 +73,12 @@ thread_local! {
 
 /// The default partial-message budget: 256 MiB across the process. At the
 /// default `max_message_size` (1 MiB) that is 256 large messages being
-/// assembled at once; past it, a new large message gets 1013.
+/// assembled at once; past it, a new large message (over 8 KiB) gets 1013.
 pub const DEFAULT_PARTIAL_BUDGET: usize = 256 << 20;
+
+/// A message assembled for HMAC up to this size does not draw on the
+/// partial-message budget (see `FlowSink::frame_start`).
+const SMALL_MESSAGE: usize = 8 * 1024;
 
 /// Bytes held process-wide in unfinished messages that HMAC must see
 /// whole. Reserved frame by frame as each frame header arrives (so a slow
@@ -428,11 +432,20 @@ impl Sink for FlowSink<'_> {
         }
         if let Some(a) = &mut self.st.assembly {
             let n = usize::try_from(h.len).unwrap_or(usize::MAX);
-            if !self.env.shared.partial.reserve(n) {
-                self.env.shared.metrics.reject("partial_budget");
-                return Err(Halt::Overload);
+            // A small message is held like a socket buffer would be (at
+            // most SMALL_MESSAGE per hop); only the bytes of a larger one
+            // come from the process-wide budget, all of them once it grows
+            // past the line. So a spent budget refuses new large messages
+            // and still lets chat-sized ones through.
+            let total = usize::try_from(self.st.msg_len).unwrap_or(usize::MAX);
+            if total > SMALL_MESSAGE {
+                let need = total.saturating_sub(a.reserved);
+                if !self.env.shared.partial.reserve(need) {
+                    self.env.shared.metrics.reject("partial_budget");
+                    return Err(Halt::Overload);
+                }
+                a.reserved += need;
             }
-            a.reserved += n;
             a.buf.reserve_exact(n);
             return Ok(());
         }

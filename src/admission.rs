@@ -32,17 +32,17 @@ use crate::error::Reject;
 use crate::guard::breaker::Permit;
 use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
-use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
+use crate::guard::redis_limits::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::Upgrade;
 use crate::policy::Route;
-use crate::runtime::{RouteRuntime, Runtime, Shared};
+use crate::state::{Generation, Process, RouteState};
 
 /// One handshake on its way through admission.
 pub struct Handshake<'a, 'q> {
-    shared: &'a Shared,
-    rt: &'a Runtime,
+    process: &'a Process,
+    rt: &'a Generation,
     route: &'a Route,
-    derived: &'a RouteRuntime,
+    derived: &'a RouteState,
     headers: &'q HeaderMap,
     up: &'q Upgrade,
     peer: SocketAddr,
@@ -61,7 +61,7 @@ pub struct Handshake<'a, 'q> {
 pub struct Admitted<'a> {
     pub route_index: usize,
     pub route: &'a Route,
-    pub derived: &'a RouteRuntime,
+    pub derived: &'a RouteState,
     /// The client IP (after `trusted_proxies`).
     pub client_ip: IpAddr,
     /// The peer is a trusted proxy.
@@ -106,8 +106,8 @@ impl<'a, 'q> Handshake<'a, 'q> {
     /// generation `rt`. Routes match on the normalised path without `;`
     /// parameters.
     pub fn new(
-        shared: &'a Shared,
-        rt: &'a Runtime,
+        process: &'a Process,
+        rt: &'a Generation,
         headers: &'q HeaderMap,
         up: &'q Upgrade,
         peer: SocketAddr,
@@ -118,7 +118,7 @@ impl<'a, 'q> Handshake<'a, 'q> {
         let Some(derived) = derived else {
             tracing::error!(
                 route = route_index,
-                "no runtime state for this route in the policy in force"
+                "no state for this route in the policy generation in force"
             );
             return Err(Reject::RouteUnavailable);
         };
@@ -129,7 +129,7 @@ impl<'a, 'q> Handshake<'a, 'q> {
             _ => None,
         };
         Ok(Handshake {
-            shared,
+            process,
             rt,
             route,
             derived,
@@ -181,7 +181,7 @@ pub async fn admit<'a>(mut hs: Handshake<'a, '_>) -> Result<Admitted<'a>, Reject
         let Some(label) = check.report_label(&hs) else {
             return Err(r);
         };
-        hs.shared.metrics.reject(label);
+        hs.process.metrics.reject(label);
         tracing::info!(
             client = %hs.peer, reason = r.label(),
             "{} would be refused (report mode)", check.name()
@@ -289,7 +289,7 @@ fn pending_cap(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
     }
     let key = hs.key();
     let slot = hs
-        .shared
+        .process
         .pending_clients
         .acquire(key, u64::MAX, Some(cap))
         .map_err(|_| Reject::PendingCap { retry_after: 1 })?;
@@ -300,7 +300,7 @@ fn pending_cap(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
 fn connections(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
     let key = hs.key();
     let slot = hs
-        .shared
+        .process
         .counts
         .acquire(
             key,
@@ -351,7 +351,7 @@ async fn handshake_rate(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
     };
     let decision = limiter.check(&format!("hs:{name}:{key}"), &rate).await;
     if decision == Decision::Unavailable {
-        hs.shared.metrics.shared_unavailable.inc();
+        hs.process.metrics.shared_unavailable.inc();
     }
     match verdict(decision, limiter.on_error(), local) {
         Verdict::Allow => Ok(()),
@@ -394,7 +394,7 @@ async fn token(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
     let token = hs.found.as_ref().map(|f| f.token.as_str());
     let verified = match j.verify(token, hs.deadline).await {
         Err(Reject::IntrospectionUnavailable(e)) if j.allow_on_error() => {
-            hs.shared
+            hs.process
                 .metrics
                 .reject("introspection_unavailable_allowed");
             tracing::warn!(client = %hs.peer, error = %e, "introspection unavailable; letting the handshake through without claims (on_error: allow)");
@@ -491,7 +491,7 @@ async fn subject_slots(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
         return Ok(());
     };
     let local = || {
-        hs.shared
+        hs.process
             .subjects
             .acquire(sub.to_string(), u64::MAX, Some(cap))
             .map(|s| (Some(s), None))
@@ -505,7 +505,7 @@ async fn subject_slots(hs: &mut Handshake<'_, '_>) -> Result<(), Reject> {
         {
             Ok(slot) => (None, Some(slot)),
             Err(Decision::Unavailable) => {
-                hs.shared.metrics.shared_unavailable.inc();
+                hs.process.metrics.shared_unavailable.inc();
                 match limiter.on_error() {
                     OnError::Local => local()?,
                     OnError::Allow => (None, None),

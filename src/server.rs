@@ -34,8 +34,8 @@ use crate::admission;
 use crate::error::Reject;
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
 use crate::handshake::{self, Forwarding};
-use crate::runtime::Shared;
 use crate::session::{self, SessionInfo};
+use crate::state::Process;
 use crate::upstream::{self, DialError};
 
 type Body = Full<Bytes>;
@@ -56,14 +56,14 @@ fn refuse_now(stream: &TcpStream, e: &SlotError) {
 }
 
 /// Accepts until shutdown. Every connection, handshake and session runs on
-/// `shared.tracker`, so shutdown can wait for them all.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
-    shared.ready.store(true, Ordering::SeqCst);
-    let sweeper = shared.tracker.spawn(sweep(Arc::clone(&shared)));
+/// `process.tracker`, so shutdown can wait for them all.
+pub async fn run(listener: TcpListener, process: Arc<Process>) {
+    process.ready.store(true, Ordering::SeqCst);
+    let sweeper = process.tracker.spawn(sweep(Arc::clone(&process)));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = shared.shutdown.cancelled() => break,
+            () = process.shutdown.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -74,14 +74,14 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 // A trusted proxy's own address is never capped per IP: its
                 // clients are counted by their forwarded IP once the
                 // request head is read.
-                let rt = shared.runtime();
+                let rt = process.current();
                 let trusted = rt
                     .policy
                     .trusted_proxies
                     .iter()
                     .any(|c| c.contains(peer.ip()));
                 let per_ip = rt.policy.per_ip_pending_handshakes.filter(|_| !trusted);
-                let acquired = shared.pending.acquire(
+                let acquired = process.pending.acquire(
                     IpKey::new(peer.ip()),
                     rt.policy.max_pending_handshakes,
                     per_ip,
@@ -90,16 +90,16 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 let pending = match acquired {
                     Ok(p) => p,
                     Err(e) => {
-                        shared.metrics.handshake("pending_limit");
-                        shared.metrics.reject("pending_limit");
+                        process.metrics.handshake("pending_limit");
+                        process.metrics.reject("pending_limit");
                         refuse_now(&stream, &e);
                         continue;
                     }
                 };
-                let shared2 = Arc::clone(&shared);
-                shared
+                let process2 = Arc::clone(&process);
+                process
                     .tracker
-                    .spawn(connection(stream, peer, shared2, pending));
+                    .spawn(connection(stream, peer, process2, pending));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -113,11 +113,11 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Forgets idle keyed-limiter entries so that a spray of source addresses
 /// cannot grow memory without bound.
-async fn sweep(shared: Arc<Shared>) {
+async fn sweep(process: Arc<Process>) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         every.tick().await;
-        let rt = shared.runtime();
+        let rt = process.current();
         for r in &rt.routes {
             if let Some(l) = &r.handshakes {
                 l.sweep();
@@ -222,9 +222,9 @@ fn scanned<S>(inner: S) -> (Scanned<S>, Arc<AtomicBool>) {
 /// One accepted connection. `pending` is its place among the handshakes in
 /// progress, released when the handshake is over (before the socket closes,
 /// so a client that sees the close can count on the slot being free).
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: ConnSlot) {
+async fn connection(stream: TcpStream, peer: SocketAddr, process: Arc<Process>, pending: ConnSlot) {
     let _ = stream.set_nodelay(true);
-    let rt = shared.runtime();
+    let rt = process.current();
     let deadline = Instant::now() + rt.policy.handshake_timeout;
     let tls = rt.policy.tls.as_ref().map(|t| Arc::clone(&t.server));
     drop(rt);
@@ -236,12 +236,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pe
             client_subject: None,
             bare_lf,
         };
-        return serve(TokioIo::new(stream), conn, shared, deadline, pending).await;
+        return serve(TokioIo::new(stream), conn, process, deadline, pending).await;
     };
     // The TLS handshake counts toward handshake_timeout.
     let accepted = tokio::select! {
         r = tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(server).accept(stream)) => r,
-        () = shared.shutdown.cancelled() => return,
+        () = process.shutdown.cancelled() => return,
     };
     match accepted {
         Ok(Ok(tls_stream)) => {
@@ -254,33 +254,33 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pe
                 client_subject,
                 bare_lf,
             };
-            serve(TokioIo::new(stream), conn, shared, deadline, pending).await;
+            serve(TokioIo::new(stream), conn, process, deadline, pending).await;
         }
         Ok(Err(e)) => {
-            shared.metrics.handshake("tls_error");
-            shared.metrics.reject("tls_error");
+            process.metrics.handshake("tls_error");
+            process.metrics.reject("tls_error");
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
         }
         Err(_) => {
-            shared.metrics.handshake("timeout");
-            shared.metrics.reject("handshake_timeout");
+            process.metrics.handshake("timeout");
+            process.metrics.reject("handshake_timeout");
         }
     }
 }
 
-async fn serve<I>(io: I, conn: Conn, shared: Arc<Shared>, deadline: Instant, pending: ConnSlot)
+async fn serve<I>(io: I, conn: Conn, process: Arc<Process>, deadline: Instant, pending: ConnSlot)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let started = Arc::new(AtomicBool::new(false));
     let svc = {
-        let shared = Arc::clone(&shared);
+        let process = Arc::clone(&process);
         let started = Arc::clone(&started);
         service_fn(move |req| {
             started.store(true, Ordering::SeqCst);
-            let shared = Arc::clone(&shared);
+            let process = Arc::clone(&process);
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(req, conn, shared, deadline).await) }
+            async move { Ok::<_, Infallible>(handle(req, conn, process, deadline).await) }
         })
     };
     // Keep-alive stays on: with it off hyper rewrites the 101's Connection
@@ -300,11 +300,11 @@ where
             if started.load(Ordering::SeqCst) {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
             } else {
-                shared.metrics.handshake("timeout");
-                shared.metrics.reject("handshake_timeout");
+                process.metrics.handshake("timeout");
+                process.metrics.reject("handshake_timeout");
             }
         }
-        () = shared.shutdown.cancelled() => {}
+        () = process.shutdown.cancelled() => {}
     }
     // Released while `conn` still holds the socket.
     drop(pending);
@@ -357,12 +357,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
 async fn handle(
     req: Request<Incoming>,
     conn: Conn,
-    shared: Arc<Shared>,
+    process: Arc<Process>,
     deadline: Instant,
 ) -> Response<Body> {
     let peer = conn.peer;
     let route = {
-        let rt = shared.runtime();
+        let rt = process.current();
         rt.policy
             .route(
                 rt.policy
@@ -374,21 +374,21 @@ async fn handle(
     let client = client_ip_of(
         peer.ip(),
         req.headers(),
-        &shared.runtime().policy.trusted_proxies,
+        &process.current().policy.trusted_proxies,
     );
-    match upgrade(req, &conn, &shared, deadline).await {
+    match upgrade(req, &conn, &process, deadline).await {
         Ok(resp) => {
-            shared.metrics.handshake("ok");
-            shared.metrics.route_handshake(&route, "ok");
+            process.metrics.handshake("ok");
+            process.metrics.route_handshake(&route, "ok");
             resp
         }
         Err(r) => {
-            shared.metrics.handshake(r.label());
-            shared.metrics.route_handshake(&route, r.label());
+            process.metrics.handshake(r.label());
+            process.metrics.route_handshake(&route, r.label());
             if !matches!(r, Reject::NotUpgrade) {
-                shared.metrics.reject(r.label());
+                process.metrics.reject(r.label());
             }
-            shared.refusals.refused(peer, client, &r);
+            process.refusals.refused(peer, client, &r);
             reject_response(&r)
         }
     }
@@ -397,11 +397,11 @@ async fn handle(
 async fn upgrade(
     mut req: Request<Incoming>,
     conn: &Conn,
-    shared: &Arc<Shared>,
+    process: &Arc<Process>,
     deadline: Instant,
 ) -> Result<Response<Body>, Reject> {
     let peer = conn.peer;
-    if shared.shutdown.is_cancelled() {
+    if process.shutdown.is_cancelled() {
         return Err(Reject::ShuttingDown);
     }
     if conn.bare_lf.load(Ordering::Relaxed) {
@@ -410,8 +410,8 @@ async fn upgrade(
         ));
     }
     let up = handshake::validate(&req)?;
-    let rt = shared.runtime();
-    let hs = admission::Handshake::new(shared, &rt, req.headers(), &up, peer, deadline)?;
+    let rt = process.current();
+    let hs = admission::Handshake::new(process, &rt, req.headers(), &up, peer, deadline)?;
     let admission::Admitted {
         route_index,
         route,
@@ -527,10 +527,10 @@ async fn upgrade(
         request_id,
         slot,
     };
-    let shared2 = Arc::clone(shared);
+    let process2 = Arc::clone(process);
     let rt2 = Arc::clone(&rt);
-    let tracker = shared.tracker.clone();
-    shared.tracker.spawn(async move {
+    let tracker = process.tracker.clone();
+    process.tracker.spawn(async move {
         let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
             Ok(Ok(u)) => u,
             _ => return,
@@ -544,7 +544,7 @@ async fn upgrade(
             dialed.stream,
             dialed.rest,
             rt2,
-            shared2,
+            process2,
             info,
         ));
     });

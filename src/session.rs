@@ -46,8 +46,8 @@ use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
 use crate::policy::{Hmac, Route};
-use crate::runtime::{Runtime, Shared};
 use crate::sign::{self, Direction, MsgType, SeqState};
+use crate::state::{Generation, Process};
 
 /// How long to wait for the peer's half of a close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -135,7 +135,7 @@ pub struct SessionInfo {
     pub expires: Option<Instant>,
     pub subject_slot: Option<ConnSlot<String>>,
     /// A fleet-wide per-subject slot in Redis; released on drop.
-    pub shared_slot: Option<crate::guard::shared::SharedSlot>,
+    pub shared_slot: Option<crate::guard::redis_limits::SharedSlot>,
     pub peer: SocketAddr,
     pub path: String,
     pub request_id: String,
@@ -212,7 +212,7 @@ enum Side {
 /// What a sink needs from the session besides its own direction's state.
 struct Env<'a> {
     route: &'a Route,
-    shared: &'a Shared,
+    process: &'a Process,
     bind: &'a str,
     derive: &'a sign::DeriveInputs,
     /// The source hop's keepalive state (its pongs may be ours).
@@ -303,7 +303,7 @@ impl FlowSink<'_> {
 
     /// A limit refused something: close, or drop what it refused.
     fn limited(&self, reason: &'static str) -> Result<bool, Halt> {
-        self.env.shared.metrics.reject(reason);
+        self.env.process.metrics.reject(reason);
         match self.env.route.limits.on_message_limit {
             OnFailure::Close => Err(Halt::Policy("rate limit", "rate limit")),
             OnFailure::Drop => Ok(true),
@@ -313,14 +313,14 @@ impl FlowSink<'_> {
     fn finish_assembly(&mut self, a: Assembly) -> Result<(), Halt> {
         let env = self.env;
         let Assembly { op, buf, reserved } = a;
-        env.shared.partial.release(reserved);
+        env.process.partial.release(reserved);
         let ty = if op == frame::OP_TEXT {
             MsgType::Text
         } else {
             MsgType::Binary
         };
         let st = &mut *self.st;
-        st.keys.refresh(env.shared, &env.route.prefix);
+        st.keys.refresh(env.process, &env.route.prefix);
         let Some((h, client_keys)) = st.keys.hmac_keys(env.route, env.derive) else {
             // The policy in force has no hmac any more: relay as is.
             frame::write_frame(self.out, true, op, &buf, out_mask(st.mask_out));
@@ -373,7 +373,7 @@ impl FlowSink<'_> {
         let len = self.st.msg_len;
         self.st.msgs += 1;
         self.st.bytes += len;
-        let m = &self.env.shared.metrics;
+        let m = &self.env.process.metrics;
         match self.st.dir {
             Direction::C2s => {
                 m.messages_c2s.inc();
@@ -409,7 +409,7 @@ impl Sink for FlowSink<'_> {
             }
             if !self.st.dropping {
                 let env = self.env;
-                self.st.keys.refresh(env.shared, &env.route.prefix);
+                self.st.keys.refresh(env.process, &env.route.prefix);
                 if self.st.keys.hmac_keys(env.route, env.derive).is_some() {
                     self.st.assembly = Some(Box::new(Assembly {
                         op,
@@ -422,7 +422,7 @@ impl Sink for FlowSink<'_> {
             // Part of the message went on already: it cannot be dropped
             // any more, so a refused continuation closes the session.
             if !self.st.dropping && !l.allow_bytes(usize::try_from(h.len).unwrap_or(usize::MAX)) {
-                self.env.shared.metrics.reject("message_rate");
+                self.env.process.metrics.reject("message_rate");
                 return Err(Halt::Policy("rate limit", "rate limit"));
             }
         }
@@ -440,8 +440,8 @@ impl Sink for FlowSink<'_> {
             let total = usize::try_from(self.st.msg_len).unwrap_or(usize::MAX);
             if total > SMALL_MESSAGE {
                 let need = total.saturating_sub(a.reserved);
-                if !self.env.shared.partial.reserve(need) {
-                    self.env.shared.metrics.reject("partial_budget");
+                if !self.env.process.partial.reserve(need) {
+                    self.env.process.metrics.reject("partial_budget");
                     return Err(Halt::Overload);
                 }
                 a.reserved += need;
@@ -505,7 +505,7 @@ impl Sink for FlowSink<'_> {
         }
         if op == frame::OP_PONG {
             if let Some(rtt) = self.env.live.on_pong(payload) {
-                self.env.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
+                self.env.process.metrics.ping_rtt.observe(rtt.as_secs_f64());
                 return Ok(());
             }
         }
@@ -520,8 +520,8 @@ enum Signed {
     Close(sign::SigFailure),
 }
 
-fn sig_failure(shared: &Shared, reason: &'static str) {
-    shared
+fn sig_failure(process: &Process, reason: &'static str) {
+    process
         .metrics
         .signature_failures
         .get_or_create(&ReasonLabel { reason })
@@ -559,7 +559,7 @@ fn resign(
         }
         Err(failure) => {
             let reason = failure.label();
-            sig_failure(env.shared, reason);
+            sig_failure(env.process, reason);
             if h.mode == Mode::Report {
                 tracing::info!(
                     reason,
@@ -589,7 +589,7 @@ fn resign(
 #[derive(Default)]
 struct KeyView {
     generation: u64,
-    current: Option<(Arc<Runtime>, usize)>,
+    current: Option<(Arc<Generation>, usize)>,
     /// This session's own client keys (derived ones) for the generation
     /// in `derived_for`; None when the hmac in force derives none.
     derived: Option<Vec<sign::Key>>,
@@ -598,13 +598,13 @@ struct KeyView {
 
 impl KeyView {
     /// Cheap when nothing changed: one atomic load per message.
-    fn refresh(&mut self, shared: &Shared, prefix: &str) {
-        let generation = shared.generation();
+    fn refresh(&mut self, process: &Process, prefix: &str) {
+        let generation = process.generation();
         if generation == self.generation {
             return;
         }
         self.generation = generation;
-        let rt = shared.runtime();
+        let rt = process.current();
         let index = rt.policy.all_routes().position(|r| r.prefix == prefix);
         self.current = index.map(|i| (rt, i));
     }
@@ -737,7 +737,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Hop<S> {
 /// The session: both hops, both directions, and the keepalive state.
 struct Engine<'r, C, U> {
     route: &'r Route,
-    shared: &'r Shared,
+    process: &'r Process,
     bind: &'r str,
     derive: &'r sign::DeriveInputs,
     subject: Option<(&'r str, &'r SubjectLimiter)>,
@@ -778,7 +778,7 @@ where
             };
             let env = Env {
                 route: self.route,
-                shared: self.shared,
+                process: self.process,
                 bind: self.bind,
                 derive: self.derive,
                 live,
@@ -1055,7 +1055,7 @@ where
             _ => 1006,
         };
         // Counted when decided, not after the (bounded) close handshake.
-        self.shared
+        self.process
             .metrics
             .closes
             .get_or_create(&CloseLabel {
@@ -1118,7 +1118,7 @@ where
         tokio::join!(client_done, upstream_done);
         for flow in [&mut self.c2u, &mut self.u2c] {
             if let Some(a) = flow.st.assembly.take() {
-                self.shared.partial.release(a.reserved);
+                self.process.partial.release(a.reserved);
             }
         }
         (client_code, side)
@@ -1212,8 +1212,8 @@ pub async fn run<C, U>(
     client: C,
     upstream: U,
     upstream_rest: Vec<u8>,
-    rt: Arc<Runtime>,
-    shared: Arc<Shared>,
+    rt: Arc<Generation>,
+    process: Arc<Process>,
     info: SessionInfo,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -1226,7 +1226,7 @@ pub async fn run<C, U>(
     let start = Instant::now();
     let mut eng = Engine {
         route,
-        shared: &shared,
+        process: &process,
         bind: &info.bind,
         derive: &info.derive,
         subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
@@ -1262,8 +1262,8 @@ pub async fn run<C, U>(
         tail: false,
         last_data: start,
     };
-    shared.metrics.connections_active.inc();
-    let route_active = shared.metrics.route_active(&route.prefix);
+    process.metrics.connections_active.inc();
+    let route_active = process.metrics.route_active(&route.prefix);
     route_active.inc();
 
     let mut client_ticker = keepalive::ticker(ka.interval);
@@ -1271,7 +1271,7 @@ pub async fn run<C, U>(
     let client_stall = stall_limit(ka.interval, ka.max_missed);
     let upstream_stall = stall_limit(ka.upstream_interval, ka.max_missed);
     let idle = ka.idle_timeout;
-    let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
+    let mut shutdown = std::pin::pin!(process.shutdown.cancelled());
     let deadline = first_deadline(info.expires, limits.session_deadline(start));
     let mut expires = std::pin::pin!(expiry(deadline.map(|d| d.0)));
     let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
@@ -1281,7 +1281,7 @@ pub async fn run<C, U>(
         let ev = tokio::select! {
             biased;
             // The policy in force at the drain decides the code.
-            () = &mut shutdown => Ev::End(End::Shutdown(shared.runtime().policy.shutdown_close_code)),
+            () = &mut shutdown => Ev::End(End::Shutdown(process.current().policy.shutdown_close_code)),
             e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
             () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
             () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
@@ -1313,14 +1313,14 @@ pub async fn run<C, U>(
     };
 
     if let End::TooLong = end {
-        shared.metrics.session_duration_closes.inc();
+        process.metrics.session_duration_closes.inc();
     }
 
     // The close phase is boxed: its timers and close handshakes would
     // otherwise reserve room in every idle session's future.
     let (client_code, side) = Box::pin(eng.finish(&end)).await;
 
-    shared.metrics.connections_active.dec();
+    process.metrics.connections_active.dec();
     route_active.dec();
     let reason = match &end {
         End::Policy(_, r) => *r,

@@ -68,7 +68,7 @@ async fn watch_reloads_on_a_configmap_symlink_swap() {
     let policy = wsguard::policy::Policy::load(&cm.file()).unwrap_or_else(|e| panic!("{e}"));
     let p = wsguard::start(policy).await.unwrap();
     let mut reloads = wsguard::reload::spawn_watch(
-        std::sync::Arc::clone(&p.shared),
+        std::sync::Arc::clone(&p.process),
         cm.file(),
         Duration::from_millis(20),
     );
@@ -87,7 +87,7 @@ async fn watch_reloads_on_a_configmap_symlink_swap() {
         .await
         .unwrap();
     assert_eq!(*reloads.borrow(), 1);
-    assert_eq!(p.shared.generation(), 2);
+    assert_eq!(p.process.generation(), 2);
     assert_eq!(metric(&p, "wsguard_reloads_total{result=\"ok\"}"), 1.0);
     assert_eq!(status_with_origin(p.addr, "http://b.example").await, 101);
     assert_eq!(status_with_origin(p.addr, "http://a.example").await, 403);
@@ -100,7 +100,7 @@ async fn watch_reloads_on_a_configmap_symlink_swap() {
         .await
         .unwrap();
     assert_eq!(metric(&p, "wsguard_reloads_total{result=\"error\"}"), 1.0);
-    assert_eq!(p.shared.generation(), 2);
+    assert_eq!(p.process.generation(), 2);
     assert_eq!(status_with_origin(p.addr, "http://b.example").await, 101);
     // Unchanged content (the kubelet re-syncs the same data) is no reload.
     cm.swap("origin: { mode: enforce, allwo: [] }\n");

@@ -179,7 +179,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use wsguard::guard::shared::{Decision, RedisTarget, SharedLimiter, SharedSettings};
+use wsguard::guard::redis_limits::{Decision, RedisTarget, SharedLimiter, SharedSettings};
 
 /// A redis-server (data node or sentinel) on a port of its own; killed by
 /// PID on drop. Ports are tried at random and a collision is retried (the
@@ -479,7 +479,7 @@ async fn cluster_failover_follows_on_error_local_then_recovers() {
     let a = proxy(backend, &ha_policy(&seeds, "local", "cf")).await;
     let b = proxy(backend, &ha_policy(&seeds, "local", "cf")).await;
     for p in [&a, &b] {
-        reachable(p.shared.runtime().shared_limiter.as_ref().unwrap()).await;
+        reachable(p.process.current().shared_limiter.as_ref().unwrap()).await;
     }
     let unavailable = |p: &wsguard::Running| metric(p, "wsguard_shared_limiter_unavailable_total");
     let before = (unavailable(&a), unavailable(&b));
@@ -624,7 +624,7 @@ async fn sentinel_shares_limits_and_survives_a_failover() {
     let a = proxy(backend, &ha_policy(&shared, "local", "s1")).await;
     let b = proxy(backend, &ha_policy(&shared, "local", "s1")).await;
     for p in [&a, &b] {
-        reachable(p.shared.runtime().shared_limiter.as_ref().unwrap()).await;
+        reachable(p.process.current().shared_limiter.as_ref().unwrap()).await;
     }
     let l = limiter_for(
         RedisTarget::Sentinel {

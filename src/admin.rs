@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::runtime::Shared;
+use crate::state::Process;
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -27,7 +27,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     r
 }
 
-fn route<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, process: &Process) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -38,7 +38,7 @@ fn route<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            if shared.ready.load(Ordering::SeqCst) && !shared.shutdown.is_cancelled() {
+            if process.ready.load(Ordering::SeqCst) && !process.shutdown.is_cancelled() {
                 respond(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 respond(
@@ -51,7 +51,7 @@ fn route<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
+            process.metrics.encode(),
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -69,7 +69,7 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin endpoints until the process exits. It keeps answering
 /// during the shutdown drain (with `/readyz` = 503).
-pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn run(listener: TcpListener, process: Arc<Process>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -80,10 +80,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
             let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let process = Arc::clone(&process);
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let r = route(&req, &shared);
+                let r = route(&req, &process);
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = http1::Builder::new()

@@ -61,7 +61,7 @@ pub enum Reject {
     /// The proxy is shutting down.
     #[error("shutting down")]
     ShuttingDown,
-    /// The policy in force names the route but holds no runtime state for
+    /// The policy in force names the route but holds no state for
     /// it (an internal inconsistency, not a shutdown): 503, logged as an
     /// error.
     #[error("route not ready")]

@@ -3,9 +3,11 @@
 //! The path of one connection:
 //!
 //! ```text
-//! server (accept, TLS, hyper upgrade; today also the admission checks)
+//! server (accept, TLS, hyper upgrade, the 101)
 //!   -> handshake (validate the upgrade, build the upstream header set)
-//!   -> guard::{limits, origin, jwt, introspect, shared, breaker}
+//!   -> admission (one ordered list of checks over the handshake, cheap
+//!      first; report mode handled once) calling
+//!      guard::{limits, origin, jwt, introspect, redis_limits, breaker}
 //!   -> upstream (dial, strict 101 check)
 //!   -> session (the frame engine: relay, sign, limits, keepalive; `frame`
 //!      is its RFC 6455 codec)
@@ -16,7 +18,8 @@
 //! - `config` (the raw YAML) -> `policy` (validated at load; every other
 //!   module reads this) -> `values` (durations, sizes, rates, CIDRs,
 //!   breaker settings: a leaf that `policy` and the guards both import);
-//! - `runtime`: the hot-swappable policy generation and process-wide state;
+//! - `state`: the process-wide state ([`state::Process`]) and the
+//!   hot-swappable policy generation ([`state::Generation`]);
 //!   `reload` swaps it, `admin` serves health and metrics, `metrics` counts;
 //! - `error` (why a handshake was refused), `reject_log` (one line per
 //!   refusal, rate-limited), `logging`, `files` (bounded reads of the files
@@ -31,6 +34,7 @@
 )]
 
 pub mod admin;
+pub mod admission;
 pub mod compression;
 pub mod config;
 pub mod demo;
@@ -47,10 +51,10 @@ pub mod metrics;
 pub mod policy;
 pub mod reject_log;
 pub mod reload;
-pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod sign;
+pub mod state;
 pub mod tls;
 pub mod upstream;
 pub mod values;
@@ -63,13 +67,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::policy::Policy;
-use crate::runtime::Shared;
+use crate::state::Process;
 
-/// A running proxy: its bound addresses and its shared state.
+/// A running proxy: its bound addresses and its process-wide state.
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    pub process: Arc<Process>,
     accept: JoinHandle<()>,
     admin: JoinHandle<()>,
 }
@@ -88,13 +92,13 @@ pub async fn start(policy: Policy) -> std::io::Result<Running> {
     let admin_listener = bind(policy.admin_listen, "the admin address").await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let shared = Shared::new(policy);
-    let admin = tokio::spawn(admin::run(admin_listener, Arc::clone(&shared)));
-    let accept = tokio::spawn(server::run(listener, Arc::clone(&shared)));
+    let process = Process::new(policy);
+    let admin = tokio::spawn(admin::run(admin_listener, Arc::clone(&process)));
+    let accept = tokio::spawn(server::run(listener, Arc::clone(&process)));
     Ok(Running {
         addr,
         admin_addr,
-        shared,
+        process,
         accept,
         admin,
     })
@@ -105,13 +109,13 @@ impl Running {
     /// and waits up to `grace` for them to finish. Returns true when every
     /// session finished in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        self.shared
+        self.process
             .ready
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        self.shared.shutdown.cancel();
+        self.process.shutdown.cancel();
         let _ = self.accept.await;
-        self.shared.tracker.close();
-        let clean = tokio::time::timeout(grace, self.shared.tracker.wait())
+        self.process.tracker.close();
+        let clean = tokio::time::timeout(grace, self.process.tracker.wait())
             .await
             .is_ok();
         self.admin.abort();

@@ -311,12 +311,12 @@ async fn serve(
     config: Option<PathBuf>,
     watch: Option<Duration>,
 ) -> ExitCode {
-    let grace = running.shared.runtime().policy.shutdown_grace;
+    let grace = running.process.current().policy.shutdown_grace;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, "wsguard listening");
     if let (Some(every), Some(path)) = (watch, &config) {
         tracing::info!(file = %path.display(), ?every, "watching the policy file");
         drop(wsguard::reload::spawn_watch(
-            std::sync::Arc::clone(&running.shared),
+            std::sync::Arc::clone(&running.process),
             path.clone(),
             every,
         ));
@@ -335,7 +335,7 @@ async fn serve(
                 if let Some(path) = &config {
                     // Signals arriving while this runs are coalesced by the
                     // signal stream into one pending wake-up.
-                    wsguard::reload::reload(&running.shared, path);
+                    wsguard::reload::reload(&running.process, path);
                 }
             }
             _ = term.recv() => break,
@@ -345,10 +345,10 @@ async fn serve(
     // /readyz turns 503 first; the listener keeps accepting for
     // shutdown_delay so load balancers stop sending before it closes.
     running
-        .shared
+        .process
         .ready
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let delay = running.shared.runtime().policy.shutdown_delay;
+    let delay = running.process.current().policy.shutdown_delay;
     if !delay.is_zero() {
         tracing::info!(
             ?delay,
@@ -360,7 +360,7 @@ async fn serve(
             _ = int.recv() => {}
         }
     }
-    tracing::info!(live = running.shared.counts.total(), "shutting down");
+    tracing::info!(live = running.process.counts.total(), "shutting down");
     let clean = running.shutdown(grace).await;
     tracing::info!(clean, "stopped");
     ExitCode::SUCCESS

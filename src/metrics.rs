@@ -401,6 +401,7 @@ pub fn known_rejections() -> Vec<&'static str> {
         "origin_report",
         "jwt_report",
         "introspection_report",
+        "hmac_report",
         "introspection_unavailable_allowed",
         "message_rate",
         "subject_message_rate",

@@ -93,7 +93,7 @@ pub struct Policy {
     pub per_subject_messages: Option<Rate>,
     /// `limits.shared`: per-IP handshake rates and per-subject connection
     /// caps across every replica sharing the prefix.
-    pub shared: Option<crate::guard::shared::SharedSettings>,
+    pub shared: Option<crate::guard::redis_limits::SharedSettings>,
     /// `compression` (contract section 8), for every route: None is
     /// `mode: off` (no extension is negotiated on either hop).
     pub compression: Option<crate::compression::Settings>,
@@ -1329,7 +1329,7 @@ fn global_limits(c: &mut Check, l: Option<&config::LimitsConfig>, path: &str) ->
                 "must be a non-empty word",
             );
         }
-        Some(crate::guard::shared::SharedSettings {
+        Some(crate::guard::redis_limits::SharedSettings {
             target,
             prefix,
             timeout,
@@ -1396,8 +1396,8 @@ fn redis_target(
     c: &mut Check,
     sh: &Spanned<config::SharedConfig>,
     path: &str,
-) -> Option<crate::guard::shared::RedisTarget> {
-    use crate::guard::shared::{validate_target, RedisTarget};
+) -> Option<crate::guard::redis_limits::RedisTarget> {
+    use crate::guard::redis_limits::{validate_target, RedisTarget};
     let v = &sh.value;
     let given = usize::from(v.redis_url.is_some())
         + usize::from(v.sentinel.is_some())
@@ -1477,7 +1477,7 @@ struct Global {
     trusted_proxies: Vec<Cidr>,
     per_subject_connections: Option<u32>,
     per_subject_messages: Option<Rate>,
-    shared: Option<crate::guard::shared::SharedSettings>,
+    shared: Option<crate::guard::redis_limits::SharedSettings>,
 }
 
 /// A route's `limits` may not set the process-wide keys.
@@ -1948,7 +1948,7 @@ mod tests {
 
     #[test]
     fn shared_redis_is_one_of_url_sentinel_cluster() {
-        use crate::guard::shared::RedisTarget;
+        use crate::guard::redis_limits::RedisTarget;
         let p = Policy::from_text(
             "p.yaml",
             "limits:\n  shared:\n    sentinel:\n      master: mymaster\n      addresses: [redis://10.0.0.1:26379, \"redis://:pw@10.0.0.2:26379\"]\n",

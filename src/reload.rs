@@ -10,17 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::policy::Policy;
-use crate::runtime::Shared;
+use crate::state::Process;
 
 /// Loads `path` and installs it. Returns whether it was applied.
-pub fn reload(shared: &Shared, path: &Path) -> bool {
+pub fn reload(process: &Process, path: &Path) -> bool {
     // SIGHUP and `--watch` may both fire at once: one reload at a time, so
     // generations stay distinct and the last file read is the one in force.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     match Policy::load(path) {
         Ok(new) => {
-            let old = shared.runtime();
+            let old = process.current();
             if new.listen != old.policy.listen || new.admin_listen != old.policy.admin_listen {
                 tracing::warn!(
                     "listen or admin.listen changed: that needs a restart; the old addresses stay in use"
@@ -40,15 +40,15 @@ pub fn reload(shared: &Shared, path: &Path) -> bool {
             new.log_level = old.policy.log_level.clone();
             new.listen = old.policy.listen;
             new.admin_listen = old.policy.admin_listen;
-            shared.install(new);
-            shared.metrics.reload("ok");
-            tracing::info!(generation = shared.runtime().generation, "policy reloaded");
+            process.install(new);
+            process.metrics.reload("ok");
+            tracing::info!(generation = process.current().generation, "policy reloaded");
             true
         }
         Err(problems) => {
             // Counted before it is logged: whoever reads the log line and
             // then scrapes /metrics sees the refusal counted.
-            shared.metrics.reload("error");
+            process.metrics.reload("error");
             for p in &problems.list {
                 tracing::error!(
                     file = %problems.file, line = p.line, col = p.col, key = %p.path,
@@ -93,7 +93,7 @@ fn fingerprint_now(path: &Path) -> Option<[u8; 32]> {
 /// Returns the number of reloads attempted so far (applied or refused),
 /// which changes after each one; the task stops at shutdown.
 pub fn spawn_watch(
-    shared: Arc<Shared>,
+    process: Arc<Process>,
     path: PathBuf,
     every: Duration,
 ) -> tokio::sync::watch::Receiver<u64> {
@@ -108,7 +108,7 @@ pub fn spawn_watch(
         let mut attempts = 0u64;
         loop {
             tokio::select! {
-                () = shared.shutdown.cancelled() => return,
+                () = process.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
             let now = fingerprint(&path).await;
@@ -117,7 +117,7 @@ pub fn spawn_watch(
             }
             last = now;
             tracing::info!(file = %path.display(), "policy file changed; reloading");
-            reload(&shared, &path);
+            reload(&process, &path);
             attempts += 1;
             tx.send_replace(attempts);
         }

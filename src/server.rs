@@ -1,8 +1,8 @@
 //! Accepting connections and taking each one through the upgrade:
 //!
 //! ```text
-//! accept -> request head (hyper) -> validate -> client IP -> handshake rate
-//!   -> connection slots -> circuit breaker -> upstream dial -> 101 -> session
+//! accept -> request head (hyper) -> validate -> admission (caps, origin,
+//!   rate, token, shared limits, breaker) -> upstream dial -> 101 -> session
 //! ```
 //!
 //! `limits.handshake_timeout` is one deadline for all of it: reading the
@@ -30,15 +30,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::config::Mode;
-use crate::config::OnError;
+use crate::admission;
 use crate::error::Reject;
-use crate::guard::jwt::{self, JwtError, TokenSource};
 use crate::guard::limits::{client_ip_of, ConnSlot, IpKey, SlotError};
-use crate::guard::shared::{verdict, Decision, SharedSlot, Verdict};
 use crate::handshake::{self, Forwarding};
-use crate::runtime::Shared;
 use crate::session::{self, SessionInfo};
+use crate::state::Process;
 use crate::upstream::{self, DialError};
 
 type Body = Full<Bytes>;
@@ -59,14 +56,14 @@ fn refuse_now(stream: &TcpStream, e: &SlotError) {
 }
 
 /// Accepts until shutdown. Every connection, handshake and session runs on
-/// `shared.tracker`, so shutdown can wait for them all.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
-    shared.ready.store(true, Ordering::SeqCst);
-    let sweeper = shared.tracker.spawn(sweep(Arc::clone(&shared)));
+/// `process.tracker`, so shutdown can wait for them all.
+pub async fn run(listener: TcpListener, process: Arc<Process>) {
+    process.ready.store(true, Ordering::SeqCst);
+    let sweeper = process.tracker.spawn(sweep(Arc::clone(&process)));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = shared.shutdown.cancelled() => break,
+            () = process.shutdown.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -77,14 +74,14 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 // A trusted proxy's own address is never capped per IP: its
                 // clients are counted by their forwarded IP once the
                 // request head is read.
-                let rt = shared.runtime();
+                let rt = process.current();
                 let trusted = rt
                     .policy
                     .trusted_proxies
                     .iter()
                     .any(|c| c.contains(peer.ip()));
                 let per_ip = rt.policy.per_ip_pending_handshakes.filter(|_| !trusted);
-                let acquired = shared.pending.acquire(
+                let acquired = process.pending.acquire(
                     IpKey::new(peer.ip()),
                     rt.policy.max_pending_handshakes,
                     per_ip,
@@ -93,16 +90,16 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 let pending = match acquired {
                     Ok(p) => p,
                     Err(e) => {
-                        shared.metrics.handshake("pending_limit");
-                        shared.metrics.reject("pending_limit");
+                        process.metrics.handshake("pending_limit");
+                        process.metrics.reject("pending_limit");
                         refuse_now(&stream, &e);
                         continue;
                     }
                 };
-                let shared2 = Arc::clone(&shared);
-                shared
+                let process2 = Arc::clone(&process);
+                process
                     .tracker
-                    .spawn(connection(stream, peer, shared2, pending));
+                    .spawn(connection(stream, peer, process2, pending));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -116,11 +113,11 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Forgets idle keyed-limiter entries so that a spray of source addresses
 /// cannot grow memory without bound.
-async fn sweep(shared: Arc<Shared>) {
+async fn sweep(process: Arc<Process>) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         every.tick().await;
-        let rt = shared.runtime();
+        let rt = process.current();
         for r in &rt.routes {
             if let Some(l) = &r.handshakes {
                 l.sweep();
@@ -225,9 +222,9 @@ fn scanned<S>(inner: S) -> (Scanned<S>, Arc<AtomicBool>) {
 /// One accepted connection. `pending` is its place among the handshakes in
 /// progress, released when the handshake is over (before the socket closes,
 /// so a client that sees the close can count on the slot being free).
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: ConnSlot) {
+async fn connection(stream: TcpStream, peer: SocketAddr, process: Arc<Process>, pending: ConnSlot) {
     let _ = stream.set_nodelay(true);
-    let rt = shared.runtime();
+    let rt = process.current();
     let deadline = Instant::now() + rt.policy.handshake_timeout;
     let tls = rt.policy.tls.as_ref().map(|t| Arc::clone(&t.server));
     drop(rt);
@@ -239,12 +236,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pe
             client_subject: None,
             bare_lf,
         };
-        return serve(TokioIo::new(stream), conn, shared, deadline, pending).await;
+        return serve(TokioIo::new(stream), conn, process, deadline, pending).await;
     };
     // The TLS handshake counts toward handshake_timeout.
     let accepted = tokio::select! {
         r = tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(server).accept(stream)) => r,
-        () = shared.shutdown.cancelled() => return,
+        () = process.shutdown.cancelled() => return,
     };
     match accepted {
         Ok(Ok(tls_stream)) => {
@@ -257,33 +254,33 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pe
                 client_subject,
                 bare_lf,
             };
-            serve(TokioIo::new(stream), conn, shared, deadline, pending).await;
+            serve(TokioIo::new(stream), conn, process, deadline, pending).await;
         }
         Ok(Err(e)) => {
-            shared.metrics.handshake("tls_error");
-            shared.metrics.reject("tls_error");
+            process.metrics.handshake("tls_error");
+            process.metrics.reject("tls_error");
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
         }
         Err(_) => {
-            shared.metrics.handshake("timeout");
-            shared.metrics.reject("handshake_timeout");
+            process.metrics.handshake("timeout");
+            process.metrics.reject("handshake_timeout");
         }
     }
 }
 
-async fn serve<I>(io: I, conn: Conn, shared: Arc<Shared>, deadline: Instant, pending: ConnSlot)
+async fn serve<I>(io: I, conn: Conn, process: Arc<Process>, deadline: Instant, pending: ConnSlot)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let started = Arc::new(AtomicBool::new(false));
     let svc = {
-        let shared = Arc::clone(&shared);
+        let process = Arc::clone(&process);
         let started = Arc::clone(&started);
         service_fn(move |req| {
             started.store(true, Ordering::SeqCst);
-            let shared = Arc::clone(&shared);
+            let process = Arc::clone(&process);
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(req, conn, shared, deadline).await) }
+            async move { Ok::<_, Infallible>(handle(req, conn, process, deadline).await) }
         })
     };
     // Keep-alive stays on: with it off hyper rewrites the 101's Connection
@@ -303,11 +300,11 @@ where
             if started.load(Ordering::SeqCst) {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
             } else {
-                shared.metrics.handshake("timeout");
-                shared.metrics.reject("handshake_timeout");
+                process.metrics.handshake("timeout");
+                process.metrics.reject("handshake_timeout");
             }
         }
-        () = shared.shutdown.cancelled() => {}
+        () = process.shutdown.cancelled() => {}
     }
     // Released while `conn` still holds the socket.
     drop(pending);
@@ -360,12 +357,12 @@ fn reject_response(r: &Reject) -> Response<Body> {
 async fn handle(
     req: Request<Incoming>,
     conn: Conn,
-    shared: Arc<Shared>,
+    process: Arc<Process>,
     deadline: Instant,
 ) -> Response<Body> {
     let peer = conn.peer;
     let route = {
-        let rt = shared.runtime();
+        let rt = process.current();
         rt.policy
             .route(
                 rt.policy
@@ -377,21 +374,21 @@ async fn handle(
     let client = client_ip_of(
         peer.ip(),
         req.headers(),
-        &shared.runtime().policy.trusted_proxies,
+        &process.current().policy.trusted_proxies,
     );
-    match upgrade(req, &conn, &shared, deadline).await {
+    match upgrade(req, &conn, &process, deadline).await {
         Ok(resp) => {
-            shared.metrics.handshake("ok");
-            shared.metrics.route_handshake(&route, "ok");
+            process.metrics.handshake("ok");
+            process.metrics.route_handshake(&route, "ok");
             resp
         }
         Err(r) => {
-            shared.metrics.handshake(r.label());
-            shared.metrics.route_handshake(&route, r.label());
+            process.metrics.handshake(r.label());
+            process.metrics.route_handshake(&route, r.label());
             if !matches!(r, Reject::NotUpgrade) {
-                shared.metrics.reject(r.label());
+                process.metrics.reject(r.label());
             }
-            shared.refusals.refused(peer, client, &r);
+            process.refusals.refused(peer, client, &r);
             reject_response(&r)
         }
     }
@@ -400,11 +397,11 @@ async fn handle(
 async fn upgrade(
     mut req: Request<Incoming>,
     conn: &Conn,
-    shared: &Arc<Shared>,
+    process: &Arc<Process>,
     deadline: Instant,
 ) -> Result<Response<Body>, Reject> {
     let peer = conn.peer;
-    if shared.shutdown.is_cancelled() {
+    if process.shutdown.is_cancelled() {
         return Err(Reject::ShuttingDown);
     }
     if conn.bare_lf.load(Ordering::Relaxed) {
@@ -413,70 +410,22 @@ async fn upgrade(
         ));
     }
     let up = handshake::validate(&req)?;
-    let rt = shared.runtime();
-    let policy = &rt.policy;
-    // Routes match on the normalised path without `;` parameters; the
-    // normalised path (with them) is what travels upstream and into logs.
-    let route_index = policy.route_index(&up.match_path);
-    let (route, derived) = rt.route(route_index);
-    let Some(derived) = derived else {
-        tracing::error!(
-            route = route_index,
-            "no runtime state for this route in the policy in force"
-        );
-        return Err(Reject::RouteUnavailable);
-    };
-
-    let ip = client_ip_of(peer.ip(), req.headers(), &policy.trusted_proxies);
-    let peer_trusted = policy.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
-    let key = IpKey::new(ip);
-    // Behind a trusted proxy, the pending-handshake cap applies to the
-    // forwarded client IP (held until this handshake is answered).
-    let _pending_client = match policy.per_ip_pending_handshakes {
-        Some(cap) if peer_trusted => Some(
-            shared
-                .pending_clients
-                .acquire(key, u64::MAX, Some(cap))
-                .map_err(|_| Reject::PendingCap { retry_after: 1 })?,
-        ),
-        _ => None,
-    };
-
-    // Cheap checks first: the local connection caps before the origin, the
-    // rate limit, the token (a signature, maybe a JWKS or introspection
-    // round trip) and the shared limits (a Redis round trip).
-    let slot = shared
-        .counts
-        .acquire(key, policy.max_connections, route.limits.per_ip_connections)
-        .map_err(|e| match e {
-            SlotError::Global => Reject::Capacity { retry_after: 1 },
-            SlotError::PerIp => Reject::ConnectionCap { retry_after: 1 },
-        })?;
-
-    if let Some(origin) = &route.origin {
-        let values: Vec<&[u8]> = req
-            .headers()
-            .get_all(hyper::header::ORIGIN)
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        if let Err(e) = origin.check(&values) {
-            if origin.mode == Mode::Enforce {
-                return Err(Reject::Origin(e));
-            }
-            shared.metrics.reject("origin_report");
-            tracing::info!(client = %peer, reason = e.reason(), "origin would be refused (report mode)");
-        }
-    }
-    handshake_rate(shared, &rt, route, derived, key).await?;
-    let auth = authenticate(&req, &up, route, derived, shared, peer, deadline).await?;
-    let (subject_slot, shared_slot) = subject_slots(shared, &rt, auth.subject.as_deref()).await?;
-    let permit = match &derived.breaker {
-        None => None,
-        Some(b) => Some(b.acquire().await.map_err(|wait| Reject::CircuitOpen {
-            retry_after: crate::guard::limits::ceil_secs(wait),
-        })?),
-    };
+    let rt = process.current();
+    let hs = admission::Handshake::new(process, &rt, req.headers(), &up, peer, deadline)?;
+    let admission::Admitted {
+        route_index,
+        route,
+        derived,
+        client_ip: ip,
+        peer_trusted,
+        auth,
+        slot,
+        subject_slot,
+        shared_slot,
+        permit,
+        // Held until the handshake is answered.
+        pending_client: _pending_client,
+    } = admission::admit(hs).await?;
 
     let request_id = handshake::request_id(req.headers(), peer_trusted);
     let mut headers = handshake::upstream_headers(
@@ -596,10 +545,10 @@ async fn upgrade(
         deflate_client: client_deflate.map(|a| a.params),
         deflate_upstream: dialed.deflate,
     };
-    let shared2 = Arc::clone(shared);
+    let process2 = Arc::clone(process);
     let rt2 = Arc::clone(&rt);
-    let tracker = shared.tracker.clone();
-    shared.tracker.spawn(async move {
+    let tracker = process.tracker.clone();
+    process.tracker.spawn(async move {
         let upgraded = match tokio::time::timeout(Duration::from_secs(5), on_upgrade).await {
             Ok(Ok(u)) => u,
             _ => return,
@@ -613,328 +562,9 @@ async fn upgrade(
             dialed.stream,
             dialed.rest,
             rt2,
-            shared2,
+            process2,
             info,
         ));
     });
     Ok(resp)
-}
-
-/// What the token guard (jwt or introspection) decided, and the request as
-/// it travels upstream.
-struct Auth {
-    /// The client's headers minus every token source.
-    headers: hyper::HeaderMap,
-    /// The `forward_claims` headers wsguard asserts, added after the
-    /// client's headers are filtered.
-    claim_headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
-    path_and_query: String,
-    protocols: Vec<String>,
-    subject: Option<String>,
-    /// The `hmac.bind_claim` value ("" when not bound).
-    bind: String,
-    /// When `close_on_expiry` ends the session.
-    expires: Option<Instant>,
-    /// Claim values for the route's derived HMAC client keys.
-    derive: crate::sign::DeriveInputs,
-    /// The client offered nothing but its token subprotocol: answered to
-    /// the client when the backend selects none (browsers abort a handshake
-    /// that offered a subprotocol and got none back). Never sent upstream.
-    token_protocol: Option<String>,
-}
-
-/// The token guard (jwt or introspection): find the token in the configured
-/// sources (one place only), verify it, empty every configured source
-/// before forwarding (`forward_token` keeps the consumed one), and turn
-/// claims into headers, the subject, the HMAC bind value, the derived-key
-/// inputs and the expiry.
-async fn authenticate<B>(
-    req: &Request<B>,
-    up: &handshake::Upgrade,
-    route: &crate::policy::Route,
-    derived: &crate::runtime::RouteRuntime,
-    shared: &Shared,
-    peer: SocketAddr,
-    deadline: Instant,
-) -> Result<Auth, Reject> {
-    let mut auth = Auth {
-        headers: req.headers().clone(),
-        claim_headers: Vec::new(),
-        path_and_query: up.path_and_query.clone(),
-        protocols: up.protocols.clone(),
-        subject: None,
-        bind: String::new(),
-        expires: None,
-        derive: crate::sign::DeriveInputs::default(),
-        token_protocol: None,
-    };
-    let j = match (&route.jwt, &derived.jwt, &derived.introspection) {
-        (Some(j), Some(verifier), _) => TokenGuard::Jwt(j, verifier),
-        (None, _, Some(i)) => TokenGuard::Introspection(i),
-        _ => return Ok(auth),
-    };
-    // Every configured source is looked at: a token in more than one place
-    // is refused (RFC 6750 section 2), whichever guard is on.
-    let found = match jwt::find(
-        j.token_sources(),
-        req.headers(),
-        &up.path_and_query,
-        &up.protocols,
-    ) {
-        Ok(f) => f,
-        Err(jwt::Ambiguous) => {
-            let r = Reject::AmbiguousToken(j.ambiguous_label());
-            if j.mode() == Mode::Enforce {
-                return Err(r);
-            }
-            shared.metrics.reject(j.report_label());
-            tracing::info!(client = %peer, reason = r.label(), "token would be refused (report mode)");
-            None
-        }
-    };
-    let claims = match j
-        .verify(found.as_ref().map(|f| f.token.as_str()), deadline)
-        .await
-    {
-        Ok(c) => Some(c),
-        Err(Reject::IntrospectionUnavailable(e)) if j.allow_on_error() => {
-            shared.metrics.reject("introspection_unavailable_allowed");
-            tracing::warn!(client = %peer, error = %e, "introspection unavailable; letting the handshake through without claims (on_error: allow)");
-            None
-        }
-        Err(r) if j.mode() == Mode::Enforce => return Err(r),
-        Err(r) => {
-            shared.metrics.reject(j.report_label());
-            tracing::info!(client = %peer, reason = r.label(), "token would be refused (report mode)");
-            None
-        }
-    };
-    // Every configured source is emptied, not only the one used: a forged
-    // token beside a valid one must never reach the backend. With
-    // forward_token, the consumed token alone passes (and only once it was
-    // accepted).
-    let keep = found
-        .as_ref()
-        .filter(|_| j.forward_token() && claims.is_some())
-        .map(|f| f.source);
-    jwt::strip_sources(
-        j.token_sources(),
-        keep,
-        &mut auth.headers,
-        &mut auth.path_and_query,
-        &mut auth.protocols,
-    );
-    // A browser that offered only the token subprotocol aborts unless the
-    // answer names one of its offers: echo the consumed entry back to it
-    // (the token itself is never forwarded upstream).
-    if let Some(f) = &found {
-        if let Some(TokenSource::Subprotocol(prefix)) = j.token_sources().get(f.source) {
-            if auth.protocols.is_empty() {
-                auth.token_protocol = Some(format!("{prefix}{}", f.token));
-            }
-        }
-    }
-    // Client copies of the claim headers are already gone: they are among
-    // the policy's asserted headers (contract section 7).
-    for (claim, header) in j.forward_claims() {
-        if let Some(v) = claims
-            .as_ref()
-            .and_then(|c| c.get(claim))
-            .and_then(jwt::claim_header_value)
-        {
-            auth.claim_headers.push((header.clone(), v));
-        }
-    }
-    let Some(claims) = claims else {
-        return Ok(auth);
-    };
-    auth.subject = claims
-        .get("sub")
-        .and_then(|s| s.as_str())
-        .map(str::to_string);
-    if let Some(h) = &route.hmac {
-        auth.derive = h.derive_inputs(&claims);
-        if let Some(name) = &h.bind_claim {
-            match claims.get(name).and_then(|v| v.as_str()) {
-                // A newline would let the bind value run into the next
-                // canonical field.
-                Some(v) if !v.contains('\n') => auth.bind = v.to_string(),
-                _ if h.mode == Mode::Enforce => {
-                    return Err(Reject::Unauthorized(JwtError::MissingClaim(name.clone())))
-                }
-                _ => {}
-            }
-        }
-    }
-    if j.close_on_expiry() {
-        auth.expires = j.session_deadline(&claims).map(|at| {
-            let left = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            Instant::now() + left
-        });
-    }
-    Ok(auth)
-}
-
-/// The token guard of a route: a JWT check or token introspection (policy
-/// load makes sure at most one is on).
-enum TokenGuard<'a> {
-    Jwt(&'a jwt::Jwt, &'a jwt::Verifier),
-    Introspection(&'a crate::guard::introspect::Introspector),
-}
-
-impl TokenGuard<'_> {
-    fn mode(&self) -> Mode {
-        match self {
-            TokenGuard::Jwt(j, _) => j.mode,
-            TokenGuard::Introspection(i) => i.policy().mode,
-        }
-    }
-
-    fn token_sources(&self) -> &[TokenSource] {
-        match self {
-            TokenGuard::Jwt(j, _) => &j.token_sources,
-            TokenGuard::Introspection(i) => &i.policy().token_sources,
-        }
-    }
-
-    fn forward_token(&self) -> bool {
-        match self {
-            TokenGuard::Jwt(j, _) => j.forward_token,
-            TokenGuard::Introspection(i) => i.policy().forward_token,
-        }
-    }
-
-    fn forward_claims(&self) -> &[(String, hyper::header::HeaderName)] {
-        match self {
-            TokenGuard::Jwt(j, _) => &j.forward_claims,
-            TokenGuard::Introspection(i) => &i.policy().forward_claims,
-        }
-    }
-
-    fn close_on_expiry(&self) -> bool {
-        match self {
-            TokenGuard::Jwt(j, _) => j.close_on_expiry,
-            TokenGuard::Introspection(i) => i.policy().close_on_expiry,
-        }
-    }
-
-    fn session_deadline(&self, claims: &jwt::Claims) -> Option<std::time::SystemTime> {
-        match self {
-            TokenGuard::Jwt(j, _) => j.session_deadline(claims),
-            TokenGuard::Introspection(i) => i.policy().session_deadline(claims),
-        }
-    }
-
-    fn allow_on_error(&self) -> bool {
-        matches!(self, TokenGuard::Introspection(i)
-            if i.policy().on_error == crate::config::IntrospectionOnError::Allow)
-    }
-
-    fn report_label(&self) -> &'static str {
-        match self {
-            TokenGuard::Jwt(..) => "jwt_report",
-            TokenGuard::Introspection(_) => "introspection_report",
-        }
-    }
-
-    /// The rejection label of a token found in more than one place.
-    fn ambiguous_label(&self) -> &'static str {
-        match self {
-            TokenGuard::Jwt(..) => "jwt_ambiguous",
-            TokenGuard::Introspection(_) => "introspection_ambiguous",
-        }
-    }
-
-    /// Checks the token found (None: none was) within the handshake's
-    /// deadline.
-    async fn verify(&self, token: Option<&str>, deadline: Instant) -> Result<jwt::Claims, Reject> {
-        match self {
-            TokenGuard::Jwt(_, verifier) => {
-                let token = token.ok_or(Reject::Unauthorized(JwtError::Missing))?;
-                tokio::time::timeout_at(deadline, verifier.verify(token))
-                    .await
-                    .unwrap_or(Err(JwtError::UnknownKey))
-                    .map_err(Reject::Unauthorized)
-            }
-            TokenGuard::Introspection(i) => i.check(token, deadline).await.map_err(|e| match e {
-                crate::guard::introspect::IntrospectError::Unavailable(_) => {
-                    Reject::IntrospectionUnavailable(e)
-                }
-                other => Reject::TokenInactive(other),
-            }),
-        }
-    }
-}
-
-/// The per-IP handshake rate: in Redis across replicas when `limits.shared`
-/// is set (with `on_error` deciding what an outage means), else local.
-async fn handshake_rate(
-    shared: &Shared,
-    rt: &crate::runtime::Runtime,
-    route: &crate::policy::Route,
-    derived: &crate::runtime::RouteRuntime,
-    key: IpKey,
-) -> Result<(), Reject> {
-    let Some(rate) = route.limits.per_ip_handshakes else {
-        return Ok(());
-    };
-    let local = || derived.handshakes.as_ref().map_or(Ok(()), |l| l.check(key));
-    let Some(limiter) = &rt.shared_limiter else {
-        return local().map_err(|retry_after| Reject::RateLimited { retry_after });
-    };
-    let name = if route.prefix.is_empty() {
-        "/"
-    } else {
-        route.prefix.as_str()
-    };
-    let decision = limiter.check(&format!("hs:{name}:{key}"), &rate).await;
-    if decision == Decision::Unavailable {
-        shared.metrics.shared_unavailable.inc();
-    }
-    match verdict(decision, limiter.on_error(), local) {
-        Verdict::Allow => Ok(()),
-        Verdict::Limited { retry_after_secs } => Err(Reject::RateLimited {
-            retry_after: retry_after_secs,
-        }),
-        Verdict::Unavailable => Err(Reject::SharedUnavailable),
-    }
-}
-
-/// Per-subject connection slots: fleet-wide in Redis when `limits.shared`
-/// is set, else in this replica.
-async fn subject_slots(
-    shared: &Shared,
-    rt: &crate::runtime::Runtime,
-    subject: Option<&str>,
-) -> Result<(Option<ConnSlot<String>>, Option<SharedSlot>), Reject> {
-    let (Some(sub), Some(cap)) = (subject, rt.policy.per_subject_connections) else {
-        return Ok((None, None));
-    };
-    let local = || {
-        shared
-            .subjects
-            .acquire(sub.to_string(), u64::MAX, Some(cap))
-            .map(|s| (Some(s), None))
-            .map_err(|_| Reject::ConnectionCap { retry_after: 1 })
-    };
-    let Some(limiter) = &rt.shared_limiter else {
-        return local();
-    };
-    match limiter
-        .acquire_slot_guard(&format!("conn:sub:{sub}"), cap)
-        .await
-    {
-        Ok(slot) => Ok((None, Some(slot))),
-        Err(Decision::Unavailable) => {
-            shared.metrics.shared_unavailable.inc();
-            match limiter.on_error() {
-                OnError::Local => local(),
-                OnError::Allow => Ok((None, None)),
-                OnError::Deny => Err(Reject::SharedUnavailable),
-            }
-        }
-        Err(_) => Err(Reject::ConnectionCap { retry_after: 1 }),
-    }
 }

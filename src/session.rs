@@ -47,8 +47,8 @@ use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
 use crate::policy::{Hmac, Route};
-use crate::runtime::{Runtime, Shared};
 use crate::sign::{self, Direction, MsgType, SeqState};
+use crate::state::{Generation, Process};
 
 /// How long to wait for the peer's half of a close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -136,11 +136,12 @@ pub struct SessionInfo {
     pub expires: Option<Instant>,
     pub subject_slot: Option<ConnSlot<String>>,
     /// A fleet-wide per-subject slot in Redis; released on drop.
-    pub shared_slot: Option<crate::guard::shared::SharedSlot>,
+    pub shared_slot: Option<crate::guard::redis_limits::SharedSlot>,
     pub peer: SocketAddr,
     pub path: String,
     pub request_id: String,
-    pub slot: ConnSlot,
+    /// The place among live connections (taken by admission).
+    pub slot: Option<ConnSlot>,
     /// permessage-deflate as negotiated with the client and with the
     /// backend (None: that hop is uncompressed).
     pub deflate_client: Option<HopParams>,
@@ -216,7 +217,7 @@ enum Side {
 /// What a sink needs from the session besides its own direction's state.
 struct Env<'a> {
     route: &'a Route,
-    shared: &'a Shared,
+    process: &'a Process,
     bind: &'a str,
     derive: &'a sign::DeriveInputs,
     /// The source hop's keepalive state (its pongs may be ours).
@@ -339,7 +340,7 @@ impl FlowSink<'_> {
 
     /// A limit refused something: close, or drop what it refused.
     fn limited(&self, reason: &'static str) -> Result<bool, Halt> {
-        self.env.shared.metrics.reject(reason);
+        self.env.process.metrics.reject(reason);
         match self.env.route.limits.on_message_limit {
             OnFailure::Close => Err(Halt::Policy("rate limit", "rate limit")),
             OnFailure::Drop => Ok(true),
@@ -381,13 +382,13 @@ impl FlowSink<'_> {
         let mut _hold = None;
         let buf = if compressed {
             let Some(inf) = self.st.inflater.as_mut() else {
-                env.shared.partial.release(reserved);
+                env.process.partial.release(reserved);
                 return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
             };
-            let mut plain = Inflated::new(&env.shared.inflate);
+            let mut plain = Inflated::new(&env.process.inflate);
             let r = inf.inflate_into(&buf, true, self.st.max_plain, &mut plain);
             drop(buf);
-            env.shared.partial.release(reserved);
+            env.process.partial.release(reserved);
             r.map_err(inflate_halt)?;
             if op == frame::OP_TEXT && std::str::from_utf8(plain.as_slice()).is_err() {
                 return Err(Halt::Frame(FrameError::Utf8));
@@ -407,7 +408,7 @@ impl FlowSink<'_> {
             }
             plain
         } else {
-            env.shared.partial.release(reserved);
+            env.process.partial.release(reserved);
             buf
         };
         let ty = if op == frame::OP_TEXT {
@@ -416,7 +417,7 @@ impl FlowSink<'_> {
             MsgType::Binary
         };
         let st = &mut *self.st;
-        st.keys.refresh(env.shared, &env.route.prefix);
+        st.keys.refresh(env.process, &env.route.prefix);
         let Some((h, client_keys)) = st.keys.hmac_keys(env.route, env.derive) else {
             // No hmac (or none any more): relay the plaintext.
             self.emit(op, &buf)?;
@@ -470,7 +471,7 @@ impl FlowSink<'_> {
         let len = self.st.msg_len;
         self.st.msgs += 1;
         self.st.bytes += len;
-        let m = &self.env.shared.metrics;
+        let m = &self.env.process.metrics;
         match self.st.dir {
             Direction::C2s => {
                 m.messages_c2s.inc();
@@ -507,7 +508,7 @@ impl Sink for FlowSink<'_> {
             if !self.st.dropping {
                 let env = self.env;
                 let compressed = h.rsv & 0b100 != 0;
-                self.st.keys.refresh(env.shared, &env.route.prefix);
+                self.st.keys.refresh(env.process, &env.route.prefix);
                 if compressed || self.st.keys.hmac_keys(env.route, env.derive).is_some() {
                     self.st.assembly = Some(Box::new(Assembly {
                         op,
@@ -521,7 +522,7 @@ impl Sink for FlowSink<'_> {
             // Part of the message went on already: it cannot be dropped
             // any more, so a refused continuation closes the session.
             if !self.st.dropping && !l.allow_bytes(usize::try_from(h.len).unwrap_or(usize::MAX)) {
-                self.env.shared.metrics.reject("message_rate");
+                self.env.process.metrics.reject("message_rate");
                 return Err(Halt::Policy("rate limit", "rate limit"));
             }
         }
@@ -539,8 +540,8 @@ impl Sink for FlowSink<'_> {
             let total = usize::try_from(self.st.msg_len).unwrap_or(usize::MAX);
             if total > SMALL_MESSAGE {
                 let need = total.saturating_sub(a.reserved);
-                if !self.env.shared.partial.reserve(need) {
-                    self.env.shared.metrics.reject("partial_budget");
+                if !self.env.process.partial.reserve(need) {
+                    self.env.process.metrics.reject("partial_budget");
                     return Err(Halt::Overload);
                 }
                 a.reserved += need;
@@ -604,7 +605,7 @@ impl Sink for FlowSink<'_> {
         }
         if op == frame::OP_PONG {
             if let Some(rtt) = self.env.live.on_pong(payload) {
-                self.env.shared.metrics.ping_rtt.observe(rtt.as_secs_f64());
+                self.env.process.metrics.ping_rtt.observe(rtt.as_secs_f64());
                 return Ok(());
             }
         }
@@ -619,8 +620,8 @@ enum Signed {
     Close(sign::SigFailure),
 }
 
-fn sig_failure(shared: &Shared, reason: &'static str) {
-    shared
+fn sig_failure(process: &Process, reason: &'static str) {
+    process
         .metrics
         .signature_failures
         .get_or_create(&ReasonLabel { reason })
@@ -658,7 +659,7 @@ fn resign(
         }
         Err(failure) => {
             let reason = failure.label();
-            sig_failure(env.shared, reason);
+            sig_failure(env.process, reason);
             if h.mode == Mode::Report {
                 tracing::info!(
                     reason,
@@ -688,7 +689,7 @@ fn resign(
 #[derive(Default)]
 struct KeyView {
     generation: u64,
-    current: Option<(Arc<Runtime>, usize)>,
+    current: Option<(Arc<Generation>, usize)>,
     /// This session's own client keys (derived ones) for the generation
     /// in `derived_for`; None when the hmac in force derives none.
     derived: Option<Vec<sign::Key>>,
@@ -697,13 +698,13 @@ struct KeyView {
 
 impl KeyView {
     /// Cheap when nothing changed: one atomic load per message.
-    fn refresh(&mut self, shared: &Shared, prefix: &str) {
-        let generation = shared.generation();
+    fn refresh(&mut self, process: &Process, prefix: &str) {
+        let generation = process.generation();
         if generation == self.generation {
             return;
         }
         self.generation = generation;
-        let rt = shared.runtime();
+        let rt = process.current();
         let index = rt.policy.all_routes().position(|r| r.prefix == prefix);
         self.current = index.map(|i| (rt, i));
     }
@@ -836,7 +837,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Hop<S> {
 /// The session: both hops, both directions, and the keepalive state.
 struct Engine<'r, C, U> {
     route: &'r Route,
-    shared: &'r Shared,
+    process: &'r Process,
     bind: &'r str,
     derive: &'r sign::DeriveInputs,
     subject: Option<(&'r str, &'r SubjectLimiter)>,
@@ -877,7 +878,7 @@ where
             };
             let env = Env {
                 route: self.route,
-                shared: self.shared,
+                process: self.process,
                 bind: self.bind,
                 derive: self.derive,
                 live,
@@ -899,7 +900,7 @@ where
                 live.on_data();
                 self.last_data = Instant::now();
             }
-            let m = &self.shared.metrics;
+            let m = &self.process.metrics;
             let (wire_in, wire_out) = match from {
                 Side::Client => (&m.wire_client_c2s, &m.wire_backend_c2s),
                 Side::Upstream => (&m.wire_backend_s2c, &m.wire_client_s2c),
@@ -1161,7 +1162,7 @@ where
             _ => 1006,
         };
         // Counted when decided, not after the (bounded) close handshake.
-        self.shared
+        self.process
             .metrics
             .closes
             .get_or_create(&CloseLabel {
@@ -1224,7 +1225,7 @@ where
         tokio::join!(client_done, upstream_done);
         for flow in [&mut self.c2u, &mut self.u2c] {
             if let Some(a) = flow.st.assembly.take() {
-                self.shared.partial.release(a.reserved);
+                self.process.partial.release(a.reserved);
             }
         }
         (client_code, side)
@@ -1318,8 +1319,8 @@ pub async fn run<C, U>(
     client: C,
     upstream: U,
     upstream_rest: Vec<u8>,
-    rt: Arc<Runtime>,
-    shared: Arc<Shared>,
+    rt: Arc<Generation>,
+    process: Arc<Process>,
     info: SessionInfo,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -1332,7 +1333,7 @@ pub async fn run<C, U>(
     let start = Instant::now();
     let mut eng = Engine {
         route,
-        shared: &shared,
+        process: &process,
         bind: &info.bind,
         derive: &info.derive,
         subject: info.subject.as_deref().zip(rt.subject_messages.as_deref()),
@@ -1374,8 +1375,8 @@ pub async fn run<C, U>(
         tail: false,
         last_data: start,
     };
-    shared.metrics.connections_active.inc();
-    let route_active = shared.metrics.route_active(&route.prefix);
+    process.metrics.connections_active.inc();
+    let route_active = process.metrics.route_active(&route.prefix);
     route_active.inc();
 
     let mut client_ticker = keepalive::ticker(ka.interval);
@@ -1383,7 +1384,7 @@ pub async fn run<C, U>(
     let client_stall = stall_limit(ka.interval, ka.max_missed);
     let upstream_stall = stall_limit(ka.upstream_interval, ka.max_missed);
     let idle = ka.idle_timeout;
-    let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
+    let mut shutdown = std::pin::pin!(process.shutdown.cancelled());
     let deadline = first_deadline(info.expires, limits.session_deadline(start));
     let mut expires = std::pin::pin!(expiry(deadline.map(|d| d.0)));
     let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
@@ -1393,7 +1394,7 @@ pub async fn run<C, U>(
         let ev = tokio::select! {
             biased;
             // The policy in force at the drain decides the code.
-            () = &mut shutdown => Ev::End(End::Shutdown(shared.runtime().policy.shutdown_close_code)),
+            () = &mut shutdown => Ev::End(End::Shutdown(process.current().policy.shutdown_close_code)),
             e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
             () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
             () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
@@ -1425,14 +1426,14 @@ pub async fn run<C, U>(
     };
 
     if let End::TooLong = end {
-        shared.metrics.session_duration_closes.inc();
+        process.metrics.session_duration_closes.inc();
     }
 
     // The close phase is boxed: its timers and close handshakes would
     // otherwise reserve room in every idle session's future.
     let (client_code, side) = Box::pin(eng.finish(&end)).await;
 
-    shared.metrics.connections_active.dec();
+    process.metrics.connections_active.dec();
     route_active.dec();
     let reason = match &end {
         End::Policy(_, r) => *r,

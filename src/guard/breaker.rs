@@ -37,7 +37,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use redis::Script;
 use tokio::time::Instant;
 
-use crate::guard::shared::SharedLimiter;
+use crate::guard::redis_limits::SharedLimiter;
 use crate::values::BreakerPolicy;
 
 /// How long a shared half-open probe holds its slot at most.

@@ -6,4 +6,4 @@ pub mod introspect;
 pub mod jwt;
 pub mod limits;
 pub mod origin;
-pub mod shared;
+pub mod redis_limits;

@@ -46,7 +46,7 @@ pub async fn proxy_yaml(yaml: &str) -> Running {
 
 /// A metric's value from the proxy's registry (0 when absent).
 pub fn metric(p: &Running, series: &str) -> f64 {
-    p.shared
+    p.process
         .metrics
         .encode()
         .lines()

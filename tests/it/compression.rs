@@ -431,7 +431,7 @@ async fn a_bomb_is_closed_1009_and_the_proxy_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1009));
-    assert_eq!(p.shared.inflate.used(), 0);
+    assert_eq!(p.process.inflate.used(), 0);
     let _ = request_of(&mut rx).await;
     let (mut s, mut buf, _) = client(p.addr, true).await;
     write_message(&mut s, 1, b"normal", true, true).await;
@@ -549,7 +549,7 @@ async fn reload_switches_compression_for_new_sessions_only() {
         )
         .unwrap_or_else(|e| panic!("{e}"))
     };
-    p.shared.install(policy("off"));
+    p.process.install(policy("off"));
     // A new session negotiates nothing on either hop.
     let (mut new, mut new_buf, ext) = client(p.addr, true).await;
     assert_eq!(ext, None);
@@ -565,7 +565,7 @@ async fn reload_switches_compression_for_new_sessions_only() {
     let (_, echoed, c) = read_message(&mut old, &mut old_buf).await.unwrap();
     assert_eq!((echoed.as_slice(), c), (&b"old"[..], true));
     // And back on.
-    p.shared.install(policy("on"));
+    p.process.install(policy("on"));
     let (_s, _buf, ext) = client(p.addr, true).await;
     assert!(ext.is_some());
 }

@@ -474,7 +474,7 @@ async fn shutdown_sends_1001_to_both_sides() {
 async fn shutdown_close_code_1012_reaches_the_client_after_a_reload() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(b, NO_GUARDS).await;
-    assert_eq!(p.shared.runtime().policy.shutdown_close_code, 1001);
+    assert_eq!(p.process.current().policy.shutdown_close_code, 1001);
     let mut c = ws(p.addr, "/").await;
     c.send(Message::text("x")).await.unwrap();
     assert_eq!(next(&mut c).await, Message::text("x"));
@@ -483,7 +483,7 @@ async fn shutdown_close_code_1012_reaches_the_client_after_a_reload() {
         &format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\nshutdown_close_code: 1012\n{NO_GUARDS}"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    p.shared.install(policy);
+    p.process.install(policy);
     let shutdown = tokio::spawn(p.shutdown(WAIT));
     let m = next(&mut c).await;
     assert_eq!(close_of(&m), Some((1012, "shutting down".into())));

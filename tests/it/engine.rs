@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
-use crate::process::{policy_file, Proc};
+use crate::process::{policy_file, Proc, ANY_PORTS};
 use crate::raw::*;
 
 const NO_GUARDS: &str = "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits:\n  per_ip: null\n  per_connection: null\n";
@@ -366,31 +366,12 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
-/// The address logged after `field` on a log line (json or text format).
-fn logged_addr(line: &str, field: &str) -> SocketAddr {
-    let at = line
-        .find(field)
-        .unwrap_or_else(|| panic!("{field} in {line}"));
-    let rest = &line[at + field.len()..];
-    let start = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(0);
-    let addr: String = rest[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    addr.parse()
-        .unwrap_or_else(|_| panic!("no {field} address in {line}"))
-}
-
 /// The real binary with `policy` (which must not set listen or admin),
 /// bound on 127.0.0.1:0; returns it and its proxy address.
 async fn spawn_proxy(name: &str, policy: &str) -> (Proc, SocketAddr) {
-    let f = policy_file(
-        name,
-        &format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\n{policy}"),
-    );
+    let f = policy_file(name, &format!("{ANY_PORTS}{policy}"));
     let mut p = Proc::spawn(&f);
-    let line = p.log_line("wsguard listening").await;
-    let addr = logged_addr(&line, "listen");
+    let (addr, _) = p.listening().await;
     (p, addr)
 }
 

@@ -334,7 +334,7 @@ async fn breaker_opens_answers_503_fast_then_recovers() {
         &format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream:\n  url: \"ws://{dead}\"\n  circuit_breaker: {{ consecutive_failures: 2, open_for: 300ms, max_open_for: 1s }}\nlimits: {{ per_ip: null, per_connection: null }}\n"),
     )
     .unwrap();
-    p.shared.install(policy);
+    p.process.install(policy);
     let series = format!("wsguard_circuit_state{{upstream=\"ws://{dead}\"}}");
     for _ in 0..2 {
         assert_eq!(Raw::upgrade(p.addr, "/", "").await.1.status, 502);

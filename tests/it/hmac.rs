@@ -439,7 +439,7 @@ async fn a_client_key_removed_by_reload_is_refused_in_live_sessions() {
     .unwrap();
     assert!(matches!(next(&mut c).await, Message::Text(_)));
     // The operator removes the compromised key c2 and reloads.
-    p.shared
+    p.process
         .install(wsguard::policy::Policy::from_text("reload.yaml", &yaml(false)).unwrap());
     c.send(signed_text(
         "c2",

@@ -423,7 +423,7 @@ mod rotation {
         assert_eq!(exchange(&mut client, &mut rx).await, "p1:true");
         // Step 1: wsguard accepts p2 as well, still signs with p1.
         let both = format!("[{}, {}]", one("p1", &p1), one("p2", &p2));
-        p.shared
+        p.process
             .install(wsguard::policy::Policy::from_text("r.yaml", &yaml(&both)).unwrap());
         assert_eq!(exchange(&mut client, &mut rx).await, "p1:true");
         // Step 2: the backend signs with p2 (it accepts both already).
@@ -431,11 +431,11 @@ mod rotation {
         assert_eq!(exchange(&mut client, &mut rx).await, "p1:true");
         // Step 3: wsguard signs with p2 first, still accepts p1.
         let swapped = format!("[{}, {}]", one("p2", &p2), one("p1", &p1));
-        p.shared
+        p.process
             .install(wsguard::policy::Policy::from_text("r.yaml", &yaml(&swapped)).unwrap());
         assert_eq!(exchange(&mut client, &mut rx).await, "p2:true");
         // Step 4: p1 is retired.
-        p.shared
+        p.process
             .install(wsguard::policy::Policy::from_text("r.yaml", &yaml(&one("p2", &p2))).unwrap());
         assert_eq!(exchange(&mut client, &mut rx).await, "p2:true");
         assert_eq!(
@@ -569,7 +569,7 @@ mod jwks {
         let (_r, h) = Raw::upgrade(p.addr, "/other", &auth).await;
         assert_eq!(h.status, 101, "{}", h.text);
         // Two routes name the URL: one cache, fetched once.
-        let cache = p.shared.jwks_cache(&url).expect("a cache for the URL");
+        let cache = p.process.jwks_cache(&url).expect("a cache for the URL");
         assert_eq!(cache.fetches(), 1);
         assert_eq!(idp.hits.load(Ordering::SeqCst), 1);
 
@@ -578,15 +578,15 @@ mod jwks {
         idp.up.store(false, Ordering::SeqCst);
         for (refresh, audience) in [("10m", ""), ("5m", "  leeway: 10s\n")] {
             std::fs::write(&file, yaml(refresh, audience)).unwrap();
-            let gen = p.shared.generation();
-            assert!(wsguard::reload::reload(&p.shared, &file));
-            assert_eq!(p.shared.generation(), gen + 1);
+            let gen = p.process.generation();
+            assert!(wsguard::reload::reload(&p.process, &file));
+            assert_eq!(p.process.generation(), gen + 1);
             let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
             assert_eq!(h.status, 101, "after reload: {}", h.text);
         }
         // Nothing was refetched: the keys were fresh.
         assert_eq!(idp.hits.load(Ordering::SeqCst), 1);
-        assert!(Arc::ptr_eq(&cache, &p.shared.jwks_cache(&url).unwrap()));
+        assert!(Arc::ptr_eq(&cache, &p.process.jwks_cache(&url).unwrap()));
 
         // A policy that no longer names the URL drops its cache.
         std::fs::write(
@@ -594,8 +594,8 @@ mod jwks {
             format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\n"),
         )
         .unwrap();
-        assert!(wsguard::reload::reload(&p.shared, &file));
-        assert!(p.shared.jwks_cache(&url).is_none());
+        assert!(wsguard::reload::reload(&p.process, &file));
+        assert!(p.process.jwks_cache(&url).is_none());
         assert_echo(p.addr).await;
     }
 

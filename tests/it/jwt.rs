@@ -272,6 +272,50 @@ async fn per_subject_connection_cap() {
     assert_eq!(Raw::upgrade(p.addr, "/", &auth("hank")).await.1.status, 101);
 }
 
+/// A token without the `hmac.bind_claim` claim: 401 when HMAC enforces;
+/// in report mode the handshake passes and `hmac_report` counts it (report
+/// mode goes through admission's one report path).
+#[tokio::test]
+async fn a_missing_bind_claim_is_refused_or_reported_by_the_hmac_mode() {
+    use base64::Engine as _;
+    let dir = std::env::temp_dir().join(format!("wsguard-it-bindrep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["c", "u"] {
+        std::fs::write(
+            dir.join(f),
+            base64::engine::general_purpose::STANDARD.encode([5u8; 32]),
+        )
+        .unwrap();
+    }
+    let hmac = |mode: &str| {
+        format!(
+            "hmac:\n  mode: {mode}\n  bind_claim: tenant\n  client_keys: [{{ id: c1, secret_file: \"{}\" }}]\n  upstream_key: {{ id: p1, secret_file: \"{}\" }}\n",
+            dir.join("c").display(),
+            dir.join("u").display()
+        )
+    };
+    let auth = format!("Authorization: Bearer {}\r\n", good("judy"));
+    let p = proxy(echo_backend().await, &jwt_policy(&hmac("enforce"))).await;
+    let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+    assert_eq!(h.status, 401, "{}", h.text);
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"hmac_report\"}"),
+        0.0
+    );
+
+    let p = proxy(echo_backend().await, &jwt_policy(&hmac("report"))).await;
+    let (_r, h) = Raw::upgrade(p.addr, "/", &auth).await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"hmac_report\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"jwt_report\"}"),
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn bind_claim_binds_signatures_to_the_subject() {
     use base64::Engine as _;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::process::{free_port, Proc};
+use crate::process::{Proc, ANY_PORTS};
 
 /// A directory laid out as the kubelet mounts a ConfigMap:
 /// `policy.yaml -> ..data/policy.yaml`, `..data -> ..<version>`.
@@ -68,7 +68,7 @@ async fn watch_reloads_on_a_configmap_symlink_swap() {
     let policy = wsguard::policy::Policy::load(&cm.file()).unwrap_or_else(|e| panic!("{e}"));
     let p = wsguard::start(policy).await.unwrap();
     let mut reloads = wsguard::reload::spawn_watch(
-        std::sync::Arc::clone(&p.shared),
+        std::sync::Arc::clone(&p.process),
         cm.file(),
         Duration::from_millis(20),
     );
@@ -87,7 +87,7 @@ async fn watch_reloads_on_a_configmap_symlink_swap() {
         .await
         .unwrap();
     assert_eq!(*reloads.borrow(), 1);
-    assert_eq!(p.shared.generation(), 2);
+    assert_eq!(p.process.generation(), 2);
     assert_eq!(metric(&p, "wsguard_reloads_total{result=\"ok\"}"), 1.0);
     assert_eq!(status_with_origin(p.addr, "http://b.example").await, 101);
     assert_eq!(status_with_origin(p.addr, "http://a.example").await, 403);
@@ -100,7 +100,7 @@ async fn watch_reloads_on_a_configmap_symlink_swap() {
         .await
         .unwrap();
     assert_eq!(metric(&p, "wsguard_reloads_total{result=\"error\"}"), 1.0);
-    assert_eq!(p.shared.generation(), 2);
+    assert_eq!(p.process.generation(), 2);
     assert_eq!(status_with_origin(p.addr, "http://b.example").await, 101);
     // Unchanged content (the kubelet re-syncs the same data) is no reload.
     cm.swap("origin: { mode: enforce, allwo: [] }\n");
@@ -122,17 +122,14 @@ fn write(path: &Path, text: &str) {
 #[tokio::test]
 async fn run_watch_flag_reloads_without_a_signal() {
     let backend = echo_backend().await;
-    let port = free_port();
-    let base = format!(
-        "listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\n"
-    );
+    let base = format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\n");
     let f = crate::process::policy_file(
         "watch",
         &format!("{base}origin: {{ mode: enforce, allow: [\"http://a.example\"] }}\n"),
     );
     let mut p = Proc::spawn_args(&f, &["--watch", "--watch-interval", "50ms"]);
+    let (addr, _) = p.listening().await;
     p.log_line("watching the policy file").await;
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(status_with_origin(addr, "http://b.example").await, 403);
     write(
         &f,
@@ -147,13 +144,12 @@ async fn run_watch_flag_reloads_without_a_signal() {
 #[tokio::test]
 async fn refused_handshakes_are_logged_at_info_without_the_token() {
     let backend = echo_backend().await;
-    let port = free_port();
     let secret = std::env::temp_dir().join(format!("wsguard-ops-hs-{}", std::process::id()));
     std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
     let f = crate::process::policy_file(
         "refusals",
         &format!(
-            "listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\n\
+            "{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\n\
              origin: {{ mode: enforce, allow: [\"http://a.example\"], allow_missing: true }}\n\
              jwt:\n  mode: enforce\n  algorithms: [HS256]\n  keys: [{{ secret_file: \"{}\" }}]\n  token_sources: [header, \"query:access_token\"]\n",
             secret.display()
@@ -161,8 +157,7 @@ async fn refused_handshakes_are_logged_at_info_without_the_token() {
     );
     // At the default level (info), as an operator runs it.
     let mut p = Proc::spawn(&f);
-    p.log_line("wsguard listening").await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (addr, _) = p.listening().await;
 
     assert_eq!(status_with_origin(addr, "http://evil.example").await, 403);
     let line = p.log_line("handshake refused").await;
@@ -388,39 +383,46 @@ async fn the_demo_page_works_in_headless_chromium() {
 async fn demo_prints_its_banner_after_binding_and_names_a_taken_address() {
     use tokio::io::AsyncBufReadExt;
     let bin = env!("CARGO_BIN_EXE_wsguard");
-    let (port, admin, page) = (free_port(), free_port(), free_port());
     let mut child = tokio::process::Command::new(bin)
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin", &format!("127.0.0.1:{admin}")])
-        .args(["--page", &format!("127.0.0.1:{page}")])
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0"])
+        .args(["--page", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    within("the banner", async {
+    // The banner names the addresses bound (all port 0 here).
+    let addr_after = |l: &str, marker: &str| -> Option<std::net::SocketAddr> {
+        let rest = &l[l.find(marker)? + marker.len()..];
+        rest.split(['/', ' ']).next()?.parse().ok()
+    };
+    let (addr, page) = within("the banner", async {
+        let (mut addr, mut page) = (None, None);
         while let Some(l) = lines.next_line().await.unwrap() {
+            if l.contains("proxy on ws://") {
+                addr = addr_after(&l, "proxy on ws://");
+            }
+            if l.contains("open http://") {
+                page = addr_after(&l, "open http://");
+            }
             if l.contains("Ctrl-C stops it") {
-                return;
+                return (addr.expect("proxy address"), page.expect("page address"));
             }
         }
         panic!("demo exited without its banner");
     })
     .await;
     // Everything the banner names accepts at once.
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_echo(addr).await;
     let (mut r, h) = Raw::request(
-        format!("127.0.0.1:{page}").parse().unwrap(),
+        page,
         "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!(h.status, 200);
-    assert!(r
-        .body()
-        .await
-        .contains(&format!("ws://127.0.0.1:{port}/secure")));
+    assert!(r.body().await.contains(&format!("ws://{addr}/secure")));
     let _ = child.kill().await;
 
     // A taken address is named, and the exit code is 2.
@@ -430,7 +432,7 @@ async fn demo_prints_its_banner_after_binding_and_names_a_taken_address() {
         let mut args = vec![
             "demo".to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+            "127.0.0.1:0".into(),
             "--admin".into(),
             "127.0.0.1:0".into(),
             "--page".into(),

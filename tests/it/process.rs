@@ -1,8 +1,8 @@
 //! Behaviour that needs the real process: exit codes and signals.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -232,6 +232,14 @@ impl Proc {
         .await
     }
 
+    /// The proxy and admin addresses the proxy bound, from its `wsguard
+    /// listening` line: tests bind 127.0.0.1:0, so no port is guessed,
+    /// released and raced for.
+    pub(crate) async fn listening(&mut self) -> (SocketAddr, SocketAddr) {
+        let line = self.log_line("wsguard listening").await;
+        listening_addrs(&line)
+    }
+
     /// The child's process id (for /proc/PID/status).
     pub(crate) fn pid(&self) -> u32 {
         self.child.id().expect("wsguard still running")
@@ -253,13 +261,22 @@ impl Proc {
 
 use tokio::io::AsyncBufReadExt;
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The `listen` and `admin` fields of a `wsguard listening` log line.
+pub(crate) fn listening_addrs(line: &str) -> (SocketAddr, SocketAddr) {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let field = |name: &str| -> SocketAddr {
+        v.get(name)
+            .or_else(|| v["fields"].get(name))
+            .and_then(|a| a.as_str())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .parse()
+            .unwrap()
+    };
+    (field("listen"), field("admin"))
 }
+
+/// The policy head of a spawned proxy: both listeners on port 0.
+pub(crate) const ANY_PORTS: &str = "listen: \"127.0.0.1:0\"\nadmin: { listen: \"127.0.0.1:0\" }\n";
 
 pub(crate) fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("wsguard-{name}-{}", std::process::id()));
@@ -272,11 +289,12 @@ pub(crate) fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
     let backend = echo_backend().await;
-    let port = free_port();
-    let f = policy_file("term", &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nshutdown_grace: 5s\n"));
+    let f = policy_file(
+        "term",
+        &format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\nshutdown_grace: 5s\n"),
+    );
     let mut p = Proc::spawn(&f);
-    p.log_line("wsguard listening").await;
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (addr, _) = p.listening().await;
     let mut c = ws(addr, "/").await;
     c.send(Message::text("hi")).await.unwrap();
     assert_eq!(next(&mut c).await, Message::text("hi"));
@@ -287,20 +305,12 @@ async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
     assert_eq!(p.exit_code().await, Some(0));
 }
 
-/// The address a spawned proxy logged as `listen` (it binds port 0, so no
-/// port is guessed and released for it).
-async fn logged_listen(p: &mut Proc) -> std::net::SocketAddr {
-    let line = p.log_line("wsguard listening").await;
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    v["listen"].as_str().unwrap().parse().unwrap()
-}
-
 #[tokio::test]
 async fn sigterm_with_shutdown_close_code_1012_gives_clients_1012_and_exits_0() {
     let (backend, mut rx) = recording_backend().await;
-    let f = policy_file("term1012", &format!("listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nshutdown_grace: 5s\nshutdown_close_code: 1012\n"));
+    let f = policy_file("term1012", &format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\nshutdown_grace: 5s\nshutdown_close_code: 1012\n"));
     let mut p = Proc::spawn(&f);
-    let addr = logged_listen(&mut p).await;
+    let (addr, _) = p.listening().await;
     let mut c = ws(addr, "/").await;
     c.send(Message::text("hi")).await.unwrap();
     assert_eq!(next(&mut c).await, Message::text("hi"));
@@ -334,16 +344,14 @@ async fn taken_listen_address_exits_2() {
 #[tokio::test]
 async fn sighup_reload_keeps_live_sessions_and_counts_failures() {
     let backend = echo_backend().await;
-    let (port, admin) = (free_port(), free_port());
-    let good = format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\n");
+    let good = format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\n");
     let f = policy_file("hup", &good);
     let mut p = Proc::spawn(&f);
-    p.log_line("wsguard listening").await;
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (addr, admin) = p.listening().await;
     let mut c = ws(addr, "/").await;
     let metrics = || async move {
         let (mut r, _) = Raw::request(
-            format!("127.0.0.1:{admin}").parse().unwrap(),
+            admin,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
         .await;
@@ -378,15 +386,12 @@ async fn sighup_reload_keeps_live_sessions_and_counts_failures() {
 #[tokio::test]
 async fn shutdown_delay_turns_readyz_503_before_the_listener_closes() {
     let backend = echo_backend().await;
-    let (port, admin) = (free_port(), free_port());
     let f = policy_file(
         "delay",
-        &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nshutdown_delay: 2s\n"),
+        &format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\nshutdown_delay: 2s\n"),
     );
     let mut p = Proc::spawn(&f);
-    p.log_line("wsguard listening").await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let (addr, admin_addr) = p.listening().await;
     let ready = || async move {
         Raw::request(
             admin_addr,
@@ -412,10 +417,9 @@ async fn shutdown_delay_turns_readyz_503_before_the_listener_closes() {
 #[tokio::test]
 async fn a_stalled_log_reader_does_not_stall_the_proxy() {
     let backend = echo_backend().await;
-    let (port, admin) = (free_port(), free_port());
     let f = policy_file(
         "stalled-log",
-        &format!("listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nlimits: {{ per_ip: null, per_connection: null }}\n"),
+        &format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\nlimits: {{ per_ip: null, per_connection: null }}\n"),
     );
     // stderr is a pipe that nobody reads (but that stays open).
     let mut child = tokio::process::Command::new(BIN)
@@ -426,12 +430,15 @@ async fn a_stalled_log_reader_does_not_stall_the_proxy() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let _unread = child.stderr.take();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // No log line to wait for: poll the port (bounded).
-    within("listener", async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    // Read up to the `wsguard listening` line for the bound addresses, then
+    // stop reading (the pipe stays open).
+    let mut unread = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (addr, admin) = within("wsguard listening", async {
+        loop {
+            let line = unread.next_line().await.unwrap().expect("wsguard exited");
+            if line.contains("wsguard listening") {
+                return listening_addrs(&line);
+            }
         }
     })
     .await;
@@ -450,7 +457,7 @@ async fn a_stalled_log_reader_does_not_stall_the_proxy() {
     // The proxy and its admin endpoint still answer.
     assert_echo(addr).await;
     let (_r, h) = Raw::request(
-        format!("127.0.0.1:{admin}").parse().unwrap(),
+        admin,
         "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;

@@ -4,18 +4,40 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::process::free_port;
 
 struct Redis {
     child: Child,
     port: u16,
 }
 
+enum Started {
+    Up(Redis),
+    NotInstalled,
+    PortTaken,
+}
+
 impl Redis {
-    /// Starts a private redis-server; None (test skipped) only when the
-    /// binary is absent — scripts/test.sh installs it.
-    async fn start(port: u16) -> Option<Redis> {
-        let child = match Command::new("redis-server")
+    /// Starts a private redis-server on a port of its own; None (test
+    /// skipped) only when the binary is absent — scripts/test.sh installs
+    /// it. Redis cannot bind port 0 (that turns TCP off), so a random port
+    /// is tried; if it is taken, another.
+    async fn start() -> Option<Redis> {
+        for _ in 0..20 {
+            let port: u16 = 20_000 + rand::random::<u16>() % 30_000;
+            match Redis::start_on(port).await {
+                Started::Up(r) => return Some(r),
+                Started::NotInstalled => return None,
+                Started::PortTaken => continue,
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    /// Starts on `port` and waits for the server's own "Ready to accept
+    /// connections" line: an answer on the port could come from someone
+    /// else's server; this line comes from ours.
+    async fn start_on(port: u16) -> Started {
+        let mut child = match Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -26,26 +48,37 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
         {
             Ok(c) => c,
             Err(_) => {
                 eprintln!("redis-server not installed: shared-limit test skipped (scripts/test.sh installs it)");
-                return None;
+                return Started::NotInstalled;
             }
         };
-        let r = Redis { child, port };
-        within("redis up", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        // Reads until the ready line (or the end), then keeps draining so
+        // the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut ready_tx = Some(ready_tx);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Ready to accept connections") {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
             }
-        })
-        .await;
-        Some(r)
+        });
+        let r = Redis { child, port };
+        // An error: it exited before accepting (the port was taken).
+        match within("redis up", ready).await {
+            Ok(()) => Started::Up(r),
+            Err(_) => Started::PortTaken,
+        }
     }
 
     fn kill(&mut self) {
@@ -72,10 +105,10 @@ async fn status(addr: std::net::SocketAddr) -> u16 {
 
 #[tokio::test]
 async fn two_replicas_share_the_handshake_budget() {
-    let port = free_port();
-    let Some(_redis) = Redis::start(port).await else {
+    let Some(_redis) = Redis::start().await else {
         return;
     };
+    let port = _redis.port;
     let backend = echo_backend().await;
     let a = proxy(backend, &shared_policy(port, "local")).await;
     let b = proxy(backend, &shared_policy(port, "local")).await;
@@ -95,10 +128,10 @@ async fn two_replicas_share_the_handshake_budget() {
 
 #[tokio::test]
 async fn redis_outage_follows_on_error_then_recovers() {
-    let port = free_port();
-    let Some(mut redis) = Redis::start(port).await else {
+    let Some(mut redis) = Redis::start().await else {
         return;
     };
+    let port = redis.port;
     let backend = echo_backend().await;
     let local = proxy(backend, &shared_policy(port, "local")).await;
     let allow = proxy(backend, &shared_policy(port, "allow")).await;
@@ -125,7 +158,9 @@ async fn redis_outage_follows_on_error_then_recovers() {
     assert_eq!(seen, vec![101, 101, 101, 429]);
     assert!(metric(&deny, "wsguard_shared_limiter_unavailable_total") >= 1.0);
     // Redis comes back empty (scripts lost): shared decisions resume.
-    let _redis = Redis::start(redis.port).await.unwrap();
+    let Started::Up(_redis) = Redis::start_on(redis.port).await else {
+        panic!("redis did not restart on its port");
+    };
     let mut back = false;
     for _ in 0..100 {
         if status(deny.addr).await == 101 {
@@ -144,7 +179,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use wsguard::guard::shared::{Decision, RedisTarget, SharedLimiter, SharedSettings};
+use wsguard::guard::redis_limits::{Decision, RedisTarget, SharedLimiter, SharedSettings};
 
 /// A redis-server (data node or sentinel) on a port of its own; killed by
 /// PID on drop. Ports are tried at random and a collision is retried (the
@@ -444,7 +479,7 @@ async fn cluster_failover_follows_on_error_local_then_recovers() {
     let a = proxy(backend, &ha_policy(&seeds, "local", "cf")).await;
     let b = proxy(backend, &ha_policy(&seeds, "local", "cf")).await;
     for p in [&a, &b] {
-        reachable(p.shared.runtime().shared_limiter.as_ref().unwrap()).await;
+        reachable(p.process.current().shared_limiter.as_ref().unwrap()).await;
     }
     let unavailable = |p: &wsguard::Running| metric(p, "wsguard_shared_limiter_unavailable_total");
     let before = (unavailable(&a), unavailable(&b));
@@ -589,7 +624,7 @@ async fn sentinel_shares_limits_and_survives_a_failover() {
     let a = proxy(backend, &ha_policy(&shared, "local", "s1")).await;
     let b = proxy(backend, &ha_policy(&shared, "local", "s1")).await;
     for p in [&a, &b] {
-        reachable(p.shared.runtime().shared_limiter.as_ref().unwrap()).await;
+        reachable(p.process.current().shared_limiter.as_ref().unwrap()).await;
     }
     let l = limiter_for(
         RedisTarget::Sentinel {
@@ -688,10 +723,10 @@ fn subject_token(sub: &str) -> String {
 /// it returns.
 #[tokio::test]
 async fn shutdown_leaves_no_subject_count_in_redis() {
-    let port = free_port();
-    let Some(_redis) = Redis::start(port).await else {
+    let Some(_redis) = Redis::start().await else {
         return;
     };
+    let port = _redis.port;
     let dir = scratch("jwt");
     let secret = dir.join("hs.secret");
     std::fs::write(&secret, SECRET).unwrap();
@@ -725,10 +760,10 @@ async fn shutdown_leaves_no_subject_count_in_redis() {
 /// open the other's circuit; the gauge shows the shared state.
 #[tokio::test]
 async fn shared_breaker_opens_on_every_replica() {
-    let port = free_port();
-    let Some(mut redis) = Redis::start(port).await else {
+    let Some(mut redis) = Redis::start().await else {
         return;
     };
+    let port = redis.port;
     let dead = dead_port().await;
     let policy = |prefix: &str| {
         format!(

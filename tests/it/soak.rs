@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
-use crate::process::{free_port, policy_file, Proc};
+use crate::process::{policy_file, Proc, ANY_PORTS};
 
 const SESSIONS_DEFAULT: usize = 500;
 const RELOADS_DEFAULT: usize = 100;
@@ -47,16 +47,14 @@ async fn reload_storm_drops_nothing() {
         let url = line.rsplit(' ').next().unwrap().to_string();
         url.trim_start_matches("ws://").to_string()
     };
-    let (port, admin) = (free_port(), free_port());
     let base = format!(
-        "listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\nupstream: {{ url: \"ws://{backend}\" }}\nlog: {{ level: info }}\nlimits:\n  per_ip: null\n  per_connection: null\n"
+        "{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\nlog: {{ level: info }}\nlimits:\n  per_ip: null\n  per_connection: null\n"
     );
     let valid = |i: usize| format!("{base}  max_connections: {}\n", 1000 + i);
     let invalid = format!("{base}  max_conections: 1\n");
     let f = policy_file("soak", &valid(0));
     let mut p = Proc::spawn(&f);
-    p.log_line("wsguard listening").await;
-    let mut addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (mut addr, admin) = p.listening().await;
     if std::env::var("SOAK_DIRECT").is_ok() {
         // Diagnostic: the same clients straight to the backend.
         addr = backend.parse().unwrap();
@@ -141,7 +139,7 @@ async fn reload_storm_drops_nothing() {
         per_session.push(s.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
     }
     let (mut r, _) = Raw::request(
-        format!("127.0.0.1:{admin}").parse().unwrap(),
+        admin,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;

@@ -332,23 +332,21 @@ async fn bad_tls_material_is_a_policy_problem_naming_the_file() {
 
 #[tokio::test]
 async fn sighup_swaps_certificate_and_origin_list_while_sessions_live() {
-    use crate::process::{free_port, policy_file, Proc};
+    use crate::process::{policy_file, Proc, ANY_PORTS};
     wsguard::tls::install_provider();
     let pki = Pki::new("swap");
     pki.server("first");
     let backend = echo_backend().await;
-    let port = free_port();
     let policy = |origin: &str| {
         format!(
-            "listen: \"127.0.0.1:{port}\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{backend}\" }}\ntls: {{ cert_file: \"{}\", key_file: \"{}\" }}\norigin: {{ mode: enforce, allow: [\"{origin}\"] }}\n",
+            "{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\ntls: {{ cert_file: \"{}\", key_file: \"{}\" }}\norigin: {{ mode: enforce, allow: [\"{origin}\"] }}\n",
             pki.file("server.crt"),
             pki.file("server.key")
         )
     };
     let f = policy_file("swap", &policy("https://a.example"));
     let mut p = Proc::spawn(&f);
-    p.log_line("wsguard listening").await;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (addr, _): (SocketAddr, _) = p.listening().await;
     let cfg = pki.client_config(None);
     let (mut live, cn) = wss(
         addr,

@@ -93,7 +93,7 @@ struct Inner {
     /// Per pinned algorithm, the claim checks jsonwebtoken applies.
     validations: Vec<(Algorithm, Validation)>,
     /// The keys of `jwks_url`. In the proxy this is the process-wide cache
-    /// of that URL ([`crate::runtime::Shared`] keeps one per URL across
+    /// of that URL ([`crate::state::Process`] keeps one per URL across
     /// reloads); a verifier built alone has its own.
     jwks: Option<Arc<JwksCache>>,
 }

@@ -13,18 +13,18 @@ use tokio_util::task::TaskTracker;
 use crate::guard::breaker::Breaker;
 use crate::guard::jwt::{JwksCache, Verifier};
 use crate::guard::limits::{ConnCounts, HandshakeLimiter, SubjectLimiter};
-use crate::guard::shared::{SharedLimiter, SharedSettings};
+use crate::guard::redis_limits::{SharedLimiter, SharedSettings};
 use crate::metrics::{Metrics, UpstreamLabel};
 use crate::policy::{Limits, Policy, Route};
 use crate::values::{BreakerPolicy, Rate};
 
 /// One policy generation plus what is derived from it. New handshakes load
 /// the current one; a live session keeps the one it started with.
-pub struct Runtime {
+pub struct Generation {
     pub policy: Policy,
     pub generation: u64,
     /// Aligned with [`Policy::route`]: 0 is the top level.
-    pub routes: Vec<RouteRuntime>,
+    pub routes: Vec<RouteState>,
     /// `limits.per_subject.messages`, shared by every route.
     pub subject_messages: Option<Arc<SubjectLimiter>>,
     /// `limits.shared`: the Redis limiter.
@@ -35,7 +35,7 @@ pub struct Runtime {
 }
 
 /// What a route derives from its policy.
-pub struct RouteRuntime {
+pub struct RouteState {
     pub handshakes: Option<Arc<HandshakeLimiter>>,
     /// Token verification with this route's keys (and JWKS cache).
     pub jwt: Option<Verifier>,
@@ -49,8 +49,8 @@ pub struct RouteRuntime {
     pub upstream_ws_config: WebSocketConfig,
 }
 
-impl Runtime {
-    pub fn route(&self, index: usize) -> (&Route, Option<&RouteRuntime>) {
+impl Generation {
+    pub fn route(&self, index: usize) -> (&Route, Option<&RouteState>) {
         (self.policy.route(index), self.routes.get(index))
     }
 }
@@ -68,15 +68,15 @@ pub fn ws_config(l: &Limits) -> WebSocketConfig {
         .accept_unmasked_frames(false)
 }
 
-/// See [`RouteRuntime::upstream_ws_config`].
+/// See [`RouteState::upstream_ws_config`].
 pub fn upstream_ws_config(l: &Limits) -> WebSocketConfig {
     ws_config(l)
         .max_frame_size(None)
         .max_message_size(Some(l.max_message_size.saturating_add(1024)))
 }
 
-pub struct Shared {
-    current: ArcSwap<Runtime>,
+pub struct Process {
+    current: ArcSwap<Generation>,
     pub metrics: Metrics,
     pub counts: Arc<ConnCounts>,
     /// Connections still in the handshake, per peer address (a trusted
@@ -137,10 +137,10 @@ fn breaker_key(b: &BreakerPolicy) -> BreakerKey {
     )
 }
 
-impl Shared {
-    pub fn new(policy: Policy) -> Arc<Shared> {
+impl Process {
+    pub fn new(policy: Policy) -> Arc<Process> {
         let metrics = Metrics::new();
-        let placeholder = Runtime {
+        let placeholder = Generation {
             routes: Vec::new(),
             subject_messages: None,
             shared_limiter: None,
@@ -148,7 +148,7 @@ impl Shared {
             generation: 0,
             policy: policy.clone(),
         };
-        let shared = Arc::new(Shared {
+        let process = Arc::new(Process {
             current: ArcSwap::from_pointee(placeholder),
             metrics,
             counts: Arc::new(ConnCounts::default()),
@@ -169,8 +169,8 @@ impl Shared {
             ),
             generation: std::sync::atomic::AtomicU64::new(0),
         });
-        shared.install(policy);
-        shared
+        process.install(policy);
+        process
     }
 
     /// The generation in force (1 at start, +1 per applied reload).
@@ -179,7 +179,7 @@ impl Shared {
     }
 
     /// The policy generation new handshakes use.
-    pub fn runtime(&self) -> Arc<Runtime> {
+    pub fn current(&self) -> Arc<Generation> {
         self.current.load_full()
     }
 
@@ -298,7 +298,7 @@ impl Shared {
         };
         let routes = policy
             .all_routes()
-            .map(|r| RouteRuntime {
+            .map(|r| RouteState {
                 ws_config: ws_config(&r.limits),
                 upstream_ws_config: upstream_ws_config(&r.limits),
                 jwt: r.jwt.as_ref().map(|j| {
@@ -361,7 +361,7 @@ impl Shared {
             }
         });
         let asserted_headers = policy.asserted_headers();
-        self.current.store(Arc::new(Runtime {
+        self.current.store(Arc::new(Generation {
             asserted_headers,
             policy,
             generation,

@@ -1339,7 +1339,7 @@ mod tests {
         fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
         fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
         fn event(&self, e: &tracing::Event<'_>) {
-            if !e.metadata().target().ends_with("shared") {
+            if !e.metadata().target().ends_with("redis_limits") {
                 return;
             }
             match *e.metadata().level() {

@@ -1720,10 +1720,15 @@ impl Policy {
     /// The one-line summary `check` prints.
     pub fn summary(&self) -> String {
         format!(
-            "ok: listen {} (admin {}), {} route(s); default: {}",
+            "ok: listen {} (admin {}), {} route(s), compression {}; default: {}",
             self.listen,
             self.admin_listen,
             self.routes.len() + 1,
+            if self.compression.is_some() {
+                "on"
+            } else {
+                "off"
+            },
             self.default_route.describe(),
         )
     }
@@ -2338,10 +2343,18 @@ mod tests {
             "messages { rate: 600/m, burst: 50 }",
             "bytes { rate: 1MiB/s, burst: 2MiB }",
             "on_message_limit: drop",
+            "compression on;",
         ] {
             assert!(s.contains(part), "{part} not in {s}");
         }
         assert!(!s.contains("Drop") && !s.contains("1s burst"), "{s}");
+        let off = Policy::from_text("p.yaml", "compression: { mode: off }\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            off.summary().contains("compression off;"),
+            "{}",
+            off.summary()
+        );
         assert!(
             p.explain().contains("shutdown_grace 10s"),
             "{}",

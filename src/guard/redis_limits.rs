@@ -1165,7 +1165,6 @@ impl Drop for SharedSlot {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
     use std::num::NonZeroU32;
     use std::process::{Child, Command, Stdio};
     use std::sync::atomic::AtomicUsize;
@@ -1193,11 +1192,12 @@ mod tests {
         }
     }
 
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
+    /// A random port for a test's own redis-server. Redis cannot bind port
+    /// 0 (that turns TCP off) and a port bound and dropped here could be
+    /// taken again before Redis binds it, so a random one is tried and, if
+    /// it is taken (Redis exits), another.
+    fn random_port() -> u16 {
+        20_000 + rand::random::<u16>() % 30_000
     }
 
     impl RedisServer {
@@ -1205,8 +1205,8 @@ mod tests {
             if !redis_available() {
                 return None;
             }
-            for _ in 0..5 {
-                if let Some(s) = RedisServer::start_on(free_port()) {
+            for _ in 0..20 {
+                if let Some(s) = RedisServer::start_on(random_port()) {
                     return Some(s);
                 }
             }
@@ -1913,7 +1913,9 @@ mod tests {
         if !redis_available() {
             return;
         }
-        let port = free_port();
+        // A port nothing listens on yet (the server is started on it below;
+        // if that port turns out to be taken, the test says so).
+        let port = random_port();
         let l = limiter(&format!("redis://127.0.0.1:{port}/"), "wsguard");
         let r = rate(1, 60, 5);
         let t = Instant::now();
@@ -1923,7 +1925,8 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
-        let _server = RedisServer::start_on(port).unwrap();
+        let _server = RedisServer::start_on(port)
+            .unwrap_or_else(|| panic!("port {port} was taken meanwhile; rerun"));
         let t = Instant::now();
         while l.check("k", &r).await != Decision::Allow {
             assert!(t.elapsed() < Duration::from_secs(10), "no recovery");

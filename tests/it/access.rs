@@ -193,7 +193,7 @@ async fn idle_sockets_from_one_peer_are_capped_before_the_handshake() {
     assert!(metric(&p, "wsguard_rejections_total{reason=\"pending_limit\"}") >= 1.0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_that_stops_reading_is_blamed_not_the_client() {
     let p = proxy(
         stuck_backend().await,

@@ -168,7 +168,7 @@ async fn a_ping_under_write_backpressure_gets_exactly_one_pong_the_backends() {
 /// With keepalive on both hops, wsguard's own pings and their pongs stay
 /// on their hop (consumed by nonce), and an application ping still gets
 /// exactly one pong: the backend's.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn with_keepalive_on_both_hops_a_ping_gets_only_the_backends_pong() {
     let (b, mut events) = raw_backend().await;
     let p = proxy(

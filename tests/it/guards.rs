@@ -9,7 +9,7 @@ use crate::common::*;
 
 const NO_LIMITS: &str = "limits:\n  per_ip: null\n  per_connection: null\n";
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn responsive_client_stays_connected_across_many_pings() {
     let p = proxy(
         echo_backend().await,
@@ -40,7 +40,7 @@ async fn responsive_client_stays_connected_across_many_pings() {
     assert!(metric(&p, "wsguard_ping_rtt_seconds_count") >= 7.0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn silent_client_is_closed_1011_and_backend_gets_1001() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(
@@ -65,8 +65,10 @@ async fn silent_client_is_closed_1011_and_backend_gets_1001() {
     };
     assert_eq!((pings, code), (3, 1011));
     let took = started.elapsed();
+    // Paused time: three pings at 100, 200 and 300 ms, the close at the
+    // fourth tick, whatever the machine's load.
     assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        took >= Duration::from_millis(400) && took < Duration::from_millis(500),
         "{took:?}"
     );
     // The TCP connection is shut without waiting for our close reply.
@@ -82,7 +84,7 @@ async fn silent_client_is_closed_1011_and_backend_gets_1001() {
     assert_echo(p.addr).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn own_pongs_stay_on_their_hop() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(b, &format!("keepalive: {{ interval: 100ms, max_missed: 6, upstream_interval: 100ms }}\n{NO_LIMITS}")).await;
@@ -116,7 +118,7 @@ async fn own_pongs_stay_on_their_hop() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn hung_backend_gives_client_1014() {
     let p = proxy(
         mute_backend().await,
@@ -130,7 +132,7 @@ async fn hung_backend_gives_client_1014() {
     assert_eq!(r.close_code().await, Some(1014));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_timeout_fires_and_traffic_resets_it() {
     let p = proxy(echo_backend().await, &format!("keepalive: {{ interval: 0s, upstream_interval: 0s, idle_timeout: 700ms }}\n{NO_LIMITS}")).await;
     let mut c = ws(p.addr, "/").await;
@@ -141,12 +143,19 @@ async fn idle_timeout_fires_and_traffic_resets_it() {
         c.send(Message::text(format!("m{i}"))).await.unwrap();
         assert_eq!(next(&mut c).await, Message::text(format!("m{i}")));
     }
-    assert!(start.elapsed() > Duration::from_millis(800));
+    assert!(start.elapsed() >= Duration::from_millis(900));
     let m = next(&mut c).await;
+    // Paused time: the close comes exactly idle_timeout after the last
+    // message (900 ms + 700 ms), not earlier.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1600) && took < Duration::from_millis(1650),
+        "{took:?}"
+    );
     assert_eq!(close_of(&m), Some((1001, "idle timeout".into())));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn max_session_duration_closes_both_sides_with_1001_session_too_long() {
     let (b, mut rx) = recording_backend().await;
     let p = proxy(
@@ -162,10 +171,9 @@ async fn max_session_duration_closes_both_sides_with_1001_session_too_long() {
     let m = next(&mut c).await;
     let after = start.elapsed();
     assert_eq!(close_of(&m), Some((1001, "session too long".into())));
-    // 1s plus at most 10% jitter; the upper bound is loose for a loaded
-    // machine (the exact range is a unit test of Limits::session_deadline).
+    // Paused time: 1s plus at most 10% jitter, whatever the machine's load.
     assert!(
-        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        after >= Duration::from_secs(1) && after < Duration::from_millis(1110),
         "{after:?}"
     );
     let mut backend_close = None;

@@ -550,9 +550,9 @@ impl Decoder {
             }
             (op, None) => (op, true),
         };
-        if h.len > self.rules.max_frame {
-            return Err(FrameError::TooBig("frame too big").into());
-        }
+        // The message limit first: with the default frame limit (equal to
+        // the message limit) a one-frame message that is too big is called
+        // what the operator configured, a message too big.
         let total = if first {
             h.len
         } else {
@@ -560,6 +560,9 @@ impl Decoder {
         };
         if total > self.rules.max_message {
             return Err(FrameError::TooBig("message too big").into());
+        }
+        if h.len > self.rules.max_frame {
+            return Err(FrameError::TooBig("frame too big").into());
         }
         if first {
             self.utf8 = Utf8::default();

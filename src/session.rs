@@ -1435,10 +1435,25 @@ pub async fn run<C, U>(
 
     process.metrics.connections_active.dec();
     route_active.dec();
+    // `closed_by` is who ended the session: the client or the backend
+    // (it closed or went away), or wsguard (it imposed the close: a limit,
+    // a protocol violation, a dead peer, a timer, a drain). `fault` is the
+    // side whose behaviour caused it, as in wsguard_session_closes_total's
+    // `side` label; `reason` says what happened.
+    let closed_by = match &end {
+        End::ClientClosed(_) | End::ClientGone => "client",
+        End::UpstreamClosed(_) | End::UpstreamGone => "backend",
+        _ => "proxy",
+    };
     let reason = match &end {
         End::Policy(_, r) => *r,
+        End::ClientViolation(_, r) | End::UpstreamViolation(_, r) => *r,
+        End::ClientDead => "client keepalive timeout",
+        End::UpstreamDead => "backend keepalive timeout",
+        End::Idle => "idle timeout",
         End::Overload => "partial message budget",
         End::TooLong => "session too long",
+        End::Shutdown(_) => "shutting down",
         _ => "",
     };
     tracing::info!(
@@ -1452,7 +1467,8 @@ pub async fn run<C, U>(
         bytes_c2s = eng.c2u.st.bytes,
         bytes_s2c = eng.u2c.st.bytes,
         close_code = client_code,
-        closed_by = side,
+        closed_by,
+        fault = side,
         reason,
         "session closed"
     );

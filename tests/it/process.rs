@@ -329,6 +329,54 @@ async fn sigterm_with_shutdown_close_code_1012_gives_clients_1012_and_exits_0() 
     assert_eq!(p.exit_code().await, Some(0));
 }
 
+/// The access-log line of a session, as JSON (fields at the top level or
+/// under `fields`, depending on the formatter).
+fn access_field(line: &str, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    v.get(name)
+        .or_else(|| v["fields"].get(name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+/// A 1009 that wsguard imposes is logged as closed by the proxy, with the
+/// client at fault and the reason; a close the client sends is logged as
+/// closed by the client.
+#[tokio::test]
+async fn the_access_log_names_who_closed_and_why() {
+    let backend = echo_backend().await;
+    let f = policy_file(
+        "access",
+        &format!("{ANY_PORTS}upstream: {{ url: \"ws://{backend}\" }}\nlimits:\n  max_message_size: 1KiB\n"),
+    );
+    let mut p = Proc::spawn(&f);
+    let (addr, _) = p.listening().await;
+
+    let mut c = ws(addr, "/too-big").await;
+    c.send(Message::binary(vec![7u8; 2048])).await.unwrap();
+    let m = next(&mut c).await;
+    assert_eq!(close_of(&m).map(|c| c.0), Some(1009));
+    // The line is written once the close handshake is over: hang up.
+    drop(c);
+    let line = p.log_line("session closed").await;
+    assert_eq!(access_field(&line, "path"), "/too-big", "{line}");
+    assert_eq!(access_field(&line, "close_code"), 1009, "{line}");
+    assert_eq!(access_field(&line, "closed_by"), "proxy", "{line}");
+    assert_eq!(access_field(&line, "fault"), "client", "{line}");
+    assert_eq!(access_field(&line, "reason"), "message too big", "{line}");
+
+    let mut c = ws(addr, "/polite").await;
+    c.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next(&mut c).await, Message::text("hi"));
+    c.close(None).await.unwrap();
+    drop(c);
+    let line = p.log_line("session closed").await;
+    assert_eq!(access_field(&line, "path"), "/polite", "{line}");
+    assert_eq!(access_field(&line, "closed_by"), "client", "{line}");
+    assert_eq!(access_field(&line, "close_code"), 1005, "{line}");
+    assert_eq!(access_field(&line, "reason"), "", "{line}");
+}
+
 #[tokio::test]
 async fn taken_listen_address_exits_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -288,12 +288,25 @@ pub async fn silent_backend() -> SocketAddr {
     a
 }
 
-/// A port with nothing listening.
+/// Sockets that hold the ports `dead_port` hands out, for the life of the
+/// test process.
+static DEAD_PORTS: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+
+/// A port with nothing listening: bound (so no other test can take it) but
+/// never listening, so a connection to it is refused at once. Not a port
+/// bound and released, which another test could take meanwhile.
 pub async fn dead_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
+    let (a, s) = down_port();
+    DEAD_PORTS.lock().unwrap().push(s);
     a
+}
+
+/// A port that refuses connections until the test brings a server up on
+/// it with `socket.listen(..)`: bound, not listening, never released.
+pub fn down_port() -> (SocketAddr, tokio::net::TcpSocket) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (s.local_addr().unwrap(), s)
 }
 
 // ---------------------------------------------------------------- raw client

@@ -334,7 +334,7 @@ async fn byte_rate_closes_when_the_bucket_is_empty() {
 
 #[tokio::test]
 async fn breaker_opens_answers_503_fast_then_recovers() {
-    let dead = dead_port().await;
+    let (dead, socket) = down_port();
     let p = proxy(dead, "limits: { per_ip: null, per_connection: null }\n").await;
     // Replace the policy's breaker with a quick one through a reload.
     let policy = wsguard::policy::Policy::from_text(
@@ -358,7 +358,7 @@ async fn breaker_opens_answers_503_fast_then_recovers() {
     );
     assert!(h.header("retry-after").is_some());
     // The backend comes up on the same port; after open_for a probe closes it.
-    let l = tokio::net::TcpListener::bind(dead).await.unwrap();
+    let l = socket.listen(1024).unwrap();
     tokio::spawn(wsguard::demo::echo_backend(l));
     let mut status = 0;
     for _ in 0..100 {

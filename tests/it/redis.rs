@@ -389,7 +389,10 @@ async fn cluster_shares_limits_across_replicas() {
     let (nodes, _dir) = cluster().await;
     let urls: Vec<String> = nodes.iter().map(Node::url).collect();
     let backend = echo_backend().await;
-    // Seeded with one node each: the rest of the cluster is discovered.
+    // Seeded with one live node each: the rest of the cluster is
+    // discovered. b's first seed refuses connections (a node that is down):
+    // it is skipped, which is why the README says to list several seeds.
+    let down = dead_port().await;
     let a = proxy(
         backend,
         &ha_policy(&format!("    cluster: [{}]\n", urls[0]), "deny", "c1"),
@@ -397,7 +400,11 @@ async fn cluster_shares_limits_across_replicas() {
     .await;
     let b = proxy(
         backend,
-        &ha_policy(&format!("    cluster: [{}]\n", urls[2]), "deny", "c1"),
+        &ha_policy(
+            &format!("    cluster: [redis://{down}/, {}]\n", urls[2]),
+            "deny",
+            "c1",
+        ),
     )
     .await;
     // The first calls dial; on_error deny answers 503 until then.
@@ -764,7 +771,7 @@ async fn shared_breaker_opens_on_every_replica() {
         return;
     };
     let port = redis.port;
-    let dead = dead_port().await;
+    let (dead, socket) = down_port();
     let policy = |prefix: &str| {
         format!(
             "keepalive: {{ interval: 0s, upstream_interval: 0s }}\nupstream:\n  url: \"ws://{dead}\"\n  connect_timeout: 1s\n  circuit_breaker: {{ consecutive_failures: 3, open_for: 2s, max_open_for: 8s, shared: true }}\nlimits:\n  per_ip: null\n  per_connection: null\n  shared:\n    redis_url: redis://127.0.0.1:{port}\n    prefix: {prefix}\n    timeout: 200ms\n"
@@ -829,7 +836,7 @@ async fn shared_breaker_opens_on_every_replica() {
         "4000"
     );
     // The backend comes up; the next probe closes the circuit for both.
-    let l = tokio::net::TcpListener::bind(dead).await.unwrap();
+    let l = socket.listen(1024).unwrap();
     let up = tokio::spawn(wsguard::demo::echo_backend(l));
     let t = Instant::now();
     loop {

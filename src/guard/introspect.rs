@@ -39,10 +39,9 @@ use sha2::Sha256;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::config::{IntrospectionConfig, IntrospectionOnError, Mode, Str};
-use crate::guard::jwt::{self, Claims, Problem, TokenSource};
+use crate::config::{IntrospectionConfig, IntrospectionOnError, Mode};
+use crate::guard::jwt::{self, Builder, Claims, Problem, TokenSource};
 use crate::metrics::ResultLabel;
-use crate::values::parse_duration;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -147,28 +146,6 @@ impl IntrospectError {
 }
 
 // ---------------------------------------------------------------- building
-
-struct Builder<'a> {
-    path: &'a str,
-    problems: Vec<Problem>,
-}
-
-impl Builder<'_> {
-    fn push(&mut self, loc: Location, sub: &str, message: impl Into<String>) {
-        self.problems
-            .push((loc, format!("{}.{sub}", self.path), message.into()));
-    }
-
-    fn duration(&mut self, v: &Option<Str>, sub: &str, default: Duration) -> Duration {
-        match v {
-            None => default,
-            Some(s) => parse_duration(&s.value).unwrap_or_else(|e| {
-                self.push(s.referenced, sub, e);
-                default
-            }),
-        }
-    }
-}
 
 /// `https://`, or `http://` to a loopback address; no credentials in it.
 pub fn check_url(s: &str) -> Result<reqwest::Url, String> {
@@ -354,47 +331,8 @@ pub fn build(cfg: &IntrospectionConfig, path: &str) -> Result<Option<Introspecti
         }
     }
 
-    let mut token_sources: Vec<TokenSource> = Vec::new();
-    match &cfg.token_sources {
-        None => token_sources.push(TokenSource::Header),
-        Some(list) => {
-            if list.is_empty() {
-                b.push(
-                    mode_loc,
-                    "token_sources",
-                    "at least one token source is required",
-                );
-            }
-            for (i, s) in list.iter().enumerate() {
-                let sp = format!("token_sources[{i}]");
-                match TokenSource::parse(&s.value) {
-                    Ok(t) if token_sources.contains(&t) => {
-                        b.push(s.referenced, &sp, format!("duplicate token source `{t}`"));
-                    }
-                    Ok(t) => token_sources.push(t),
-                    Err(m) => b.push(s.referenced, &sp, m),
-                }
-            }
-        }
-    }
-
-    let mut forward_claims: Vec<(String, HeaderName)> = Vec::new();
-    for (claim, header) in cfg.forward_claims.iter().flatten() {
-        let cp = format!("forward_claims.{claim}");
-        if claim.is_empty() {
-            b.push(header.referenced, &cp, "the claim name must not be empty");
-            continue;
-        }
-        match jwt::forward_header(&header.value) {
-            Ok(name) if forward_claims.iter().any(|(_, h)| *h == name) => b.push(
-                header.referenced,
-                &cp,
-                format!("header `{name}` is already used by another claim"),
-            ),
-            Ok(name) => forward_claims.push((claim.clone(), name)),
-            Err(m) => b.push(header.referenced, &cp, m),
-        }
-    }
+    let token_sources = b.token_sources(&cfg.token_sources, mode_loc);
+    let forward_claims = b.forward_claims(&cfg.forward_claims);
 
     if !b.problems.is_empty() {
         return Err(b.problems);

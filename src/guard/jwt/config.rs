@@ -268,54 +268,9 @@ pub fn build(cfg: &JwtConfig, path: &str) -> Result<Option<Jwt>, Vec<Problem>> {
         }
     }
 
-    // token sources
-    let mut token_sources: Vec<TokenSource> = Vec::new();
-    match &cfg.token_sources {
-        None => token_sources.push(TokenSource::Header),
-        Some(list) => {
-            if list.is_empty() {
-                b.push(
-                    mode_loc,
-                    "token_sources",
-                    "at least one token source is required",
-                );
-            }
-            for (i, s) in list.iter().enumerate() {
-                let sp = format!("token_sources[{i}]");
-                match TokenSource::parse(&s.value) {
-                    Ok(t) if token_sources.contains(&t) => {
-                        b.push(s.referenced, &sp, format!("duplicate token source `{t}`"));
-                    }
-                    Ok(t) => token_sources.push(t),
-                    Err(m) => b.push(s.referenced, &sp, m),
-                }
-            }
-        }
-    }
+    let token_sources = b.token_sources(&cfg.token_sources, mode_loc);
 
-    // forward_claims
-    let mut forward_claims: Vec<(String, HeaderName)> = Vec::new();
-    for (claim, header) in cfg.forward_claims.iter().flatten() {
-        let cp = format!("forward_claims.{claim}");
-        if claim.is_empty() {
-            b.push(header.referenced, &cp, "the claim name must not be empty");
-            continue;
-        }
-        match forward_header(&header.value) {
-            Ok(name) => {
-                if forward_claims.iter().any(|(_, h)| *h == name) {
-                    b.push(
-                        header.referenced,
-                        &cp,
-                        format!("header `{name}` is already used by another claim"),
-                    );
-                } else {
-                    forward_claims.push((claim.clone(), name));
-                }
-            }
-            Err(m) => b.push(header.referenced, &cp, m),
-        }
-    }
+    let forward_claims = b.forward_claims(&cfg.forward_claims);
 
     if !b.problems.is_empty() {
         return Err(b.problems);
@@ -338,13 +293,15 @@ pub fn build(cfg: &JwtConfig, path: &str) -> Result<Option<Jwt>, Vec<Problem>> {
     }))
 }
 
-struct Builder<'a> {
-    path: &'a str,
-    problems: Vec<Problem>,
+/// Collects the problems of one token guard's section (`jwt` here,
+/// `introspection` too), each under the section's key path.
+pub(crate) struct Builder<'a> {
+    pub(crate) path: &'a str,
+    pub(crate) problems: Vec<Problem>,
 }
 
 impl Builder<'_> {
-    fn push(&mut self, loc: Location, sub: &str, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, loc: Location, sub: &str, message: impl Into<String>) {
         let p = if sub.is_empty() {
             self.path.to_string()
         } else {
@@ -366,7 +323,7 @@ impl Builder<'_> {
         }
     }
 
-    fn duration(&mut self, v: &Option<Str>, sub: &str, default: Duration) -> Duration {
+    pub(crate) fn duration(&mut self, v: &Option<Str>, sub: &str, default: Duration) -> Duration {
         match v {
             None => default,
             Some(s) => match parse_duration(&s.value) {
@@ -377,6 +334,63 @@ impl Builder<'_> {
                 }
             },
         }
+    }
+
+    /// `token_sources`: the header by default; at least one, no repeats.
+    pub(crate) fn token_sources(
+        &mut self,
+        list: &Option<Vec<Str>>,
+        mode_loc: Location,
+    ) -> Vec<TokenSource> {
+        let mut token_sources: Vec<TokenSource> = Vec::new();
+        let Some(list) = list else {
+            token_sources.push(TokenSource::Header);
+            return token_sources;
+        };
+        if list.is_empty() {
+            self.push(
+                mode_loc,
+                "token_sources",
+                "at least one token source is required",
+            );
+        }
+        for (i, s) in list.iter().enumerate() {
+            let sp = format!("token_sources[{i}]");
+            match TokenSource::parse(&s.value) {
+                Ok(t) if token_sources.contains(&t) => {
+                    self.push(s.referenced, &sp, format!("duplicate token source `{t}`"));
+                }
+                Ok(t) => token_sources.push(t),
+                Err(m) => self.push(s.referenced, &sp, m),
+            }
+        }
+        token_sources
+    }
+
+    /// `forward_claims`: claim name to header, each header used once and
+    /// allowed by [`forward_header`].
+    pub(crate) fn forward_claims(
+        &mut self,
+        map: &Option<std::collections::BTreeMap<String, Str>>,
+    ) -> Vec<(String, HeaderName)> {
+        let mut forward_claims: Vec<(String, HeaderName)> = Vec::new();
+        for (claim, header) in map.iter().flatten() {
+            let cp = format!("forward_claims.{claim}");
+            if claim.is_empty() {
+                self.push(header.referenced, &cp, "the claim name must not be empty");
+                continue;
+            }
+            match forward_header(&header.value) {
+                Ok(name) if forward_claims.iter().any(|(_, h)| *h == name) => self.push(
+                    header.referenced,
+                    &cp,
+                    format!("header `{name}` is already used by another claim"),
+                ),
+                Ok(name) => forward_claims.push((claim.clone(), name)),
+                Err(m) => self.push(header.referenced, &cp, m),
+            }
+        }
+        forward_claims
     }
 
     /// One entry of `keys`. `algs_known` is false when the algorithm list

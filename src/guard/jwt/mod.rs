@@ -26,6 +26,7 @@ mod jwks;
 mod keys;
 mod verify;
 
+pub(crate) use config::Builder;
 pub use config::{build, forward_header, Jwt, Problem};
 pub use extract::{
     extract, find, strip_cookie, strip_header, strip_query, strip_sources, strip_subprotocol,

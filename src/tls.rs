@@ -16,11 +16,15 @@
 //! [`server_config`] and swaps it in only when that succeeds; connections
 //! already established keep the config they were accepted with.
 //!
-//! Client certificates are described by [`ClientIdentity`], built by a small,
-//! bounds-checked DER walk over the (already verified) certificate: the
-//! subject's common name, the whole subject as an RFC 4514 string, and the
-//! SHA-256 fingerprint. All text in it is printable ASCII, so it is safe to
-//! put in a log line or an HTTP header value as is.
+//! Certificates are decoded with the RustCrypto `x509-cert` crate (and its
+//! `der`): strict DER and the RFC 5280 structure, checked for every
+//! certificate at load and read for the validity warnings. Client
+//! certificates are described by [`ClientIdentity`], read from the (already
+//! verified) certificate: the subject's common name, the whole subject as an
+//! RFC 4514 string (formatted here, not by the crate), and the SHA-256
+//! fingerprint. All text in it is printable ASCII, so it is safe to put in a
+//! log line or an HTTP header value as is. Input the crate cannot decode
+//! gives no subject, never a panic.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -34,6 +38,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
+use x509_cert::der::Decode;
+use x509_cert::time::Time;
+use x509_cert::Certificate;
 
 /// The only application protocol we negotiate.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -296,7 +303,8 @@ pub fn client_identity(conn: &ServerConnection) -> Option<ClientIdentity> {
 /// The identity of one DER certificate (see [`ClientIdentity`]).
 pub fn identity_from_cert(cert: &CertificateDer<'_>) -> ClientIdentity {
     let fingerprint_sha256 = hex(&Sha256::digest(cert.as_ref()));
-    let subject = der::parse_cert(cert.as_ref()).and_then(|c| name::describe(c.subject));
+    let subject =
+        parse_cert(cert.as_ref()).and_then(|c| name::describe(c.tbs_certificate().subject()));
     let (common_name, subject_dn) = match subject {
         Some((dn, cn)) => (cn, Some(dn)),
         None => (None, None),
@@ -353,7 +361,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let mut certs = Vec::new();
     for item in CertificateDer::pem_slice_iter(&bytes) {
         let cert = item.map_err(|e| pem_error(path, e))?;
-        if der::parse_cert(cert.as_ref()).is_none() {
+        if parse_cert(cert.as_ref()).is_none() {
             return Err(TlsError::Certificate {
                 path: path.to_path_buf(),
                 index: certs.len() + 1,
@@ -420,30 +428,28 @@ fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey,
 }
 
 fn warn_if_out_of_validity(cert_file: &Path, certs: &[CertificateDer<'_>]) {
-    let Some(leaf) = certs.first().and_then(|c| der::parse_cert(c.as_ref())) else {
+    let Some(leaf) = certs.first().and_then(|c| parse_cert(c.as_ref())) else {
         return;
     };
     let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
         return;
     };
     let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-    if let Some(not_after) = leaf.not_after {
-        if now > not_after {
-            tracing::warn!(
-                cert_file = %cert_file.display(),
-                not_after = %der::format_time(not_after),
-                "the TLS certificate has expired; clients will reject it"
-            );
-        }
+    let validity = leaf.tbs_certificate().validity();
+    // `Time`'s Display is RFC 3339 UTC: 2001-01-01T00:00:00Z.
+    if now > unix_seconds(validity.not_after) {
+        tracing::warn!(
+            cert_file = %cert_file.display(),
+            not_after = %validity.not_after,
+            "the TLS certificate has expired; clients will reject it"
+        );
     }
-    if let Some(not_before) = leaf.not_before {
-        if now < not_before {
-            tracing::warn!(
-                cert_file = %cert_file.display(),
-                not_before = %der::format_time(not_before),
-                "the TLS certificate is not valid yet; clients will reject it"
-            );
-        }
+    if now < unix_seconds(validity.not_before) {
+        tracing::warn!(
+            cert_file = %cert_file.display(),
+            not_before = %validity.not_before,
+            "the TLS certificate is not valid yet; clients will reject it"
+        );
     }
 }
 
@@ -460,206 +466,44 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-// ---------------------------------------------------------------- DER
+// ---------------------------------------------------------------- X.509
 
-/// A minimal, bounds-checked DER reader: just enough of X.509 to find the
-/// validity and the subject. Every access is checked; malformed input gives
-/// `None`, never a panic.
-mod der {
-    pub(super) const SEQUENCE: u8 = 0x30;
-    pub(super) const SET: u8 = 0x31;
-    pub(super) const OID: u8 = 0x06;
-    const INTEGER: u8 = 0x02;
-    const VERSION: u8 = 0xa0;
-    const UTC_TIME: u8 = 0x17;
-    const GENERALIZED_TIME: u8 = 0x18;
+/// A certificate decoded by the `x509-cert` crate: strict DER, the RFC 5280
+/// structure, nothing after it. Malformed input gives `None`, never a panic.
+fn parse_cert(der: &[u8]) -> Option<Certificate> {
+    Certificate::from_der(der).ok()
+}
 
-    /// One element: its tag, its contents, and its whole encoding.
-    #[derive(Clone, Copy)]
-    pub(super) struct Tlv<'a> {
-        pub tag: u8,
-        pub value: &'a [u8],
-        pub raw: &'a [u8],
-    }
-
-    /// Reads one element from the front of `input`; returns it and the rest.
-    pub(super) fn read(input: &[u8]) -> Option<(Tlv<'_>, &[u8])> {
-        let (&tag, after_tag) = input.split_first()?;
-        if tag & 0x1f == 0x1f {
-            return None; // high-tag-number form: never used in the parts we read
-        }
-        let (&first, after_len) = after_tag.split_first()?;
-        let (len, header) = if first < 0x80 {
-            (usize::from(first), 2)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 {
-                return None; // indefinite length (BER) or absurdly long
-            }
-            let mut len = 0usize;
-            for &b in after_len.get(..n)? {
-                len = (len << 8) | usize::from(b);
-            }
-            (len, 2 + n)
-        };
-        let end = header.checked_add(len)?;
-        let raw = input.get(..end)?;
-        let value = raw.get(header..)?;
-        Some((Tlv { tag, value, raw }, input.get(end..)?))
-    }
-
-    /// Reads one element that must have `tag`.
-    pub(super) fn expect(input: &[u8], tag: u8) -> Option<(Tlv<'_>, &[u8])> {
-        let (tlv, rest) = read(input)?;
-        (tlv.tag == tag).then_some((tlv, rest))
-    }
-
-    /// The parts of a certificate we use.
-    pub(super) struct Cert<'a> {
-        /// Contents of the subject Name (a sequence of RDN sets).
-        pub subject: &'a [u8],
-        pub not_before: Option<i64>,
-        pub not_after: Option<i64>,
-    }
-
-    pub(super) fn parse_cert(der: &[u8]) -> Option<Cert<'_>> {
-        let (cert, rest) = expect(der, SEQUENCE)?;
-        if !rest.is_empty() {
-            return None;
-        }
-        let (tbs, after_tbs) = expect(cert.value, SEQUENCE)?;
-        // signatureAlgorithm and signatureValue must follow.
-        let (_, after_alg) = expect(after_tbs, SEQUENCE)?;
-        let (_, after_sig) = expect(after_alg, 0x03)?;
-        if !after_sig.is_empty() {
-            return None;
-        }
-        let mut r = tbs.value;
-        if r.first() == Some(&VERSION) {
-            r = read(r)?.1;
-        }
-        let (_serial, r) = expect(r, INTEGER)?;
-        let (_signature, r) = expect(r, SEQUENCE)?;
-        let (_issuer, r) = expect(r, SEQUENCE)?;
-        let (validity, r) = expect(r, SEQUENCE)?;
-        let (subject, r) = expect(r, SEQUENCE)?;
-        let (_spki, _) = expect(r, SEQUENCE)?;
-        let (nb, v) = read(validity.value)?;
-        let (na, _) = read(v)?;
-        Some(Cert {
-            subject: subject.value,
-            not_before: parse_time(nb),
-            not_after: parse_time(na),
-        })
-    }
-
-    /// UTCTime / GeneralizedTime in the DER profile (`...Z`, with seconds)
-    /// to Unix seconds.
-    fn parse_time(t: Tlv<'_>) -> Option<i64> {
-        let s = std::str::from_utf8(t.value).ok()?;
-        let s = s.strip_suffix('Z')?;
-        if !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let num = |range: std::ops::Range<usize>| -> Option<i64> { s.get(range)?.parse().ok() };
-        let (year, rest) = match (t.tag, s.len()) {
-            (UTC_TIME, 12) => {
-                let yy = num(0..2)?;
-                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
-            }
-            (GENERALIZED_TIME, 14) => (num(0..4)?, 4),
-            _ => return None,
-        };
-        let month = num(rest..rest + 2)?;
-        let day = num(rest + 2..rest + 4)?;
-        let hour = num(rest + 4..rest + 6)?;
-        let minute = num(rest + 6..rest + 8)?;
-        let second = num(rest + 8..rest + 10)?;
-        if !(1..=12).contains(&month)
-            || !(1..=31).contains(&day)
-            || hour > 23
-            || minute > 59
-            || second > 60
-        {
-            return None;
-        }
-        Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
-    }
-
-    // Howard Hinnant's algorithms (proleptic Gregorian calendar).
-    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    fn civil_from_days(z: i64) -> (i64, i64, i64) {
-        let z = z + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        (y, m, d)
-    }
-
-    /// Unix seconds as RFC 3339 UTC, for log lines.
-    pub(super) fn format_time(t: i64) -> String {
-        let (y, m, d) = civil_from_days(t.div_euclid(86_400));
-        let s = t.rem_euclid(86_400);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-            s / 3600,
-            s / 60 % 60,
-            s % 60
-        )
-    }
-
-    #[cfg(test)]
-    pub(super) fn parse_time_for_test(tag: u8, s: &str) -> Option<i64> {
-        parse_time(Tlv {
-            tag,
-            value: s.as_bytes(),
-            raw: &[],
-        })
-    }
+/// Seconds since the Unix epoch of a certificate time (the crate only
+/// represents times from 1970 on).
+fn unix_seconds(t: Time) -> i64 {
+    i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX)
 }
 
 // ---------------------------------------------------------------- names
 
-/// X.501 Name to an RFC 4514 string.
+/// X.501 Name (as decoded by `x509-cert`) to an RFC 4514 string. The crate's
+/// own `Display` leaves non-ASCII text as is and knows fewer string types, so
+/// the text is made here.
 mod name {
-    use super::der::{self, Tlv};
+    use x509_cert::der::asn1::BmpString;
+    use x509_cert::der::{Any, Encode, Tag, Tagged};
+    use x509_cert::name::Name;
 
     /// The subject as RFC 4514 text and the last CN value (escaped); `None`
-    /// when the Name does not parse.
-    pub(super) fn describe(name: &[u8]) -> Option<(String, Option<String>)> {
+    /// when an RDN is empty or a value cannot be re-encoded.
+    pub(super) fn describe(name: &Name) -> Option<(String, Option<String>)> {
         let mut rdns = Vec::new();
         let mut cn = None;
-        let mut r = name;
-        while !r.is_empty() {
-            let (set, rest) = der::expect(r, der::SET)?;
-            r = rest;
-            let mut attrs = Vec::new();
-            let mut s = set.value;
-            while !s.is_empty() {
-                let (atv, rest) = der::expect(s, der::SEQUENCE)?;
-                s = rest;
-                let (oid, after_oid) = der::expect(atv.value, der::OID)?;
-                let (value, after_value) = der::read(after_oid)?;
-                if !after_value.is_empty() {
-                    return None;
-                }
-                let dotted = dotted_oid(oid.value)?;
+        for rdn in name.iter_rdn() {
+            if rdn.is_empty() {
+                return None;
+            }
+            let mut attrs = Vec::with_capacity(rdn.len());
+            for atv in rdn.iter() {
+                let dotted = atv.oid.to_string();
                 let short = short_name(&dotted);
-                let text = match (short, decode_string(value)) {
+                let text = match (short, decode_string(&atv.value)) {
                     (Some(_), Some(text)) => {
                         let text = escape_value(&text);
                         if dotted == "2.5.4.3" {
@@ -669,12 +513,9 @@ mod name {
                     }
                     // RFC 4514 2.4: unknown types, or values that are not
                     // strings, as '#' + hex of the BER encoding.
-                    _ => format!("#{}", super::hex(value.raw)),
+                    _ => format!("#{}", super::hex(&atv.value.to_der().ok()?)),
                 };
                 attrs.push(format!("{}={text}", short.unwrap_or(&dotted)));
-            }
-            if attrs.is_empty() {
-                return None;
             }
             rdns.push(attrs.join("+"));
         }
@@ -702,75 +543,19 @@ mod name {
         })
     }
 
-    fn dotted_oid(bytes: &[u8]) -> Option<String> {
-        let mut arcs: Vec<u64> = Vec::new();
-        let mut acc: u64 = 0;
-        let mut in_arc = false;
-        for &b in bytes {
-            if !in_arc && b == 0x80 {
-                return None; // non-minimal encoding
-            }
-            if acc > (u64::MAX >> 7) {
-                return None;
-            }
-            acc = (acc << 7) | u64::from(b & 0x7f);
-            in_arc = b & 0x80 != 0;
-            if !in_arc {
-                if arcs.is_empty() {
-                    let first = (acc / 40).min(2);
-                    arcs.push(first);
-                    arcs.push(acc - first * 40);
-                } else {
-                    arcs.push(acc);
-                }
-                acc = 0;
-            }
-        }
-        if in_arc || arcs.is_empty() {
-            return None;
-        }
-        Some(
-            arcs.iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join("."),
-        )
-    }
-
-    /// The text of an ASN.1 string value, or `None` for other types or bad encodings.
-    fn decode_string(v: Tlv<'_>) -> Option<String> {
-        match v.tag {
-            // UTF8String
-            0x0c => std::str::from_utf8(v.value).ok().map(str::to_owned),
-            // NumericString, PrintableString, IA5String, VisibleString
-            0x12 | 0x13 | 0x16 | 0x1a => v
-                .value
+    /// The text of an ASN.1 string value, or `None` for other types or bad
+    /// encodings. The 8-bit types are read leniently, as certificates in the
+    /// wild use them: any ASCII for the restricted ones (a PrintableString
+    /// with `*` or `@` is common), Latin-1 for TeletexString.
+    fn decode_string(v: &Any) -> Option<String> {
+        match v.tag() {
+            Tag::Utf8String => v.decode_as::<String>().ok(),
+            Tag::NumericString | Tag::PrintableString | Tag::Ia5String | Tag::VisibleString => v
+                .value()
                 .is_ascii()
-                .then(|| v.value.iter().map(|&b| char::from(b)).collect()),
-            // TeletexString: in practice Latin-1
-            0x14 => Some(v.value.iter().map(|&b| char::from(b)).collect()),
-            // BMPString: UTF-16BE
-            0x1e => {
-                if !v.value.len().is_multiple_of(2) {
-                    return None;
-                }
-                let units: Vec<u16> = v
-                    .value
-                    .chunks_exact(2)
-                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                    .collect();
-                String::from_utf16(&units).ok()
-            }
-            // UniversalString: UTF-32BE
-            0x1c => {
-                if !v.value.len().is_multiple_of(4) {
-                    return None;
-                }
-                v.value
-                    .chunks_exact(4)
-                    .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
-                    .collect()
-            }
+                .then(|| v.value().iter().map(|&b| char::from(b)).collect()),
+            Tag::TeletexString => Some(v.value().iter().map(|&b| char::from(b)).collect()),
+            Tag::BmpString => v.decode_as::<BmpString>().ok().map(|s| s.to_string()),
             _ => None,
         }
     }
@@ -798,11 +583,6 @@ mod name {
             }
         }
         out
-    }
-
-    #[cfg(test)]
-    pub(super) fn dotted_oid_for_test(bytes: &[u8]) -> Option<String> {
-        dotted_oid(bytes)
     }
 }
 
@@ -1589,10 +1369,31 @@ mod tests {
         let key_file = p.dir.write("expired.key", key);
         server_config(&cert_file, &key_file, None).unwrap();
         let der = CertificateDer::from_pem_file(&cert_file).unwrap();
-        let parsed = der::parse_cert(der.as_ref()).unwrap();
-        assert_eq!(parsed.not_before, Some(946_684_800));
-        assert_eq!(parsed.not_after, Some(978_307_200));
-        assert_eq!(der::format_time(978_307_200), "2001-01-01T00:00:00Z");
+        let parsed = parse_cert(der.as_ref()).unwrap();
+        let validity = parsed.tbs_certificate().validity();
+        assert_eq!(unix_seconds(validity.not_before), 946_684_800);
+        assert_eq!(unix_seconds(validity.not_after), 978_307_200);
+        // The format of the warning's not_after field.
+        assert_eq!(validity.not_after.to_string(), "2001-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn certificate_dated_before_1970_is_refused_at_load() {
+        // x509-cert represents times from 1970 on (like webpki, which would
+        // refuse such a certificate in a chain anyway).
+        let p = pki();
+        let mut params = server_params();
+        params.not_before = rcgen::date_time_ymd(1960, 1, 1);
+        let (cert, key) = leaf(&p.ca, &params, &rcgen::PKCS_ECDSA_P256_SHA256);
+        let cert_file = p.dir.write("old.crt", cert);
+        let key_file = p.dir.write("old.key", key);
+        let err = server_config(&cert_file, &key_file, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid certificate: not a DER-encoded X.509 certificate"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1689,6 +1490,31 @@ mod tests {
     }
 
     #[test]
+    fn identity_of_bmp_and_universal_strings() {
+        // BMPString is decoded by the crate (UCS-2), then escaped as usual.
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::OrganizationName,
+            DnValue::BmpString("\u{c5}bo".try_into().unwrap()),
+        );
+        dn.push(DnType::CommonName, "carol");
+        let id = identity_from_cert(&cert_with_dn(dn));
+        assert_eq!(id.subject_dn.as_deref(), Some(r"CN=carol,O=\C3\85bo"));
+        // UniversalString is a tag the crate's `der` does not know: the
+        // certificate does not decode, so there is no subject and the
+        // identity is the fingerprint.
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            DnValue::UniversalString("dave".try_into().unwrap()),
+        );
+        let id = identity_from_cert(&cert_with_dn(dn));
+        assert_eq!(id.common_name, None);
+        assert_eq!(id.subject_dn, None);
+        assert_eq!(id.subject, format!("sha256:{}", id.fingerprint_sha256));
+    }
+
+    #[test]
     fn sha256_hex_known_vector() {
         assert_eq!(
             hex(&Sha256::digest(b"abc")),
@@ -1696,42 +1522,48 @@ mod tests {
         );
     }
 
+    /// A UTCTime (0x17) or GeneralizedTime (0x18) as the crate decodes it
+    /// in a certificate, in Unix seconds.
+    fn parse_time(tag: u8, s: &str) -> Option<i64> {
+        let mut der = vec![tag, u8::try_from(s.len()).unwrap()];
+        der.extend_from_slice(s.as_bytes());
+        Time::from_der(&der).ok().map(unix_seconds)
+    }
+
+    fn format_time(t: u64) -> String {
+        let dt = x509_cert::der::DateTime::from_unix_duration(std::time::Duration::from_secs(t));
+        Time::from(dt.unwrap()).to_string()
+    }
+
+    fn dotted_oid(bytes: &[u8]) -> Option<String> {
+        x509_cert::der::oid::ObjectIdentifier::from_bytes(bytes)
+            .ok()
+            .map(|o| o.to_string())
+    }
+
     #[test]
     fn der_times_and_oids() {
-        assert_eq!(der::parse_time_for_test(0x17, "700101000000Z"), Some(0));
+        assert_eq!(parse_time(0x17, "700101000000Z"), Some(0));
+        assert_eq!(parse_time(0x17, "491231235959Z"), Some(2_524_607_999));
+        assert_eq!(parse_time(0x18, "20380119031408Z"), Some(2_147_483_648));
+        assert_eq!(parse_time(0x18, "40960101000000Z"), Some(67_090_118_400));
+        assert_eq!(parse_time(0x17, "700101000000"), None);
+        assert_eq!(parse_time(0x17, "7001010000Z"), None);
+        assert_eq!(parse_time(0x18, "2000131000000Z"), None);
+        assert_eq!(parse_time(0x17, "7O0101000000Z"), None);
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_709_210_096), "2024-02-29T12:34:56Z");
+        assert_eq!(dotted_oid(&[0x55, 0x04, 0x03]).as_deref(), Some("2.5.4.3"));
         assert_eq!(
-            der::parse_time_for_test(0x17, "491231235959Z"),
-            Some(2_524_607_999)
-        );
-        assert_eq!(
-            der::parse_time_for_test(0x18, "20380119031408Z"),
-            Some(2_147_483_648)
-        );
-        assert_eq!(
-            der::parse_time_for_test(0x18, "40960101000000Z"),
-            Some(67_090_118_400)
-        );
-        assert_eq!(der::parse_time_for_test(0x17, "700101000000"), None);
-        assert_eq!(der::parse_time_for_test(0x17, "7001010000Z"), None);
-        assert_eq!(der::parse_time_for_test(0x18, "2000131000000Z"), None);
-        assert_eq!(der::parse_time_for_test(0x17, "7O0101000000Z"), None);
-        assert_eq!(der::format_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(der::format_time(1_709_210_096), "2024-02-29T12:34:56Z");
-        assert_eq!(
-            name::dotted_oid_for_test(&[0x55, 0x04, 0x03]).as_deref(),
-            Some("2.5.4.3")
-        );
-        assert_eq!(
-            name::dotted_oid_for_test(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01])
-                .as_deref(),
+            dotted_oid(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01]).as_deref(),
             Some("1.2.840.113549.1.9.1")
         );
-        assert_eq!(
-            name::dotted_oid_for_test(&[0x88, 0x37]).as_deref(),
-            Some("2.999")
-        );
-        assert_eq!(name::dotted_oid_for_test(&[0x55, 0x84]), None);
-        assert_eq!(name::dotted_oid_for_test(&[]), None);
+        // const-oid (under x509-cert) takes at most 39 for the second arc
+        // under 2, so 2.999 is refused, and a certificate that names it does
+        // not decode (the identity falls back to the fingerprint).
+        assert_eq!(dotted_oid(&[0x88, 0x37]), None);
+        assert_eq!(dotted_oid(&[0x55, 0x84]), None);
+        assert_eq!(dotted_oid(&[]), None);
         assert_eq!(name::escape_value("a b"), "a b");
         assert_eq!(name::escape_value(" "), "\\ ");
         assert_eq!(name::escape_value("a#"), "a#");

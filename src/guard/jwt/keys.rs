@@ -151,38 +151,12 @@ pub(super) fn bit_len(n: &[u8]) -> usize {
     }
 }
 
-/// One DER TLV: (tag, contents, rest).
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let (len_bytes, r) = (rest.get(..n)?, rest.get(n..)?);
-        rest = r;
-        len_bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-    };
-    Some((tag, rest.get(..len)?, rest.get(len..)?))
-}
-
-/// Modulus size of a PKCS#1 `RSAPublicKey` (SEQUENCE { INTEGER n, INTEGER e }).
+/// Modulus size of a PKCS#1 `RSAPublicKey` (SEQUENCE { INTEGER n, INTEGER e }),
+/// read by the `pkcs1` crate; None when the DER is not exactly that.
 fn rsa_der_modulus_bits(der: &[u8]) -> Option<usize> {
-    let (tag, seq, _) = der_tlv(der)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (tag, n, rest) = der_tlv(seq)?;
-    let (etag, _, _) = der_tlv(rest)?;
-    if tag != 0x02 || etag != 0x02 {
-        return None;
-    }
-    Some(bit_len(n))
+    use pkcs1::der::Decode;
+    let key = pkcs1::RsaPublicKey::<pkcs1::UintRef<'_>>::from_der(der).ok()?;
+    Some(bit_len(key.modulus.as_bytes()))
 }
 
 #[cfg(test)]

@@ -10,14 +10,17 @@
 //!      guard::{limits, origin, jwt, introspect, redis_limits, breaker}
 //!   -> upstream (dial, strict 101 check)
 //!   -> session (the frame engine: relay, sign, limits, keepalive; `frame`
-//!      is its RFC 6455 codec)
+//!      is its RFC 6455 codec, `compression` its permessage-deflate:
+//!      negotiation per hop, capped inflate, deflate)
 //!   -> close
 //! ```
 //!
 //! Beside it:
-//! - `config` (the raw YAML) -> `policy` (validated at load; every other
-//!   module reads this) -> `values` (durations, sizes, rates, CIDRs,
-//!   breaker settings: a leaf that `policy` and the guards both import);
+//! - `config` (the raw YAML: `config::parse` reads it, every structural
+//!   problem at its position) -> `policy` (validated at load by
+//!   `policy::check`, printed back by `policy::show`; every other module
+//!   reads this) -> `values` (durations, sizes, rates, CIDRs, breaker
+//!   settings: a leaf that `policy` and the guards both import);
 //! - `state`: the process-wide state ([`state::Process`]) and the
 //!   hot-swappable policy generation ([`state::Generation`]);
 //!   `reload` swaps it, `admin` serves health and metrics, `metrics` counts;

@@ -313,6 +313,7 @@ ${COMPRESSION_POLICY}
 EOF
     start_bg "$TMP/$name.out" "$TMP/$name.log" "$WSGUARD" run -c "$TMP/$name.yaml"
     WSGUARD_PID="$LAST_PID"
+    WSGUARD_ADMINS+=("$name=$admin")
     for ((i = 0; i < 150; i++)); do
         if curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$admin/readyz" 2>/dev/null; then
             ready=1
@@ -331,6 +332,7 @@ EOF
     log "$name on 127.0.0.1:$port -> 127.0.0.1:$up (admin $admin, pid $WSGUARD_PID)"
 }
 
+WSGUARD_ADMINS=()
 read -r PROXY_PORT ADMIN_PORT CHAIN_PORT CHAIN_ADMIN_PORT INNER_PORT INNER_ADMIN_PORT <<<"$(free_ports 6)"
 if [[ "$DIRECT_ONLY" != 1 ]]; then
     start_wsguard wsguard "$PROXY_PORT" "$ADMIN_PORT" "$ECHO_PORT"
@@ -379,6 +381,11 @@ fi
 if [[ "$DIRECT_ONLY" != 1 ]]; then
     for p in "${WSGUARD_PIDS[@]}"; do
         kill -0 "$p" 2>/dev/null || log "WARNING: wsguard pid $p is no longer running after the test run (see $TMP/wsguard*.log)"
+    done
+    # Payload vs wire bytes per hop and direction: shows which hops were compressed.
+    for na in "${WSGUARD_ADMINS[@]}"; do
+        curl -fsS --max-time 5 "http://127.0.0.1:${na#*=}/metrics" >"$TMP/${na%%=*}.metrics" 2>/dev/null || true
+        log "${na%%=*}: $(grep -E '^wsguard_(wire_)?bytes_total' "$TMP/${na%%=*}.metrics" 2>/dev/null | tr '\n' ' ')"
     done
 fi
 

@@ -612,6 +612,66 @@ mod tests {
     }
 
     #[test]
+    fn autobahn_13_offers() {
+        // The offers of Autobahn testsuite 0.8.2's cases 12.* and 13.1-13.7
+        // (autobahn 0.10.9's PerMessageDeflateOffer), and what wsguard must
+        // answer under the default policy: always both no_context_takeover,
+        // a requested server window granted as asked, never a
+        // client_max_window_bits the client did not offer.
+        let cases = [
+            (
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits",
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+                15,
+            ),
+            (
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits; \
+                 server_no_context_takeover",
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+                15,
+            ),
+            (
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits; \
+                 server_max_window_bits=9",
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+                 server_max_window_bits=9",
+                9,
+            ),
+            (
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits; \
+                 server_max_window_bits=15",
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+                 server_max_window_bits=15",
+                15,
+            ),
+            (
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits; \
+                 server_no_context_takeover; server_max_window_bits=9, \
+                 permessage-deflate; client_no_context_takeover; client_max_window_bits; \
+                 server_no_context_takeover, \
+                 permessage-deflate; client_no_context_takeover; client_max_window_bits",
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+                 server_max_window_bits=9",
+                9,
+            ),
+        ];
+        for (offer, response, send_bits) in cases {
+            let a = answer(offer, &Settings::default()).unwrap();
+            assert_eq!(a.response, response, "{offer}");
+            assert_eq!(
+                a.params,
+                HopParams {
+                    send_window_bits: send_bits,
+                    send_context_takeover: false,
+                    recv_window_bits: 15,
+                    recv_context_takeover: false,
+                },
+                "{offer}"
+            );
+        }
+    }
+
+    #[test]
     fn window_cap_from_policy() {
         let s = Settings {
             context_takeover: true,

@@ -643,3 +643,85 @@ async fn the_byte_rate_limit_counts_inflated_bytes() {
     write_message(&mut s, 1, &big, true, true).await;
     assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1008));
 }
+
+/// Inflates one message with a `bits` window, 256 bytes of output at a
+/// time so that back references must come from the window, not from the
+/// output buffer: a stream whose matches reach further back than the window
+/// fails ("invalid distance too far back").
+fn inflate_window(data: &[u8], bits: u8) -> Result<Vec<u8>, flate2::DecompressError> {
+    let mut d = Decompress::new_with_window_bits(false, bits);
+    let mut input = data.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        let (in0, out0) = (d.total_in() as usize, d.total_out());
+        d.decompress(&input[in0..], &mut chunk, FlushDecompress::Sync)?;
+        let wrote = (d.total_out() - out0) as usize;
+        out.extend_from_slice(&chunk[..wrote]);
+        if d.total_in() as usize == input.len() && wrote < chunk.len() {
+            return Ok(out);
+        }
+        assert!(wrote > 0 || d.total_in() as usize > in0, "no progress");
+    }
+}
+
+#[tokio::test]
+async fn a_granted_server_window_bounds_what_wsguard_compresses_toward_the_client() {
+    // Autobahn 13.5's offer: a 512-byte server window. The Autobahn run
+    // never makes wsguard compress toward the client (its echo backend has
+    // no deflate), so this is where that direction is held to the window.
+    const OFFER_9: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; \
+                           client_max_window_bits; server_no_context_takeover; server_max_window_bits=9\r\n";
+    // 4 KiB of noise, twice: a 15-bit deflater matches the second copy
+    // 4,096 bytes back, which a 9-bit inflater cannot follow.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let data = [noise.as_slice(), noise.as_slice()].concat();
+    // The check is sensitive: a 15-bit stream of it does not inflate with 9 bits.
+    assert!(inflate_window(&deflate(&data), 9).is_err());
+
+    let (b, mut rx) = backend(true, echo()).await;
+    let p = proxy(b, QUIET).await;
+    let (r, h) = Raw::upgrade(p.addr, "/", OFFER_9).await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    assert_eq!(
+        h.header("sec-websocket-extensions").as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=9")
+    );
+    let (mut s, mut buf) = r.into_parts();
+    let _ = request_of(&mut rx).await;
+    for op in [2u8, 1] {
+        let msg = if op == 1 {
+            compressible(64 * 1024)
+        } else {
+            data.clone()
+        };
+        write_message(&mut s, op, &msg, true, true).await;
+        assert_eq!(message_of(&mut rx).await, (msg.clone(), true));
+        // The backend's compressed echo is inflated and deflated again by
+        // wsguard for the client, within the 9-bit window it granted.
+        let mut wire = Vec::new();
+        let (rop, rsv1) = loop {
+            let (fin, rsv1, rop, payload) =
+                within("echo", read_frame(&mut s, &mut buf)).await.unwrap();
+            wire.extend_from_slice(&payload);
+            if fin {
+                break (rop, rsv1);
+            }
+        };
+        assert_eq!((rop, rsv1), (op, true));
+        assert_eq!(inflate_window(&wire, 9).unwrap(), msg);
+    }
+    s.write_all(&frame(true, false, 8, &1000u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    p.shutdown(std::time::Duration::from_secs(1)).await;
+}

@@ -1301,13 +1301,17 @@ async fn close_hop<S: AsyncRead + AsyncWrite + Unpin>(
     .await;
 }
 
-/// The session's wall-clock end ([`first_deadline`]): one timer per
-/// session, no polling.
-async fn expiry(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// A timer a session may not have (`idle_timeout`, the wall-clock end of
+/// [`first_deadline`]; both off by default): boxed, so that a session
+/// without it holds a pointer in its future, not a `Sleep` (112 bytes).
+type Timer = Option<Pin<Box<tokio::time::Sleep>>>;
+
+/// Fires when `timer` does; never when there is none.
+fn fired(timer: &mut Timer) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match timer {
+        Some(t) => std::future::Future::poll(t.as_mut(), cx),
+        None => Poll::Pending,
+    })
 }
 
 enum Ev {
@@ -1432,10 +1436,8 @@ where
     let idle = ka.idle_timeout;
     let mut shutdown = std::pin::pin!(process.shutdown.cancelled());
     let deadline = first_deadline(info.expires, limits.session_deadline(start));
-    let mut expires = std::pin::pin!(expiry(deadline.map(|d| d.0)));
-    let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
-        start + idle.unwrap_or(Duration::from_secs(86_400 * 365))
-    ));
+    let mut expires: Timer = deadline.map(|(at, _)| Box::pin(tokio::time::sleep_until(at)));
+    let mut idle_sleep: Timer = idle.map(|d| Box::pin(tokio::time::sleep_until(start + d)));
     let end = loop {
         let ev = tokio::select! {
             biased;
@@ -1444,8 +1446,8 @@ where
             e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
             () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
             () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
-            () = &mut idle_sleep, if idle.is_some() => Ev::Idle,
-            () = &mut expires => Ev::End(match deadline.map(|d| d.1) {
+            () = fired(&mut idle_sleep) => Ev::Idle,
+            () = fired(&mut expires) => Ev::End(match deadline.map(|d| d.1) {
                 Some(Timed::TooLong) => End::TooLong,
                 _ => End::Policy("token expired", "token expired"),
             }),
@@ -1466,7 +1468,9 @@ where
                 if Instant::now() >= deadline {
                     break End::Idle;
                 }
-                idle_sleep.as_mut().reset(deadline);
+                if let Some(t) = idle_sleep.as_mut() {
+                    t.as_mut().reset(deadline);
+                }
             }
         }
     };

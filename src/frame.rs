@@ -5,8 +5,9 @@
 //! payload bytes in place, and calls a [`Sink`] with frame starts, payload
 //! chunks, frame ends and whole control frames. It never buffers a data
 //! payload: a proxy relays the bytes as they arrive. What it keeps between
-//! reads is at most an unfinished header (14 bytes) and an unfinished
-//! control frame (125 bytes), inline.
+//! reads is at most an unfinished header (14 bytes, inline) and an
+//! unfinished control frame (up to 125 bytes, on the heap only while a read
+//! has cut it; a control frame whole in one read is delivered in place).
 //!
 //! Validation (each rule fails as early as the bytes allow, so a peer learns
 //! about its error without having to send a whole frame first):
@@ -382,8 +383,10 @@ pub struct Decoder {
     state: State,
     hdr: [u8; MAX_HEADER],
     hdr_len: u8,
-    ctrl: [u8; MAX_CONTROL],
-    ctrl_len: u8,
+    /// A control frame's payload cut by the end of a read, kept until the
+    /// rest arrives; empty (no allocation) otherwise. A control frame
+    /// whole in one read is delivered from the read's own bytes.
+    ctrl: Vec<u8>,
     /// Opcode of the data message in progress, if any.
     message: Option<u8>,
     /// Payload bytes of the message in progress.
@@ -403,8 +406,7 @@ impl Decoder {
             state: State::Header,
             hdr: [0; MAX_HEADER],
             hdr_len: 0,
-            ctrl: [0; MAX_CONTROL],
-            ctrl_len: 0,
+            ctrl: Vec::new(),
             message: None,
             message_len: 0,
             fin: false,
@@ -500,14 +502,28 @@ impl Decoder {
                     remaining,
                     mask,
                 } => {
+                    if self.ctrl.is_empty() && input.len() >= remaining {
+                        // Whole in this read: delivered in place.
+                        let (payload, rest) = input.split_at_mut(remaining);
+                        if let Some(k) = mask {
+                            apply_mask(payload, k, 0);
+                        }
+                        input = rest;
+                        self.state = State::Header;
+                        sink.control(opcode, payload)?;
+                        continue;
+                    }
                     if remaining > 0 {
                         if input.is_empty() {
                             return Ok(());
                         }
                         let n = remaining.min(input.len());
-                        let at = usize::from(self.ctrl_len);
-                        self.ctrl[at..at + n].copy_from_slice(&input[..n]);
-                        self.ctrl_len += n as u8;
+                        if self.ctrl.is_empty() {
+                            // At most MAX_CONTROL bytes (checked with the
+                            // header), held only until the frame is whole.
+                            self.ctrl.reserve_exact(remaining);
+                        }
+                        self.ctrl.extend_from_slice(&input[..n]);
                         input = &mut input[n..];
                         self.state = State::Control {
                             opcode,
@@ -516,14 +532,12 @@ impl Decoder {
                         };
                         continue;
                     }
-                    let len = usize::from(self.ctrl_len);
-                    let payload = &mut self.ctrl[..len];
+                    let mut payload = std::mem::take(&mut self.ctrl);
                     if let Some(k) = mask {
-                        apply_mask(payload, k, 0);
+                        apply_mask(&mut payload, k, 0);
                     }
                     self.state = State::Header;
-                    self.ctrl_len = 0;
-                    sink.control(opcode, payload)?;
+                    sink.control(opcode, &payload)?;
                 }
             }
         }
@@ -532,7 +546,7 @@ impl Decoder {
     fn start_frame<S: Sink>(&mut self, h: Header, sink: &mut S) -> Result<(), S::Error> {
         if h.is_control() {
             // Length <= 125 was checked with the first two bytes.
-            self.ctrl_len = 0;
+            self.ctrl.clear();
             self.state = State::Control {
                 opcode: h.opcode,
                 remaining: h.len as usize,

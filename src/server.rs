@@ -148,7 +148,9 @@ struct Conn {
 struct Scanned<S> {
     inner: S,
     scan: handshake::HeadScan,
-    bare_lf: Arc<AtomicBool>,
+    /// Let go of once the head is over, so that a session's stream does
+    /// not keep the flag's allocation for its whole life.
+    bare_lf: Option<Arc<AtomicBool>>,
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Scanned<S> {
@@ -163,8 +165,11 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Scanned<S> {
         if !this.scan.done {
             this.scan
                 .feed(buf.filled().get(before..).unwrap_or_default());
-            if this.scan.bare_lf {
-                this.bare_lf.store(true, Ordering::Relaxed);
+            if let (true, Some(flag)) = (this.scan.bare_lf, &this.bare_lf) {
+                flag.store(true, Ordering::Relaxed);
+            }
+            if this.scan.done {
+                this.bare_lf = None;
             }
         }
         r
@@ -213,7 +218,7 @@ fn scanned<S>(inner: S) -> (Scanned<S>, Arc<AtomicBool>) {
         Scanned {
             inner,
             scan: handshake::HeadScan::default(),
-            bare_lf: Arc::clone(&flag),
+            bare_lf: Some(Arc::clone(&flag)),
         },
         flag,
     )

@@ -11,7 +11,8 @@
 //!   gets 1013 (Try Again Later).
 //! - **Buffers on demand.** Reads go into a per-thread scratch buffer; what
 //!   the engine keeps between reads is at most an unfinished frame header
-//!   and an unfinished control frame (inline, no heap). Writes go straight
+//!   (inline) and an unfinished control frame (on the heap only while a
+//!   read has cut it). Writes go straight
 //!   to the socket; only what the socket would not take is kept, in a buffer
 //!   freed as soon as it empties. An idle session therefore holds no read or
 //!   write buffer.
@@ -267,11 +268,13 @@ struct FlowState {
     /// A keepalive ping waiting for the open frame to end.
     pending_ping: Option<Bytes>,
     /// permessage-deflate on the source hop: inflates its compressed
-    /// messages (None: RSV1 is refused by the decoder).
-    inflater: Option<Inflater>,
+    /// messages (None: RSV1 is refused by the decoder). Boxed, like the
+    /// deflater: a session without compression holds a pointer, not their
+    /// state (about 170 bytes each, per direction).
+    inflater: Option<Box<Inflater>>,
     /// permessage-deflate on the destination hop: messages wsguard
     /// assembles are deflated again for it (None: sent uncompressed).
-    deflater: Option<Deflater>,
+    deflater: Option<Box<Deflater>>,
     /// Largest inflated message (`max_message_size`).
     max_plain: usize,
 }
@@ -306,9 +309,11 @@ impl Flow {
     /// Sets permessage-deflate for this flow: `from` as negotiated with the
     /// hop it reads, `to` with the hop it writes.
     fn with_deflate(mut self, from: Option<HopParams>, to: Option<HopParams>, max: u64) -> Flow {
-        self.st.inflater = from.map(|p| Inflater::new(p.recv_window_bits, p.recv_context_takeover));
-        self.st.deflater =
-            to.and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover));
+        self.st.inflater =
+            from.map(|p| Box::new(Inflater::new(p.recv_window_bits, p.recv_context_takeover)));
+        self.st.deflater = to
+            .and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover))
+            .map(Box::new);
         self.st.max_plain = usize::try_from(max).unwrap_or(usize::MAX);
         self
     }
@@ -1296,13 +1301,17 @@ async fn close_hop<S: AsyncRead + AsyncWrite + Unpin>(
     .await;
 }
 
-/// The session's wall-clock end ([`first_deadline`]): one timer per
-/// session, no polling.
-async fn expiry(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// A timer a session may not have (`idle_timeout`, the wall-clock end of
+/// [`first_deadline`]; both off by default): boxed, so that a session
+/// without it holds a pointer in its future, not a `Sleep` (112 bytes).
+type Timer = Option<Pin<Box<tokio::time::Sleep>>>;
+
+/// Fires when `timer` does; never when there is none.
+fn fired(timer: &mut Timer) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match timer {
+        Some(t) => std::future::Future::poll(t.as_mut(), cx),
+        None => Poll::Pending,
+    })
 }
 
 enum Ev {
@@ -1315,17 +1324,58 @@ enum Ev {
 ///
 /// `upstream_rest` holds the bytes the backend sent right after its 101
 /// (read together with the handshake); they are its first frames.
-pub async fn run<C, U>(
+pub fn run<C, U>(
     client: C,
     upstream: U,
     upstream_rest: Vec<u8>,
     rt: Arc<Generation>,
     process: Arc<Process>,
     info: SessionInfo,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    run_session(Box::new(Start {
+        client,
+        upstream,
+        upstream_rest,
+        rt,
+        process,
+        info,
+    }))
+}
+
+/// What a session starts from, handed to its future in one box.
+struct Start<C, U> {
+    client: C,
+    upstream: U,
+    upstream_rest: Vec<u8>,
+    rt: Arc<Generation>,
+    process: Arc<Process>,
+    info: SessionInfo,
+}
+
+/// [`run`]'s body. It takes its inputs boxed because an async fn keeps
+/// its arguments in its future for its whole life, beside the locals they
+/// are moved into: about 400 bytes per idle session. The box is freed as
+/// soon as the session starts.
+async fn run_session<C, U>(start: Box<Start<C, U>>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let Start {
+        client,
+        upstream,
+        upstream_rest,
+        rt,
+        process,
+        info,
+    } = {
+        let start = start;
+        *start
+    };
     let route = rt.policy.route(info.route);
     let limits = &route.limits;
     let ka = &route.keepalive;
@@ -1386,10 +1436,8 @@ pub async fn run<C, U>(
     let idle = ka.idle_timeout;
     let mut shutdown = std::pin::pin!(process.shutdown.cancelled());
     let deadline = first_deadline(info.expires, limits.session_deadline(start));
-    let mut expires = std::pin::pin!(expiry(deadline.map(|d| d.0)));
-    let mut idle_sleep = std::pin::pin!(tokio::time::sleep_until(
-        start + idle.unwrap_or(Duration::from_secs(86_400 * 365))
-    ));
+    let mut expires: Timer = deadline.map(|(at, _)| Box::pin(tokio::time::sleep_until(at)));
+    let mut idle_sleep: Timer = idle.map(|d| Box::pin(tokio::time::sleep_until(start + d)));
     let end = loop {
         let ev = tokio::select! {
             biased;
@@ -1398,8 +1446,8 @@ pub async fn run<C, U>(
             e = std::future::poll_fn(|cx| eng.poll_io(cx)) => Ev::End(e),
             () = keepalive::tick(&mut client_ticker) => Ev::Tick(Side::Client),
             () = keepalive::tick(&mut upstream_ticker) => Ev::Tick(Side::Upstream),
-            () = &mut idle_sleep, if idle.is_some() => Ev::Idle,
-            () = &mut expires => Ev::End(match deadline.map(|d| d.1) {
+            () = fired(&mut idle_sleep) => Ev::Idle,
+            () = fired(&mut expires) => Ev::End(match deadline.map(|d| d.1) {
                 Some(Timed::TooLong) => End::TooLong,
                 _ => End::Policy("token expired", "token expired"),
             }),
@@ -1420,7 +1468,9 @@ pub async fn run<C, U>(
                 if Instant::now() >= deadline {
                     break End::Idle;
                 }
-                idle_sleep.as_mut().reset(deadline);
+                if let Some(t) = idle_sleep.as_mut() {
+                    t.as_mut().reset(deadline);
+                }
             }
         }
     };
@@ -1478,8 +1528,11 @@ pub async fn run<C, U>(
     drop((info.slot, info.subject_slot));
     // The fleet-wide lease goes back before the task ends (bounded by
     // limits.shared.timeout), so a graceful shutdown waits for it.
+    // Boxed: the release's Redis round trip is about 1 KiB of future state,
+    // which would otherwise be reserved in every session's task for its
+    // whole life.
     if let Some(lease) = info.shared_slot {
-        lease.release().await;
+        Box::pin(lease.release()).await;
     }
 }
 

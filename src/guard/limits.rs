@@ -95,10 +95,12 @@ pub fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// Per-connection message and byte buckets. Lives inside the session, so it
-/// costs nothing when off and needs no lock when on.
+/// costs nothing when off and needs no lock when on. Each bucket is boxed:
+/// a session holds only the buckets its route sets (about 70 bytes each),
+/// and its future two pointers.
 pub struct MessageLimiter {
-    messages: Option<DirectLimiter>,
-    bytes: Option<DirectLimiter>,
+    messages: Option<Box<DirectLimiter>>,
+    bytes: Option<Box<DirectLimiter>>,
 }
 
 impl MessageLimiter {
@@ -107,8 +109,8 @@ impl MessageLimiter {
             return None;
         }
         Some(MessageLimiter {
-            messages: messages.map(|r| RateLimiter::direct(quota(r))),
-            bytes: bytes.map(|r| RateLimiter::direct(quota(r))),
+            messages: messages.map(|r| Box::new(RateLimiter::direct(quota(r)))),
+            bytes: bytes.map(|r| Box::new(RateLimiter::direct(quota(r)))),
         })
     }
 

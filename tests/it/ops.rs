@@ -582,3 +582,38 @@ fn every_flag_is_described_in_help() {
         assert!(flags >= 1, "{cmd}: {help}");
     }
 }
+
+/// The container build parses the real Cargo.toml against a stub crate
+/// (tests/ is not in the build context): every target the manifest
+/// declares by path ([[bench]], [[test]]) needs its stub in the Dockerfile,
+/// or the image build fails before compiling anything (it did, once
+/// `[[test]] fuzz_corpus` and `[[bench]] deflate` were added).
+#[test]
+fn the_dockerfile_stubs_every_target_the_manifest_declares() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let mut declared = Vec::new();
+    let mut section = "";
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+        } else if let Some(name) = line
+            .strip_prefix("name = \"")
+            .and_then(|n| n.strip_suffix('"'))
+        {
+            match section {
+                "[[bench]]" => declared.push(format!("benches/{name}.rs")),
+                "[[test]]" => declared.push(format!("tests/{name}.rs")),
+                _ => {}
+            }
+        }
+    }
+    assert!(declared.len() >= 3, "{declared:?}");
+    for path in &declared {
+        assert!(
+            dockerfile.contains(path.as_str()),
+            "the Dockerfile's dependency stage has no stub for {path}"
+        );
+    }
+}

@@ -74,6 +74,42 @@ async fn backend_close_codes_and_reasons_reach_the_client_unchanged() {
     assert_echo(p.addr).await;
 }
 
+/// A backend that sets RSV1 on a hop where no compression was agreed (it
+/// ignored wsguard's offer) breaks the protocol: wsguard closes that hop
+/// with 1002 and tells the client 1014 (bad gateway), blaming the backend;
+/// the proxy goes on serving.
+#[tokio::test]
+async fn a_backends_rsv1_without_compression_is_1002_to_it_and_1014_to_the_client() {
+    let (b, mut events) = raw_backend().await;
+    let p = proxy(b, NO_GUARDS).await;
+    let mut c = Client::connect(p.addr, "/").await;
+    c.text("rsv1").await;
+    let got = c.close_frame().await;
+    assert!(
+        matches!(&got, Ok((1014, _))),
+        "client got {got:?} for the backend's RSV1"
+    );
+    let to_backend = within("the backend's close", async {
+        loop {
+            match events.recv().await {
+                Some(Backend::Close(code, reason)) => return (code, reason),
+                Some(_) => continue,
+                None => panic!("backend events ended without a close"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(to_backend.0, 1002, "{to_backend:?}");
+    assert_eq!(
+        metric(
+            &p,
+            "wsguard_session_closes_total{side=\"backend\",code=\"1014\"}"
+        ),
+        1.0
+    );
+    assert_echo(p.addr).await;
+}
+
 // ---------------------------------------------------------------- pings
 
 #[tokio::test]

@@ -312,6 +312,7 @@ enum Cmd {
 /// answers pings per [`PongMode`], and obeys text commands:
 /// - `close CODE REASON`: sends Close(CODE, REASON) unmasked, waits for the
 ///   proxy's answer, then closes TCP;
+/// - `rsv1`: sends a text frame with RSV1 set (no extension was agreed);
 /// - `flood`: writes numbered 64 KiB binary messages until one write has
 ///   been blocked for 500 ms, reports [`Backend::Flooded`], finishes that
 ///   write, then sends text `end`.
@@ -408,6 +409,13 @@ async fn serve(mut s: TcpStream, events: mpsc::UnboundedSender<Backend>) {
             }
             TEXT if f.fin && f.payload == b"flood" => {
                 let _ = cmd_tx.send(Cmd::Flood);
+            }
+            TEXT if f.fin && f.payload == b"rsv1" => {
+                // A "compressed" text frame on a hop that negotiated no
+                // compression (this backend never answers the extension).
+                let mut frame = encode(true, TEXT, b"not deflate", false);
+                frame[0] |= 0x40;
+                send(frame);
             }
             TEXT if f.fin && f.payload.starts_with(b"close ") => {
                 let cmd = String::from_utf8_lossy(&f.payload[6..]).to_string();

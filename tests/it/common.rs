@@ -535,3 +535,14 @@ async fn hung_backend(reads: bool) -> SocketAddr {
     });
     a
 }
+
+/// Writes a file so that a reader sees either the old contents or the new,
+/// never a truncated one: parallel tests that share a fixture file (the
+/// same secret, rewritten by each) must not read it half written.
+pub fn write_atomic(path: &std::path::Path, contents: impl AsRef<[u8]>) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}

@@ -49,13 +49,12 @@ fn token(claims: serde_json::Value) -> String {
 /// echo comes back re-signed with the session's derived key.
 async fn derived_proxy() -> (wsguard::Running, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
     let d = dir("derive");
-    std::fs::write(d.join("hs"), JWT_SECRET).unwrap();
-    std::fs::write(d.join("c"), DERIVE_SECRET_B64).unwrap();
-    std::fs::write(
-        d.join("u"),
+    write_atomic(&d.join("hs"), JWT_SECRET);
+    write_atomic(&d.join("c"), DERIVE_SECRET_B64);
+    write_atomic(
+        &d.join("u"),
         base64::engine::general_purpose::STANDARD.encode([4u8; 32]),
-    )
-    .unwrap();
+    );
     let (b, rx) = recording_backend().await;
     let p = proxy(
         b,
@@ -422,8 +421,13 @@ impl Idp {
     }
 }
 
+/// A file holding the introspection client secret, one per call: tests
+/// run in parallel, and a shared file rewritten by one test (truncated,
+/// then written) could be read empty by another in between.
 pub(crate) fn idp_secret_file() -> String {
-    let f = dir("introspect").join("client.secret");
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let f = dir("introspect").join(format!("client-{n}.secret"));
     std::fs::write(&f, format!("{IDP_SECRET}\n")).unwrap();
     f.display().to_string()
 }
@@ -564,12 +568,12 @@ async fn introspection_checks_issuer_and_audience_and_credentials() {
     // answer about the token: on_error (deny) applies.
     let wrong = dir("introspect-wrong").join("s");
     std::fs::write(&wrong, "not-the-secret").unwrap();
-    let p = proxy(
-        echo_backend().await,
-        &introspection_policy(&url, "", "")
-            .replace(&idp_secret_file(), &wrong.display().to_string()),
-    )
-    .await;
+    let policy = introspection_policy(&url, "", "");
+    let key = "client_secret_file: \"";
+    let start = policy.find(key).unwrap() + key.len();
+    let end = start + policy[start..].find('"').unwrap();
+    let policy = format!("{}{}{}", &policy[..start], wrong.display(), &policy[end..]);
+    let p = proxy(echo_backend().await, &policy).await;
     let (_r, h) = Raw::upgrade(p.addr, "/", &bearer("act-alice")).await;
     assert_eq!(h.status, 503);
     assert_eq!(h.header("retry-after").as_deref(), Some("1"));
@@ -755,12 +759,11 @@ async fn report_mode_and_per_subject_limits_with_introspection() {
 async fn derived_keys_and_bind_claim_from_an_introspection_answer() {
     let idp = Idp::start(false).await;
     let d = dir("introspect-derive");
-    std::fs::write(d.join("c"), DERIVE_SECRET_B64).unwrap();
-    std::fs::write(
-        d.join("u"),
+    write_atomic(&d.join("c"), DERIVE_SECRET_B64);
+    write_atomic(
+        &d.join("u"),
         base64::engine::general_purpose::STANDARD.encode([4u8; 32]),
-    )
-    .unwrap();
+    );
     let (b, mut rx) = recording_backend().await;
     let p = proxy(
         b,

@@ -322,7 +322,7 @@ mod rotation {
         let dir = std::env::temp_dir().join(format!("wsguard-it-rot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join(name);
-        std::fs::write(&f, base64::engine::general_purpose::STANDARD.encode(k)).unwrap();
+        write_atomic(&f, base64::engine::general_purpose::STANDARD.encode(k));
         f.display().to_string()
     }
 

@@ -13,12 +13,18 @@ use crate::common::*;
 
 const SECRET: &str = "an-hs256-secret-that-is-at-least-32-bytes-long";
 
+/// Written once per process: tests run in parallel, and a file rewritten
+/// by one test (truncated, then written) could be read empty by another.
 fn secret_file() -> String {
-    let dir = std::env::temp_dir().join(format!("wsguard-it-jwt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("hs.secret");
-    std::fs::write(&f, SECRET).unwrap();
-    f.display().to_string()
+    static FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("wsguard-it-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("hs.secret");
+        std::fs::write(&f, SECRET).unwrap();
+        f.display().to_string()
+    })
+    .clone()
 }
 
 fn now() -> u64 {

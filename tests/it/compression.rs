@@ -725,3 +725,57 @@ async fn a_granted_server_window_bounds_what_wsguard_compresses_toward_the_clien
         .unwrap();
     p.shutdown(std::time::Duration::from_secs(1)).await;
 }
+
+/// The bomb, measured where it matters: 50 clients at once each send a
+/// message of 16 KiB that inflates to 16 MiB, against the real binary with
+/// a 1 MiB message limit. Each gets 1009, and the process's peak RSS
+/// (VmHWM) grows by what the caps allow (50 messages inflated up to 1 MiB
+/// each, at most), nowhere near the 800 MiB the bombs would inflate to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_bombs_raise_peak_memory_only_by_the_caps() {
+    use crate::process::{policy_file, Proc, ANY_PORTS};
+    const CLIENTS: usize = 50;
+    let (b, _rx) = backend(true, echo()).await;
+    let f = policy_file(
+        "bomb-rss",
+        &format!("{ANY_PORTS}upstream: {{ url: \"ws://{b}\" }}\nkeepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits: {{ per_ip: null, per_connection: null, max_message_size: 1MiB }}\n"),
+    );
+    let mut p = Proc::spawn(&f);
+    let (addr, _) = p.listening().await;
+    let peak_kib = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(client(addr, true).await);
+    }
+    let before = peak_kib(p.pid());
+    let bomb = frame(true, true, 2, &deflate(&vec![0u8; 16 << 20]), true);
+    assert!(bomb.len() < 32 * 1024, "{}", bomb.len());
+    let sends = clients.into_iter().map(|(mut s, mut buf, ext)| {
+        let bomb = bomb.clone();
+        async move {
+            assert!(ext.is_some(), "deflate not negotiated");
+            s.write_all(&bomb).await.unwrap();
+            close_code_of(&mut s, &mut buf).await
+        }
+    });
+    let codes = within("every bomb answered", futures_util::future::join_all(sends)).await;
+    assert!(codes.iter().all(|c| *c == Some(1009)), "{codes:?}");
+    let grew = peak_kib(p.pid()).saturating_sub(before);
+    assert!(
+        grew < (CLIENTS as u64 + 32) * 1024,
+        "peak RSS grew by {grew} KiB for {CLIENTS} bombs"
+    );
+    eprintln!("peak RSS grew by {grew} KiB for {CLIENTS} concurrent 16 MiB bombs (1 MiB cap)");
+    // And the proxy still serves.
+    let (mut s, mut buf, _) = client(addr, true).await;
+    write_message(&mut s, 1, b"normal", true, true).await;
+    let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
+    assert_eq!(echoed, b"normal");
+}

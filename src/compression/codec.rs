@@ -90,50 +90,49 @@ fn inflate_bits(bits: u8) -> u8 {
     bits.clamp(MIN_DEFLATE_BITS, 15)
 }
 
+/// A per-thread pool of zlib states, keyed by window bits.
+type Pool<T> = std::thread::LocalKey<RefCell<Vec<(u8, T)>>>;
+
+/// A pooled state for `bits`, if this thread has one.
+fn take_pooled<T: 'static>(pool: &'static Pool<T>, bits: u8) -> Option<T> {
+    pool.try_with(|p| {
+        let mut p = p.try_borrow_mut().ok()?;
+        let i = p.iter().rposition(|(b, _)| *b == bits)?;
+        Some(p.swap_remove(i).1)
+    })
+    .ok()
+    .flatten()
+}
+
+/// Gives a (reset) state back to this thread's pool, unless it is full.
+fn give_pooled<T: 'static>(pool: &'static Pool<T>, bits: u8, state: T) {
+    let _ = pool.try_with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if p.len() < POOL_MAX {
+                p.push((bits, state));
+            }
+        }
+    });
+}
+
 fn take_inflater(bits: u8) -> Decompress {
-    let pooled = INFLATERS
-        .try_with(|p| {
-            let mut p = p.try_borrow_mut().ok()?;
-            let i = p.iter().rposition(|(b, _)| *b == bits)?;
-            Some(p.swap_remove(i).1)
-        })
-        .ok()
-        .flatten();
-    pooled.unwrap_or_else(|| Decompress::new_with_window_bits(false, inflate_bits(bits)))
+    take_pooled(&INFLATERS, bits)
+        .unwrap_or_else(|| Decompress::new_with_window_bits(false, inflate_bits(bits)))
 }
 
 fn give_inflater(bits: u8, mut d: Decompress) {
     d.reset(false);
-    let _ = INFLATERS.try_with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            if p.len() < POOL_MAX {
-                p.push((bits, d));
-            }
-        }
-    });
+    give_pooled(&INFLATERS, bits, d);
 }
 
 fn take_deflater(bits: u8) -> Compress {
-    let pooled = DEFLATERS
-        .try_with(|p| {
-            let mut p = p.try_borrow_mut().ok()?;
-            let i = p.iter().rposition(|(b, _)| *b == bits)?;
-            Some(p.swap_remove(i).1)
-        })
-        .ok()
-        .flatten();
-    pooled.unwrap_or_else(|| Compress::new_with_window_bits(Compression::new(LEVEL), false, bits))
+    take_pooled(&DEFLATERS, bits)
+        .unwrap_or_else(|| Compress::new_with_window_bits(Compression::new(LEVEL), false, bits))
 }
 
 fn give_deflater(bits: u8, mut c: Compress) {
     c.reset();
-    let _ = DEFLATERS.try_with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            if p.len() < POOL_MAX {
-                p.push((bits, c));
-            }
-        }
-    });
+    give_pooled(&DEFLATERS, bits, c);
 }
 
 /// Where inflated bytes go: the core loop asks for room and reports what it

@@ -384,26 +384,7 @@ impl Raw {
     }
 
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
-        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let m = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n if n < 65536 => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            let key = [0x12, 0x34, 0x56, 0x78];
-            f.extend_from_slice(&key);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            f.extend_from_slice(payload);
-        }
+        let f = crate::raw::encode(fin, opcode, payload, masked);
         self.s.write_all(&f).await.unwrap();
     }
 

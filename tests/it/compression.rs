@@ -55,27 +55,7 @@ fn inflate(data: &[u8]) -> Vec<u8> {
 type Frame = (bool, bool, u8, Vec<u8>);
 
 fn frame(fin: bool, rsv1: bool, op: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | (if rsv1 { 0x40 } else { 0 }) | op];
-    let m = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => f.push(m | n as u8),
-        n if n < 65536 => {
-            f.push(m | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(m | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let key = [0x21, 0x43, 0x65, 0x87];
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        f.extend_from_slice(payload);
-    }
-    f
+    crate::raw::encode_rsv1(fin, rsv1, op, payload, masked)
 }
 
 /// Reads one frame from `s` (unmasking if needed); None on EOF.

@@ -506,26 +506,7 @@ async fn chromium_sending_2mib_against_a_1mib_limit_sees_1009_every_time() {
     let page_addr = page.local_addr().unwrap();
     let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(wsguard::demo::serve_page(page, page_2mib(p.addr), tx));
-    let profile =
-        std::env::temp_dir().join(format!("wsguard-chromium-2mib-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
-    let mut child = tokio::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://{page_addr}/"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let browser = crate::ops::headless_chromium(&browser, "2mib", page_addr);
     let mut got = Vec::new();
     let outcome = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(r) = reports.recv().await {
@@ -537,8 +518,7 @@ async fn chromium_sending_2mib_against_a_1mib_limit_sees_1009_every_time() {
         String::new()
     })
     .await;
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&profile);
+    browser.quit().await;
     let done = outcome.unwrap_or_else(|_| panic!("the page did not finish within 60s: {got:?}"));
     let codes = done
         .strip_prefix("event=done&codes=")

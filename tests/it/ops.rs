@@ -297,6 +297,46 @@ pub(crate) fn chromium() -> Option<PathBuf> {
     found
 }
 
+/// Headless Chromium opening `http://{page}/` with a fresh profile of its
+/// own (named after the test); killed when the child is dropped.
+pub(crate) fn headless_chromium(browser: &Path, name: &str, page: std::net::SocketAddr) -> Browser {
+    let profile =
+        std::env::temp_dir().join(format!("wsguard-chromium-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&profile);
+    let child = tokio::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://{page}/"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    Browser { child, profile }
+}
+
+/// A running headless Chromium and its profile directory.
+pub(crate) struct Browser {
+    child: tokio::process::Child,
+    profile: PathBuf,
+}
+
+impl Browser {
+    /// Stops the browser and removes its profile.
+    pub(crate) async fn quit(mut self) {
+        let _ = self.child.kill().await;
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
 #[tokio::test]
 async fn the_demo_page_works_in_headless_chromium() {
     let Some(browser) = chromium() else { return };
@@ -310,25 +350,7 @@ async fn the_demo_page_works_in_headless_chromium() {
         wsguard::demo::page_html(p.addr, &demo.token, &demo.client_key),
         tx,
     ));
-    let profile = std::env::temp_dir().join(format!("wsguard-chromium-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
-    let mut child = tokio::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://{page_addr}/"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let browser = headless_chromium(&browser, "demo", page_addr);
     let mut got = Vec::new();
     let outcome = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(r) = reports.recv().await {
@@ -340,8 +362,7 @@ async fn the_demo_page_works_in_headless_chromium() {
         String::new()
     })
     .await;
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&profile);
+    browser.quit().await;
     let last = outcome.unwrap_or_else(|_| panic!("no echo from the page within 30s: {got:?}"));
     // Chromium offers permessage-deflate and wsguard answered it (issue
     // 13): the signed message and its echo went compressed on this hop.

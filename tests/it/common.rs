@@ -489,19 +489,7 @@ async fn hung_backend(reads: bool) -> SocketAddr {
                     return;
                 };
                 let text = String::from_utf8_lossy(&head).to_string();
-                let key = text
-                    .lines()
-                    .find_map(|l| {
-                        l.split_once(':')
-                            .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
-                            .map(|(_, v)| v.trim().to_string())
-                    })
-                    .unwrap_or_default();
-                let accept =
-                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let _ = s
-                    .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
-                    .await;
+                let _ = s.write_all(switching_protocols(&text, "").as_bytes()).await;
                 if !reads {
                     std::future::pending::<()>().await;
                 }
@@ -526,4 +514,23 @@ pub fn write_atomic(path: &std::path::Path, contents: impl AsRef<[u8]>) {
     let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
     std::fs::write(&tmp, contents).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A backend's 101 answer to the upgrade request `head`: the accept key
+/// derived from its Sec-WebSocket-Key, plus `extra` header lines (each
+/// ending in CRLF).
+pub fn switching_protocols(head: &str, extra: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    )
 }

@@ -10,7 +10,6 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use wsguard::sign::{self, Direction, MsgType, SeqState};
 
 use crate::common::*;
@@ -187,24 +186,13 @@ async fn backend_answering(
                     }
                 };
                 let _ = tx.send(Saw::Request(head.clone()));
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default();
                 let offered = head.to_ascii_lowercase().contains("permessage-deflate");
                 let on = answer.is_some() && offered;
                 let ext = match answer.filter(|_| offered) {
                     Some(a) => format!("Sec-WebSocket-Extensions: {a}\r\n"),
                     None => String::new(),
                 };
-                let resp = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{ext}\r\n",
-                    derive_accept_key(key.as_bytes())
-                );
+                let resp = switching_protocols(&head, &ext);
                 if s.write_all(resp.as_bytes()).await.is_err() {
                     return;
                 }

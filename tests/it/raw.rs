@@ -362,17 +362,7 @@ async fn serve(mut s: TcpStream, events: mpsc::UnboundedSender<Backend>) {
     } else {
         PongMode::Tag
     };
-    let key = text
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-key"))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    if s
-        .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
+    if s.write_all(crate::common::switching_protocols(&text, "").as_bytes())
         .await
         .is_err()
     {

@@ -237,6 +237,17 @@ pub async fn seen_msg(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Option<Message>
     }
 }
 
+/// The close (code, reason) a recording backend received, skipping the
+/// messages before it; None if the connection ended without one.
+pub async fn backend_close(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Option<(u16, String)> {
+    while let Some(m) = seen_msg(rx).await {
+        if let Some(c) = close_of(&m) {
+            return Some(c);
+        }
+    }
+    None
+}
+
 /// A backend that reads the request head and answers `response` verbatim,
 /// then keeps the connection open until the peer leaves.
 pub async fn http_backend(response: String) -> SocketAddr {

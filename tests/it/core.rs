@@ -452,14 +452,7 @@ async fn shutdown_sends_1001_to_both_sides() {
     let m = next(&mut c).await;
     assert_eq!(close_of(&m).map(|c| c.0), Some(1001));
     drop(c);
-    let mut backend_code = None;
-    while let Some(m) = seen_msg(&mut rx).await {
-        if let Some((code, _)) = close_of(&m) {
-            backend_code = Some(code);
-            break;
-        }
-    }
-    assert_eq!(backend_code, Some(1001));
+    assert_eq!(backend_close(&mut rx).await.map(|c| c.0), Some(1001));
     assert!(
         within("drain", shutdown).await.unwrap(),
         "drain finished within grace"
@@ -488,14 +481,7 @@ async fn shutdown_close_code_1012_reaches_the_client_after_a_reload() {
     let m = next(&mut c).await;
     assert_eq!(close_of(&m), Some((1012, "shutting down".into())));
     drop(c);
-    let mut backend_code = None;
-    while let Some(m) = seen_msg(&mut rx).await {
-        if let Some((code, _)) = close_of(&m) {
-            backend_code = Some(code);
-            break;
-        }
-    }
-    assert_eq!(backend_code, Some(1001));
+    assert_eq!(backend_close(&mut rx).await.map(|c| c.0), Some(1001));
     assert!(
         within("drain", shutdown).await.unwrap(),
         "drain finished within grace"

@@ -73,14 +73,7 @@ async fn silent_client_is_closed_1011_and_backend_gets_1001() {
     );
     // The TCP connection is shut without waiting for our close reply.
     assert!(r.eof().await);
-    let mut backend_close = None;
-    while let Some(m) = seen_msg(&mut rx).await {
-        if let Some((c, _)) = close_of(&m) {
-            backend_close = Some(c);
-            break;
-        }
-    }
-    assert_eq!(backend_close, Some(1001));
+    assert_eq!(backend_close(&mut rx).await.map(|c| c.0), Some(1001));
     assert_echo(p.addr).await;
 }
 
@@ -176,14 +169,10 @@ async fn max_session_duration_closes_both_sides_with_1001_session_too_long() {
         after >= Duration::from_secs(1) && after < Duration::from_millis(1110),
         "{after:?}"
     );
-    let mut backend_close = None;
-    while let Some(m) = seen_msg(&mut rx).await {
-        if let Some(c) = close_of(&m) {
-            backend_close = Some(c);
-            break;
-        }
-    }
-    assert_eq!(backend_close, Some((1001, "session too long".into())));
+    assert_eq!(
+        backend_close(&mut rx).await,
+        Some((1001, "session too long".into()))
+    );
     assert_eq!(metric(&p, "wsguard_session_duration_closes_total"), 1.0);
     assert_eq!(
         metric(

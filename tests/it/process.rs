@@ -318,14 +318,7 @@ async fn sigterm_with_shutdown_close_code_1012_gives_clients_1012_and_exits_0() 
     let m = next(&mut c).await;
     assert_eq!(close_of(&m), Some((1012, "shutting down".into())));
     drop(c);
-    let mut backend_code = None;
-    while let Some(m) = seen_msg(&mut rx).await {
-        if let Some((code, _)) = close_of(&m) {
-            backend_code = Some(code);
-            break;
-        }
-    }
-    assert_eq!(backend_code, Some(1001));
+    assert_eq!(backend_close(&mut rx).await.map(|c| c.0), Some(1001));
     assert_eq!(p.exit_code().await, Some(0));
 }
 

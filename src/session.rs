@@ -1373,6 +1373,8 @@ where
         process,
         info,
     } = {
+        // Moved into this block so that the emptied box is freed here,
+        // not kept (allocated) until the session ends.
         let start = start;
         *start
     };

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::compression::{Deflater, HopParams, InflateError, Inflated, Inflater};
 use crate::config::{Mode, OnFailure};
-use crate::frame::{self, Decoder, FrameError, Header, Rules, Sink};
+use crate::frame::{self, Decoder, FrameError, Header, Rules, Sink, Utf8};
 use crate::guard::limits::{ConnSlot, MessageLimiter, SubjectLimiter};
 use crate::keepalive::{self, Liveness, Tick};
 use crate::metrics::{CloseLabel, ReasonLabel};
@@ -277,6 +277,17 @@ struct FlowState {
     deflater: Option<Box<Deflater>>,
     /// Largest inflated message (`max_message_size`).
     max_plain: usize,
+    /// Both hops negotiated compatible permessage-deflate parameters: a
+    /// compressed message that no guard needs in plaintext is relayed frame
+    /// by frame as it came, inflated only to be measured and checked.
+    pass: bool,
+    /// The current message is being relayed compressed ([`FlowState::pass`]).
+    zstream: bool,
+    /// Its decompressed bytes so far.
+    zplain: u64,
+    /// Its UTF-8 check, for a text message (the decoder checks only
+    /// uncompressed text).
+    zutf8: Option<Utf8>,
 }
 
 impl Flow {
@@ -302,6 +313,10 @@ impl Flow {
                 inflater: None,
                 deflater: None,
                 max_plain: usize::MAX,
+                pass: false,
+                zstream: false,
+                zplain: 0,
+                zutf8: None,
             },
         }
     }
@@ -309,10 +324,19 @@ impl Flow {
     /// Sets permessage-deflate for this flow: `from` as negotiated with the
     /// hop it reads, `to` with the hop it writes.
     fn with_deflate(mut self, from: Option<HopParams>, to: Option<HopParams>, max: u64) -> Flow {
+        self.st.pass = match (&from, &to) {
+            (Some(f), Some(t)) => HopParams::can_pass_through(f, t),
+            _ => false,
+        };
         self.st.inflater =
             from.map(|p| Box::new(Inflater::new(p.recv_window_bits, p.recv_context_takeover)));
+        // Relayed compressed messages feed the receiver's window with the
+        // sender's history; a message wsguard compresses itself must then
+        // not refer back into a history of its own, so it is compressed
+        // without context takeover (self-contained, valid in any window).
+        let pass = self.st.pass;
         self.st.deflater = to
-            .and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover))
+            .and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover && !pass))
             .map(Box::new);
         self.st.max_plain = usize::try_from(max).unwrap_or(usize::MAX);
         self
@@ -350,6 +374,57 @@ impl FlowSink<'_> {
             OnFailure::Close => Err(Halt::Policy("rate limit", "rate limit")),
             OnFailure::Drop => Ok(true),
         }
+    }
+
+    /// A limit refused a data message before any of it went on. A
+    /// compressed message of a context-takeover stream is never dropped:
+    /// the sender's later messages may refer back into it, so dropping it
+    /// would corrupt the window of whoever inflates the stream (wsguard,
+    /// and the receiver of a relayed stream). The session closes instead.
+    fn limited_message(&self, reason: &'static str, compressed: bool) -> Result<bool, Halt> {
+        let takeover = compressed
+            && self
+                .st
+                .inflater
+                .as_ref()
+                .is_some_and(|i| i.context_takeover());
+        if takeover {
+            self.env.process.metrics.reject(reason);
+            return Err(Halt::Policy("rate limit", "rate limit"));
+        }
+        self.limited(reason)
+    }
+
+    /// Inflates the next part of a message relayed compressed, to hold it
+    /// to `max_message_size` and check its UTF-8; the bytes are then
+    /// dropped. `fin`: the message ended (its tail is inflated too).
+    fn measure(&mut self, data: &[u8], fin: bool) -> Result<(), Halt> {
+        let st = &mut *self.st;
+        let Some(inf) = st.inflater.as_mut() else {
+            return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
+        };
+        let (plain, utf8) = (&mut st.zplain, &mut st.zutf8);
+        let mut bad_utf8 = false;
+        let r = inf.inflate_chunks(data, fin, st.max_plain, &mut |chunk| {
+            *plain = plain.saturating_add(chunk.len() as u64);
+            if let Some(u) = utf8.as_mut() {
+                if u.feed(chunk).is_err() {
+                    bad_utf8 = true;
+                    return Err(InflateError::Corrupt(String::new()));
+                }
+            }
+            Ok(())
+        });
+        if bad_utf8 {
+            return Err(Halt::Frame(FrameError::Utf8));
+        }
+        r.map_err(inflate_halt)?;
+        if fin {
+            if let Some(mut u) = st.zutf8.take() {
+                u.finish().map_err(Halt::Frame)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes one whole message toward the destination hop: deflated
@@ -498,23 +573,42 @@ impl Sink for FlowSink<'_> {
         if first {
             self.st.msg_len = 0;
             self.st.dropping = false;
+            let compressed = h.rsv & 0b100 != 0;
             if let Some(l) = self.env.limiter {
                 // A message's first frame pays for the message and its own
                 // bytes; continuation frames pay for their bytes.
                 if !l.allow(usize::try_from(h.len).unwrap_or(usize::MAX)) {
-                    self.st.dropping = self.limited("message_rate")?;
+                    self.st.dropping = self.limited_message("message_rate", compressed)?;
                 }
             }
             if let (Some((sub, l)), false) = (self.env.subject, self.st.dropping) {
                 if l.check_key(&sub.to_string()).is_err() {
-                    self.st.dropping = self.limited("subject_message_rate")?;
+                    self.st.dropping = self.limited_message("subject_message_rate", compressed)?;
                 }
             }
             if !self.st.dropping {
                 let env = self.env;
-                let compressed = h.rsv & 0b100 != 0;
                 self.st.keys.refresh(env.process, &env.route.prefix);
-                if compressed || self.st.keys.hmac_keys(env.route, env.derive).is_some() {
+                let signed = self.st.keys.hmac_keys(env.route, env.derive).is_some();
+                if compressed && self.st.pass && !signed {
+                    // Relayed as it came; inflated only to be measured.
+                    self.st.zstream = true;
+                    self.st.zplain = 0;
+                    self.st.zutf8 = (op == frame::OP_TEXT).then(Utf8::default);
+                } else if compressed || signed {
+                    if compressed
+                        && self
+                            .st
+                            .inflater
+                            .as_ref()
+                            .is_some_and(|i| i.context_takeover())
+                    {
+                        // The receiver will not see this message in the
+                        // sender's compressed stream, so later ones may
+                        // refer to what it never had: relay none as is
+                        // any more in this session.
+                        self.st.pass = false;
+                    }
                     self.st.assembly = Some(Box::new(Assembly {
                         op,
                         buf: Vec::new(),
@@ -570,6 +664,10 @@ impl Sink for FlowSink<'_> {
             a.buf.extend_from_slice(data);
             return Ok(());
         }
+        if self.st.zstream {
+            // Checked before a byte of it goes on.
+            self.measure(data, false)?;
+        }
         match self.st.out_mask {
             Some(k) => frame::mask_extend(self.out, data, k, self.st.out_off),
             None => self.out.extend_from_slice(data),
@@ -586,6 +684,22 @@ impl Sink for FlowSink<'_> {
         if self.st.dropping {
             self.st.dropping = false;
             return Ok(());
+        }
+        if std::mem::take(&mut self.st.zstream) {
+            self.measure(&[], true)?;
+            // As for an assembled message: the frames paid for their
+            // compressed size, the rest of the payload is charged now. The
+            // message went on already, so a refusal closes the session.
+            let wire = self.st.msg_len;
+            self.st.msg_len = self.st.zplain;
+            if let Some(l) = self.env.limiter {
+                let extra =
+                    usize::try_from(self.st.zplain.saturating_sub(wire)).unwrap_or(usize::MAX);
+                if !l.allow_bytes(extra) {
+                    self.env.process.metrics.reject("message_rate");
+                    return Err(Halt::Policy("rate limit", "rate limit"));
+                }
+            }
         }
         match self.st.assembly.take() {
             Some(a) => self.finish_assembly(*a),

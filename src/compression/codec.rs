@@ -80,6 +80,8 @@ impl InflateError {
 pub struct DeflateError(String);
 
 thread_local! {
+    /// [`Inflater::inflate_chunks`]'s output chunk (empty while in use).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(Box::default());
     static INFLATERS: RefCell<Vec<(u8, Decompress)>> = const { RefCell::new(Vec::new()) };
     static DEFLATERS: RefCell<Vec<(u8, Compress)>> = const { RefCell::new(Vec::new()) };
 }
@@ -301,13 +303,31 @@ impl Inflater {
         limit: usize,
         f: &mut dyn FnMut(&[u8]) -> Result<(), InflateError>,
     ) -> Result<(), InflateError> {
-        let mut sink = Chunks {
-            scratch: vec![0; STREAM_CHUNK].into_boxed_slice(),
-            f,
-        };
+        // One scratch chunk per thread, not per call: a relayed frame's
+        // payload arrives in many small reads.
+        let scratch = SCRATCH
+            .try_with(|s| s.try_borrow_mut().ok().map(|mut s| std::mem::take(&mut *s)))
+            .ok()
+            .flatten()
+            .filter(|s| s.len() == STREAM_CHUNK)
+            .unwrap_or_else(|| vec![0; STREAM_CHUNK].into_boxed_slice());
+        let mut sink = Chunks { scratch, f };
         let r = self.message_part(payload, fin, limit, &mut sink);
+        let scratch = sink.scratch;
+        let _ = SCRATCH.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                *s = scratch;
+            }
+        });
         self.settle(fin, &r);
         r
+    }
+
+    /// Whether the peer may refer back to earlier messages: then every
+    /// compressed message of the stream must be inflated (and, relayed as
+    /// it is, delivered), or the windows on both ends drift apart.
+    pub fn context_takeover(&self) -> bool {
+        self.context_takeover
     }
 
     fn message_part(

@@ -848,9 +848,9 @@ fn hmac(c: &mut Check, h: Option<&config::HmacConfig>, path: &str) -> Option<Hma
 /// omitted `mode` meant off: negotiating an extension the relay cannot
 /// honour would corrupt every compressed message.
 pub const COMPRESSION_BUILT: bool = true;
-/// Whether messages may share an LZ77 window (context takeover). Only the
-/// no-takeover path is built: state lives for one message.
-pub const CONTEXT_TAKEOVER_BUILT: bool = false;
+/// Whether messages may share an LZ77 window (context takeover): built;
+/// its per-session cost is in docs/benchmarks.md.
+pub const CONTEXT_TAKEOVER_BUILT: bool = true;
 
 fn compression(
     c: &mut Check,

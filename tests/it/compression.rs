@@ -747,3 +747,355 @@ async fn fifty_concurrent_bombs_raise_peak_memory_only_by_the_caps() {
     let (_, echoed, _) = read_message(&mut s, &mut buf).await.unwrap();
     assert_eq!(echoed, b"normal");
 }
+
+/// A raw backend that answers the offer with `answer` and echoes every
+/// frame it receives verbatim (unmasked, same fin, RSV1, opcode and
+/// payload bytes), reporting each frame it saw.
+async fn mirror_backend(answer: &'static str) -> (SocketAddr, mpsc::UnboundedReceiver<Frame>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(Ok((head, mut buf))) =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                        let mut buf = Vec::new();
+                        loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let h = String::from_utf8_lossy(&buf[..i + 4]).to_string();
+                                buf.drain(..i + 4);
+                                return Ok((h, buf));
+                            }
+                            let mut b = [0u8; 4096];
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return Err(()),
+                                Ok(n) => buf.extend_from_slice(&b[..n]),
+                            }
+                        }
+                    })
+                    .await
+                else {
+                    return;
+                };
+                let ext = format!("Sec-WebSocket-Extensions: {answer}\r\n");
+                if s.write_all(switching_protocols(&head, &ext).as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                while let Some((fin, rsv1, op, payload)) = read_frame(&mut s, &mut buf).await {
+                    let _ = tx.send((fin, rsv1, op, payload.clone()));
+                    let _ = s.write_all(&frame(fin, rsv1, op, &payload, false)).await;
+                    if op == 8 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Level-1 deflate of `data` as three frames' worth of bytes: wsguard's
+/// own deflater (level 6) would produce other bytes, so identical bytes at
+/// the far end mean they were relayed, not re-compressed.
+fn fast_deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = Compress::new(Compression::fast(), false);
+    let mut out = Vec::with_capacity(data.len() + 1024);
+    c.compress_vec(data, &mut out, FlushCompress::Sync).unwrap();
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+async fn frame_of(rx: &mut mpsc::UnboundedReceiver<Frame>) -> Frame {
+    within("a frame at the backend", rx.recv())
+        .await
+        .expect("the backend saw a frame")
+}
+
+#[tokio::test]
+async fn compatible_hops_relay_compressed_frames_untouched() {
+    let (b, mut rx) = mirror_backend(GOOD_ANSWER).await;
+    let p = proxy(b, QUIET).await;
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    assert!(ext.is_some());
+    let data = compressible(64 * 1024);
+    let z = fast_deflate(&data);
+    let mut own = Vec::new();
+    wsguard::compression::Deflater::new(15, false)
+        .unwrap()
+        .deflate(&data, true, &mut own)
+        .unwrap();
+    assert_ne!(own, z, "wsguard's deflater would write other bytes");
+    // Three frames, RSV1 on the first only.
+    let cuts = [0, z.len() / 3, 2 * z.len() / 3, z.len()];
+    let sent: Vec<Frame> = (0..3)
+        .map(|i| {
+            (
+                i == 2,
+                i == 0,
+                if i == 0 { 1 } else { 0 },
+                z[cuts[i]..cuts[i + 1]].to_vec(),
+            )
+        })
+        .collect();
+    for (fin, rsv1, op, payload) in &sent {
+        s.write_all(&frame(*fin, *rsv1, *op, payload, true))
+            .await
+            .unwrap();
+    }
+    // The backend gets the client's frames as they were sent...
+    for want in &sent {
+        assert_eq!(&frame_of(&mut rx).await, want);
+    }
+    // ...and the client gets the backend's the same way.
+    for want in &sent {
+        assert_eq!(read_frame(&mut s, &mut buf).await.as_ref(), Some(want));
+    }
+    // Counted as what they inflate to; the wire bytes match on both hops.
+    let payload = metric(&p, "wsguard_bytes_total{direction=\"c2s\"}");
+    assert_eq!(payload, data.len() as f64);
+    let wire = |hop: &str, dir: &str| {
+        metric(
+            &p,
+            &format!("wsguard_wire_bytes_total{{hop=\"{hop}\",direction=\"{dir}\"}}"),
+        )
+    };
+    // Masked both ways c2s, unmasked both ways s2c: the same bytes.
+    assert_eq!(wire("client", "c2s"), wire("backend", "c2s"));
+    assert_eq!(wire("backend", "s2c"), wire("client", "s2c"));
+    assert!(wire("backend", "c2s") < data.len() as f64 / 3.0);
+}
+
+#[tokio::test]
+async fn relayed_compressed_messages_are_still_held_to_the_limits() {
+    let (b, _rx) = mirror_backend(GOOD_ANSWER).await;
+    let p = proxy(
+        b,
+        "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits: { per_ip: null, per_connection: null, max_message_size: 64KiB }\n",
+    )
+    .await;
+    // Past max_message_size once inflated: 1009, though a few bytes on the wire.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let bomb = fast_deflate(&vec![0u8; 1024 * 1024]);
+    s.write_all(&frame(true, true, 2, &bomb, true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1009));
+    // Invalid UTF-8 inside compressed text: 1007.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(
+        true,
+        true,
+        1,
+        &fast_deflate(b"ok \xc3\x28 no"),
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    // Text cut inside a code point at the message's end: 1007.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(true, true, 1, &fast_deflate(b"cut \xe2\x82"), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    // Not DEFLATE at all: 1007.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    s.write_all(&frame(true, true, 2, b"\xff\xff\xff\xfe junk", true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
+    // A normal client is still served, its frames relayed as they are.
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let z = fast_deflate("fine, thanks €".as_bytes());
+    s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+    assert_eq!(
+        read_frame(&mut s, &mut buf).await,
+        Some((true, true, 1, z.clone()))
+    );
+}
+
+/// A deflater/inflater pair with context takeover on the test's side.
+struct Takeover {
+    c: Compress,
+    d: Decompress,
+}
+
+impl Takeover {
+    fn new(bits: u8) -> Self {
+        Takeover {
+            c: Compress::new_with_window_bits(Compression::default(), false, bits),
+            d: Decompress::new_with_window_bits(false, bits),
+        }
+    }
+    fn deflate(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len() + 1024);
+        self.c
+            .compress_vec(data, &mut out, FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        out
+    }
+    fn inflate(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut input = data.to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(64 * 1024);
+        let start = self.d.total_in();
+        self.d
+            .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        assert_eq!(self.d.total_in() - start, input.len() as u64);
+        out
+    }
+}
+
+const TAKEOVER: &str = "compression: { mode: on, context_takeover: true }\n";
+/// RFC 7692 section 7.2.3.2: "Hello" again, referring back into the first.
+const HELLO_AGAIN: [u8; 5] = [0xf2, 0x00, 0x11, 0x00, 0x00];
+
+#[tokio::test]
+async fn context_takeover_is_negotiated_and_relayed() {
+    let (b, mut rx) = mirror_backend("permessage-deflate").await;
+    let p = proxy(b, &format!("{QUIET}{TAKEOVER}")).await;
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    // Nothing asked for no takeover, so nothing is granted.
+    assert_eq!(ext.as_deref(), Some("permessage-deflate"));
+    let mut me = Takeover::new(15);
+    let first = me.deflate(b"Hello");
+    let second = me.deflate(b"Hello");
+    assert_eq!(second, HELLO_AGAIN, "the second message refers back");
+    for z in [&first, &second] {
+        s.write_all(&frame(true, true, 1, z, true)).await.unwrap();
+        assert_eq!(frame_of(&mut rx).await.3, *z);
+        let (_, rsv1, _, echoed) = read_frame(&mut s, &mut buf).await.unwrap();
+        assert!(rsv1);
+        assert_eq!(&echoed, z);
+    }
+    assert_eq!(metric(&p, "wsguard_bytes_total{direction=\"c2s\"}"), 10.0);
+}
+
+#[tokio::test]
+async fn context_takeover_inflates_and_deflates_across_messages() {
+    // The client hop takes over context; the backend is plain: wsguard
+    // inflates with the client's window kept between messages.
+    let (b, mut rx) = backend(false, echo()).await;
+    let p = proxy(b, &format!("{QUIET}{TAKEOVER}")).await;
+    let (mut s, mut buf, ext) = client(p.addr, true).await;
+    assert_eq!(ext.as_deref(), Some("permessage-deflate"));
+    let _ = request_of(&mut rx).await;
+    let mut me = Takeover::new(15);
+    for _ in 0..3 {
+        let z = me.deflate(b"Hello");
+        s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+        assert_eq!(message_of(&mut rx).await, (b"Hello".to_vec(), false));
+        let (_, echoed, c) = read_message(&mut s, &mut buf).await.unwrap();
+        assert_eq!((echoed.as_slice(), c), (&b"Hello"[..], false));
+    }
+
+    // Hops that cannot share frames (the client granted wsguard a 10-bit
+    // window, the backend compresses with 15): wsguard inflates the
+    // backend's stream and deflates its own toward the client, both with
+    // the window kept between messages.
+    let (b, mut rx) = mirror_backend("permessage-deflate").await;
+    let p = proxy(b, &format!("{QUIET}{TAKEOVER}")).await;
+    let (r, h) = Raw::upgrade(
+        p.addr,
+        "/",
+        "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10; client_max_window_bits\r\n",
+    )
+    .await;
+    assert_eq!(h.status, 101, "{}", h.text);
+    assert_eq!(
+        h.header("sec-websocket-extensions").as_deref(),
+        Some("permessage-deflate; server_max_window_bits=10")
+    );
+    let (mut s, mut buf) = r.into_parts();
+    let mut me = Takeover::new(15);
+    let mut from_proxy = Takeover::new(10);
+    let mut first_len = 0;
+    for i in 0..3 {
+        let z = me.deflate(b"Hello");
+        s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+        // Relayed to the backend as it came (its window is 15 bits).
+        assert_eq!(frame_of(&mut rx).await.3, z);
+        // The mirror sends the same bytes back: a 15-bit takeover stream
+        // that wsguard inflates and compresses again for the client.
+        let (_, rsv1, _, echoed) = read_frame(&mut s, &mut buf).await.unwrap();
+        assert!(rsv1);
+        if i == 0 {
+            first_len = echoed.len();
+        } else {
+            // A back reference is shorter than "Hello" again, and means
+            // nothing to an inflater without the window.
+            assert!(
+                echoed.len() < first_len,
+                "wsguard's deflater kept its window"
+            );
+            assert!(Decompress::new_with_window_bits(false, 10)
+                .decompress_vec(
+                    &[&echoed[..], &[0, 0, 0xff, 0xff]].concat(),
+                    &mut Vec::with_capacity(64),
+                    FlushDecompress::Sync
+                )
+                .is_err());
+        }
+        assert_eq!(from_proxy.inflate(&echoed), b"Hello");
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limit_closes_a_takeover_stream_instead_of_dropping() {
+    let (b, mut rx) = mirror_backend("permessage-deflate").await;
+    let p = proxy(
+        b,
+        &format!(
+            "keepalive: {{ interval: 0s, upstream_interval: 0s }}\nlimits:\n  per_ip: null\n  on_message_limit: drop\n  per_connection:\n    messages: {{ rate: 1/m, burst: 1 }}\n{TAKEOVER}"
+        ),
+    )
+    .await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let mut me = Takeover::new(15);
+    let z = me.deflate(b"Hello");
+    s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+    assert_eq!(frame_of(&mut rx).await.3, z);
+    // The next one would be dropped, and the message after it would refer
+    // to what the backend never saw: the session closes (1008) instead.
+    let z = me.deflate(b"Hello");
+    s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1008));
+
+    // Without takeover the same limit drops, and the session goes on.
+    let (b, mut rx) = mirror_backend(GOOD_ANSWER).await;
+    let p = proxy(
+        b,
+        "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits:\n  per_ip: null\n  on_message_limit: drop\n  per_connection:\n    messages: { rate: 1/m, burst: 1 }\n",
+    )
+    .await;
+    let (mut s, mut buf, _) = client(p.addr, true).await;
+    let z = fast_deflate(b"Hello");
+    for _ in 0..2 {
+        s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+    }
+    // A close after them: its answer comes once both were handled.
+    s.write_all(&frame(true, false, 8, &1000u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    assert_eq!(frame_of(&mut rx).await.3, z);
+    assert_eq!(
+        frame_of(&mut rx).await.2,
+        8,
+        "the second message was dropped"
+    );
+    assert_eq!(read_frame(&mut s, &mut buf).await.map(|f| f.3), Some(z));
+    assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1000));
+    assert_eq!(
+        metric(&p, "wsguard_rejections_total{reason=\"message_rate\"}"),
+        1.0
+    );
+}

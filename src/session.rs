@@ -267,13 +267,18 @@ struct FlowState {
     seq_out: u64,
     /// A keepalive ping waiting for the open frame to end.
     pending_ping: Option<Bytes>,
-    /// permessage-deflate on the source hop: inflates its compressed
-    /// messages (None: RSV1 is refused by the decoder). Boxed, like the
-    /// deflater: a session without compression holds a pointer, not their
-    /// state (about 170 bytes each, per direction).
+    /// permessage-deflate on the source hop (window bits, context
+    /// takeover) and the inflater for its compressed messages (None: RSV1
+    /// is refused by the decoder). The inflater exists only while a message
+    /// is inflated, or for the session's life with context takeover: an
+    /// idle session without takeover holds three bytes of compression
+    /// state per direction, not the inflater (about 160 bytes).
+    inflate_cfg: Option<(u8, bool)>,
     inflater: Option<Box<Inflater>>,
     /// permessage-deflate on the destination hop: messages wsguard
-    /// assembles are deflated again for it (None: sent uncompressed).
+    /// assembles are deflated again for it (None: sent uncompressed). The
+    /// deflater lives like the inflater.
+    deflate_cfg: Option<(u8, bool)>,
     deflater: Option<Box<Deflater>>,
     /// Largest inflated message (`max_message_size`).
     max_plain: usize,
@@ -288,6 +293,25 @@ struct FlowState {
     /// Its UTF-8 check, for a text message (the decoder checks only
     /// uncompressed text).
     zutf8: Option<Utf8>,
+}
+
+impl FlowState {
+    /// Whether the source hop's compressed stream keeps its window between
+    /// messages.
+    fn inflate_takeover(&self) -> bool {
+        self.inflate_cfg.is_some_and(|(_, takeover)| takeover)
+    }
+
+    /// After a message: without context takeover, nothing of the codec
+    /// outlives it (its zlib state went back to the per-thread pool).
+    fn codec_rest(&mut self) {
+        if !self.inflate_takeover() {
+            self.inflater = None;
+        }
+        if !self.deflate_cfg.is_some_and(|(_, takeover)| takeover) {
+            self.deflater = None;
+        }
+    }
 }
 
 impl Flow {
@@ -310,7 +334,9 @@ impl Flow {
                 seq_in: SeqState::default(),
                 seq_out: 0,
                 pending_ping: None,
+                inflate_cfg: None,
                 inflater: None,
+                deflate_cfg: None,
                 deflater: None,
                 max_plain: usize::MAX,
                 pass: false,
@@ -328,16 +354,15 @@ impl Flow {
             (Some(f), Some(t)) => HopParams::can_pass_through(f, t),
             _ => false,
         };
-        self.st.inflater =
-            from.map(|p| Box::new(Inflater::new(p.recv_window_bits, p.recv_context_takeover)));
+        self.st.inflate_cfg = from.map(|p| (p.recv_window_bits, p.recv_context_takeover));
         // Relayed compressed messages feed the receiver's window with the
         // sender's history; a message wsguard compresses itself must then
         // not refer back into a history of its own, so it is compressed
         // without context takeover (self-contained, valid in any window).
         let pass = self.st.pass;
-        self.st.deflater = to
-            .and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover && !pass))
-            .map(Box::new);
+        self.st.deflate_cfg = to
+            .filter(HopParams::can_deflate)
+            .map(|p| (p.send_window_bits, p.send_context_takeover && !pass));
         self.st.max_plain = usize::try_from(max).unwrap_or(usize::MAX);
         self
     }
@@ -382,12 +407,7 @@ impl FlowSink<'_> {
     /// would corrupt the window of whoever inflates the stream (wsguard,
     /// and the receiver of a relayed stream). The session closes instead.
     fn limited_message(&self, reason: &'static str, compressed: bool) -> Result<bool, Halt> {
-        let takeover = compressed
-            && self
-                .st
-                .inflater
-                .as_ref()
-                .is_some_and(|i| i.context_takeover());
+        let takeover = compressed && self.st.inflate_takeover();
         if takeover {
             self.env.process.metrics.reject(reason);
             return Err(Halt::Policy("rate limit", "rate limit"));
@@ -400,9 +420,12 @@ impl FlowSink<'_> {
     /// dropped. `fin`: the message ended (its tail is inflated too).
     fn measure(&mut self, data: &[u8], fin: bool) -> Result<(), Halt> {
         let st = &mut *self.st;
-        let Some(inf) = st.inflater.as_mut() else {
+        let Some((bits, takeover)) = st.inflate_cfg else {
             return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
         };
+        let inf = st
+            .inflater
+            .get_or_insert_with(|| Box::new(Inflater::new(bits, takeover)));
         let (plain, utf8) = (&mut st.zplain, &mut st.zutf8);
         let mut bad_utf8 = false;
         let r = inf.inflate_chunks(data, fin, st.max_plain, &mut |chunk| {
@@ -431,7 +454,13 @@ impl FlowSink<'_> {
     /// (RSV1) when that hop negotiated compression, else as is.
     fn emit(&mut self, op: u8, data: &[u8]) -> Result<(), Halt> {
         let mask = out_mask(self.st.mask_out);
-        let Some(d) = self.st.deflater.as_mut() else {
+        let st = &mut *self.st;
+        if st.deflater.is_none() {
+            if let Some((bits, takeover)) = st.deflate_cfg {
+                st.deflater = Deflater::new(bits, takeover).map(Box::new);
+            }
+        }
+        let Some(d) = st.deflater.as_mut() else {
             frame::write_frame(self.out, true, op, data, mask);
             return Ok(());
         };
@@ -461,10 +490,14 @@ impl FlowSink<'_> {
         // against the process-wide inflate budget meanwhile.
         let mut _hold = None;
         let buf = if compressed {
-            let Some(inf) = self.st.inflater.as_mut() else {
+            let Some((bits, takeover)) = self.st.inflate_cfg else {
                 env.process.partial.release(reserved);
                 return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
             };
+            let inf = self
+                .st
+                .inflater
+                .get_or_insert_with(|| Box::new(Inflater::new(bits, takeover)));
             let mut plain = Inflated::new(&env.process.inflate);
             let r = inf.inflate_into(&buf, true, self.st.max_plain, &mut plain);
             drop(buf);
@@ -563,6 +596,33 @@ impl FlowSink<'_> {
             }
         }
     }
+
+    /// A message's last frame ended: what is left to do for it.
+    fn end_message(&mut self) -> Result<(), Halt> {
+        if std::mem::take(&mut self.st.zstream) {
+            self.measure(&[], true)?;
+            // As for an assembled message: the frames paid for their
+            // compressed size, the rest of the payload is charged now. The
+            // message went on already, so a refusal closes the session.
+            let wire = self.st.msg_len;
+            self.st.msg_len = self.st.zplain;
+            if let Some(l) = self.env.limiter {
+                let extra =
+                    usize::try_from(self.st.zplain.saturating_sub(wire)).unwrap_or(usize::MAX);
+                if !l.allow_bytes(extra) {
+                    self.env.process.metrics.reject("message_rate");
+                    return Err(Halt::Policy("rate limit", "rate limit"));
+                }
+            }
+        }
+        match self.st.assembly.take() {
+            Some(a) => self.finish_assembly(*a),
+            None => {
+                self.count();
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Sink for FlowSink<'_> {
@@ -596,13 +656,7 @@ impl Sink for FlowSink<'_> {
                     self.st.zplain = 0;
                     self.st.zutf8 = (op == frame::OP_TEXT).then(Utf8::default);
                 } else if compressed || signed {
-                    if compressed
-                        && self
-                            .st
-                            .inflater
-                            .as_ref()
-                            .is_some_and(|i| i.context_takeover())
-                    {
+                    if compressed && self.st.inflate_takeover() {
                         // The receiver will not see this message in the
                         // sender's compressed stream, so later ones may
                         // refer to what it never had: relay none as is
@@ -685,29 +739,9 @@ impl Sink for FlowSink<'_> {
             self.st.dropping = false;
             return Ok(());
         }
-        if std::mem::take(&mut self.st.zstream) {
-            self.measure(&[], true)?;
-            // As for an assembled message: the frames paid for their
-            // compressed size, the rest of the payload is charged now. The
-            // message went on already, so a refusal closes the session.
-            let wire = self.st.msg_len;
-            self.st.msg_len = self.st.zplain;
-            if let Some(l) = self.env.limiter {
-                let extra =
-                    usize::try_from(self.st.zplain.saturating_sub(wire)).unwrap_or(usize::MAX);
-                if !l.allow_bytes(extra) {
-                    self.env.process.metrics.reject("message_rate");
-                    return Err(Halt::Policy("rate limit", "rate limit"));
-                }
-            }
-        }
-        match self.st.assembly.take() {
-            Some(a) => self.finish_assembly(*a),
-            None => {
-                self.count();
-                Ok(())
-            }
-        }
+        let r = self.end_message();
+        self.st.codec_rest();
+        r
     }
 
     fn control(&mut self, op: u8, payload: &[u8]) -> Result<(), Halt> {

@@ -323,13 +323,6 @@ impl Inflater {
         r
     }
 
-    /// Whether the peer may refer back to earlier messages: then every
-    /// compressed message of the stream must be inflated (and, relayed as
-    /// it is, delivered), or the windows on both ends drift apart.
-    pub fn context_takeover(&self) -> bool {
-        self.context_takeover
-    }
-
     fn message_part(
         &mut self,
         payload: &[u8],

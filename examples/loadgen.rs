@@ -1419,7 +1419,7 @@ async fn idle_raw(
     let stopped = loop {
         let pings = c.pings;
         tokio::select! {
-            m = c.next_message() => {
+            m = c.next_event() => {
                 stats.pings.fetch_add(c.pings - pings, Ordering::Relaxed);
                 if let Err(e) = m {
                     reasons.add(format!("hold: {e}"));
@@ -2005,6 +2005,8 @@ struct RawConn {
     pings: u64,
     /// The connection failed or closed: do not use it further.
     done: bool,
+    /// Why, when it was a close frame or a protocol error.
+    failure: Option<String>,
 }
 
 impl RawConn {
@@ -2110,6 +2112,7 @@ impl RawConn {
             written,
             pings: 0,
             done: false,
+            failure: None,
         })
     }
 
@@ -2134,49 +2137,66 @@ impl RawConn {
     /// The next data message; pings are answered on the way.
     async fn next_message(&mut self) -> Result<(u8, Vec<u8>), String> {
         loop {
-            while let Some(ev) = self.asm.events.pop_front() {
-                match ev {
-                    Event::Message(op, data) => return Ok((op, data)),
-                    Event::Ping(p) => {
-                        self.pings += 1;
+            if let Some(m) = self.next_event().await? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// The next data message, or `None` after a ping was answered or a read
+    /// completed no message. Messages that arrived before a close or an error
+    /// are still delivered; then the close or error is.
+    async fn next_event(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+        if let Some(ev) = self.asm.events.pop_front() {
+            return match ev {
+                Event::Message(op, data) => Ok(Some((op, data))),
+                Event::Ping(p) => {
+                    self.pings += 1;
+                    if !self.done {
                         self.w.control(&mut self.out, frame::OP_PONG, &p);
                         self.flush().await?;
                     }
-                }
-            }
-            if self.done {
-                return Err("connection closed".into());
-            }
-            let r = if !self.pending.is_empty() {
-                let mut p = std::mem::take(&mut self.pending);
-                self.dec.feed(&mut p, &mut self.asm)
-            } else {
-                let n = match self.tcp.read(&mut self.rbuf).await {
-                    Ok(0) => {
-                        self.done = true;
-                        return Err("connection closed".into());
-                    }
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.done = true;
-                        return Err(format!("io {}", io_kind(&e)));
-                    }
-                };
-                self.read += n as u64;
-                match self.rbuf.get_mut(..n) {
-                    Some(b) => self.dec.feed(b, &mut self.asm),
-                    None => Ok(()),
+                    Ok(None)
                 }
             };
-            if let Err(stop) = r {
-                // Answer (echo a close, or close with the error's code), then stop.
-                self.done = true;
-                self.w
-                    .control(&mut self.out, frame::OP_CLOSE, &stop.answer());
-                finish_close(&mut self.tcp, &mut self.out).await;
-                return Err(stop.describe());
-            }
         }
+        if self.done {
+            return Err(self
+                .failure
+                .clone()
+                .unwrap_or_else(|| "connection closed".into()));
+        }
+        let r = if !self.pending.is_empty() {
+            let mut p = std::mem::take(&mut self.pending);
+            self.dec.feed(&mut p, &mut self.asm)
+        } else {
+            let n = match self.tcp.read(&mut self.rbuf).await {
+                Ok(0) => {
+                    self.done = true;
+                    return Err("connection closed".into());
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    self.done = true;
+                    return Err(format!("io {}", io_kind(&e)));
+                }
+            };
+            self.read += n as u64;
+            match self.rbuf.get_mut(..n) {
+                Some(b) => self.dec.feed(b, &mut self.asm),
+                None => Ok(()),
+            }
+        };
+        if let Err(stop) = r {
+            // Answer (echo a close, or close with the error's code), then stop.
+            self.done = true;
+            self.failure = Some(stop.describe());
+            self.w
+                .control(&mut self.out, frame::OP_CLOSE, &stop.answer());
+            self.written += self.out.len() as u64;
+            finish_close(&mut self.tcp, &mut self.out).await;
+        }
+        Ok(None)
     }
 
     /// Polite close: send a close frame, wait (bounded) for the peer's.

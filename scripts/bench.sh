@@ -597,7 +597,7 @@ run_echo() {
     [[ "$sign" == 1 ]] && sign_args=(--sign-key-file "$TMP/client.key" --kid c1)
     [[ "${GUARDS:-0}" == 1 ]] && sign_args+=(--header "Origin: $GUARD_ORIGIN" --header "Authorization: Bearer $JWT_TOKEN")
     wait_quiet
-    log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)')"
+    log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)') (payload ${LG_PAYLOAD:-$PAYLOAD}${LG_EXTRA[*]+ ${LG_EXTRA[*]}})"
     timeout $((DURATION + WARMUP + 120)) ${PIN_ENDS[@]+"${PIN_ENDS[@]}"} "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
         --conns "$CONNS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --label "$key" \
         --payload "${LG_PAYLOAD:-$PAYLOAD}" ${sign_args[@]+"${sign_args[@]}"} ${LG_EXTRA[@]+"${LG_EXTRA[@]}"} \

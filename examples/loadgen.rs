@@ -24,8 +24,32 @@
 //!
 //! Key files hold the secret as base64 (like wsguard's `secret_file`).
 //!
+//! permessage-deflate (RFC 7692; tungstenite has none, so these use their own
+//! handshake and framing, built on `wsguard::frame` and `wsguard::compression`):
+//!
+//! * `echo-server --deflate [--context-takeover]`: answers a client's offer with
+//!   `negotiate::answer_client` (window 15, no context takeover unless asked),
+//!   decodes with `frame::Decoder`, inflates compressed messages (capped at
+//!   --max-message-size) and echoes each message with its opcode, compressed
+//!   when the extension was negotiated. Pings get pongs, a close is echoed, a
+//!   protocol error or bad compressed data is answered with a close carrying the
+//!   error's code. Signing (--sign-key-file) works as without --deflate.
+//! * `echo --deflate [--context-takeover]` and `idle --deflate`: offer
+//!   `permessage-deflate; server_no_context_takeover; client_no_context_takeover;
+//!   client_max_window_bits` (without the two no-context-takeover parameters
+//!   with --context-takeover), check the answer with
+//!   `negotiate::accept_backend_response`, send masked (compressed) frames and
+//!   inflate the replies.
+//!
+//! `echo --payload json`: text messages of --size bytes, a JSON array of small
+//! quote objects varied per message (compressible, unlike the binary pattern).
+//! The echo summary reports `wire_bytes_per_msg` (bytes written to and read from
+//! the sockets during the echo loop, per echo) and `payload_bytes_per_msg`
+//! (application bytes sent + received per echo), with and without --deflate.
+//!
 //! Only uses crates that are dependencies of wsguard (tokio, tokio-tungstenite,
-//! futures-util, bytes, clap) plus std, and the `wsguard::sign` module.
+//! futures-util, bytes, clap, httparse, rand) plus std, and the `wsguard::sign`,
+//! `wsguard::frame` and `wsguard::compression` modules.
 //!
 //! Examples:
 //!   loadgen echo-server --listen 127.0.0.1:0
@@ -33,6 +57,8 @@
 //!   loadgen idle --url ws://127.0.0.1:9000/ --conns 5000 --hold 20 --rate 2000
 //!   loadgen echo-server --listen 127.0.0.1:0 --sign-key-file upstream.key --kid p1
 //!   loadgen echo --url ws://127.0.0.1:8080/ --sign-key-file client.key --kid c1
+//!   loadgen echo-server --listen 127.0.0.1:0 --deflate
+//!   loadgen echo --url ws://127.0.0.1:9000/ --deflate --payload json --size 2048
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -46,6 +72,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -55,9 +82,60 @@ use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use wsguard::compression::negotiate::{self, HopParams, Settings};
+use wsguard::compression::{Deflater, InflateBudget, InflateError, Inflated, Inflater};
+use wsguard::frame::{self, Decoder, FrameError, Header, Rules, Sink as FrameSink};
 use wsguard::sign::{self, Direction, Key, MsgType};
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Counted>;
+
+/// A TCP stream that counts the bytes read from and written to it (wire bytes).
+struct Counted {
+    inner: TcpStream,
+    read: u64,
+    written: u64,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            self.read += (buf.filled().len() - before) as u64;
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written += *n as u64;
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -124,6 +202,23 @@ struct EchoArgs {
     /// Extra handshake header, "Name: value" (repeatable), e.g. "Origin: https://app.example".
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Offer permessage-deflate (own client implementation, not tungstenite) and
+    /// compress every message when the server accepts it.
+    #[arg(long)]
+    deflate: bool,
+    /// With --deflate: do not ask for no context takeover.
+    #[arg(long)]
+    context_takeover: bool,
+    /// Message content: `binary` (a fixed pattern, binary frames) or `json`
+    /// (JSON-like compressible text of --size bytes, varied per message).
+    #[arg(long, value_enum, default_value_t = Payload::Binary)]
+    payload: Payload,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Payload {
+    Binary,
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +255,13 @@ struct IdleArgs {
     /// Which connections send the burst message: every Nth (1 = all).
     #[arg(long, default_value_t = 1)]
     burst_every: usize,
+    /// Offer permessage-deflate (own client implementation); bursts are then
+    /// sent compressed.
+    #[arg(long)]
+    deflate: bool,
+    /// With --deflate: do not ask for no context takeover.
+    #[arg(long)]
+    context_takeover: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -180,6 +282,15 @@ struct ServerArgs {
     /// Key id used with --sign-key-file.
     #[arg(long, default_value = "p1")]
     kid: String,
+    /// Accept permessage-deflate (own server implementation on wsguard's frame
+    /// decoder and codec, not tungstenite); the frame limit is then
+    /// --max-message-size too.
+    #[arg(long)]
+    deflate: bool,
+    /// With --deflate: allow context takeover (default: always answer with
+    /// server_no_context_takeover and client_no_context_takeover).
+    #[arg(long)]
+    context_takeover: bool,
 }
 
 fn load_key(path: &Path, kid: &str) -> Result<Key, String> {
@@ -299,6 +410,11 @@ async fn connect_ws(target: &Target, cfg: WebSocketConfig, t: Duration) -> Resul
     };
     tcp.set_nodelay(true)
         .map_err(|e| format!("connect: set_nodelay: {e}"))?;
+    let tcp = Counted {
+        inner: tcp,
+        read: 0,
+        written: 0,
+    };
     let mut req = target
         .url
         .as_str()
@@ -517,6 +633,15 @@ struct ConnResult {
     messages: u64,
     warmup_messages: u64,
     errors: u64,
+    /// Every echo that came back right (warmup, measured, and the last one
+    /// after the end): what `wire_bytes` is divided by.
+    echoed: u64,
+    /// Bytes written to and read from the socket during the echo loop.
+    wire_bytes: u64,
+    /// Application payload bytes of the echoes (sent + received).
+    payload_bytes: u64,
+    /// permessage-deflate was negotiated on this connection.
+    deflate: bool,
 }
 
 fn client_cfg_echo() -> WebSocketConfig {
@@ -546,10 +671,11 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     let mut set = JoinSet::new();
     for _ in 0..a.conns {
         let (target, sem, reasons) = (target.clone(), sem.clone(), reasons.clone());
+        let (deflate, takeover) = (a.deflate, a.context_takeover);
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.ok()?;
-            match connect_ws(&target, client_cfg_echo(), connect_t).await {
-                Ok(ws) => Some(ws),
+            match Conn::connect(&target, deflate, takeover, client_cfg_echo(), connect_t).await {
+                Ok(c) => Some(c),
                 Err(e) => {
                     reasons.add(e);
                     None
@@ -611,6 +737,7 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
             ws,
             i as u64,
             template,
+            a.payload,
             warm_end,
             end,
             op_t,
@@ -640,6 +767,17 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     let messages: u64 = results.iter().map(|r| r.messages).sum();
     let warmup_messages: u64 = results.iter().map(|r| r.warmup_messages).sum();
     let run_errors: u64 = results.iter().map(|r| r.errors).sum::<u64>() + aborted;
+    let echoed: u64 = results.iter().map(|r| r.echoed).sum();
+    let wire_bytes: u64 = results.iter().map(|r| r.wire_bytes).sum();
+    let payload_bytes: u64 = results.iter().map(|r| r.payload_bytes).sum();
+    let deflate_conns = results.iter().filter(|r| r.deflate).count();
+    let per_msg = |b: u64| {
+        if echoed > 0 {
+            b as f64 / echoed as f64
+        } else {
+            f64::NAN
+        }
+    };
     let errors = run_errors + connect_errors as u64;
     let rate = if measured > 0.0 {
         messages as f64 / measured
@@ -674,7 +812,9 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
             "\"duration_s\":{},\"warmup_s\":{},\"connect_s\":{},\"elapsed_s\":{},",
             "\"messages\":{},\"warmup_messages\":{},\"msgs_per_sec\":{},",
             "\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"mean_us\":{},",
-            "\"latency_samples\":{},\"errors\":{},\"connect_errors\":{},\"run_errors\":{},\"error_reasons\":{}}}"
+            "\"latency_samples\":{},\"errors\":{},\"connect_errors\":{},\"run_errors\":{},\"error_reasons\":{},",
+            "\"payload\":{},\"deflate\":{},\"deflate_conns\":{},\"echoed\":{},\"wire_bytes\":{},",
+            "\"wire_bytes_per_msg\":{},\"payload_bytes_per_msg\":{}}}"
         ),
         json_str(&a.label),
         json_str(&a.url),
@@ -699,14 +839,25 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
         errors,
         connect_errors,
         run_errors,
-        reasons.json()
+        reasons.json(),
+        json_str(match a.payload {
+            Payload::Binary => "binary",
+            Payload::Json => "json",
+        }),
+        a.deflate,
+        deflate_conns,
+        echoed,
+        wire_bytes,
+        json_f(per_msg(wire_bytes)),
+        json_f(per_msg(payload_bytes)),
     );
     print_stdout_line(&js);
     let human = match &lat {
         Some(l) => format!(
-            "echo{}{}: {} conns ({} connected), {} B msgs, {:.1}s: {} msgs, {:.0} msg/s, latency us p50={} p90={} p99={} p99.9={} max={}, errors={}{}",
+            "echo{}{}{}: {} conns ({} connected), {} B msgs, {:.1}s: {} msgs, {:.0} msg/s, latency us p50={} p90={} p99={} p99.9={} max={}, wire B/msg={:.0}, errors={}{}",
             if a.label.is_empty() { String::new() } else { format!(" [{}]", a.label) },
             if sign_key.is_some() { " (signed)" } else { "" },
+            if a.deflate { format!(" (deflate on {deflate_conns} conns)") } else { String::new() },
             a.conns,
             connected,
             a.size,
@@ -718,6 +869,7 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
             l.p99,
             l.p999,
             l.max,
+            per_msg(wire_bytes),
             errors,
             if errors > 0 { format!(" ({})", reasons.human()) } else { String::new() }
         ),
@@ -730,11 +882,113 @@ async fn run_echo(a: EchoArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// One echo connection: tungstenite's, or the own client (`--deflate`).
+enum Conn {
+    Ws(Box<Ws>),
+    Raw(Box<RawConn>),
+}
+
+impl Conn {
+    async fn connect(
+        target: &Target,
+        deflate: bool,
+        context_takeover: bool,
+        cfg: WebSocketConfig,
+        t: Duration,
+    ) -> Result<Conn, String> {
+        if deflate {
+            RawConn::connect(target, context_takeover, t)
+                .await
+                .map(|c| Conn::Raw(Box::new(c)))
+        } else {
+            connect_ws(target, cfg, t)
+                .await
+                .map(|w| Conn::Ws(Box::new(w)))
+        }
+    }
+
+    /// Wire bytes so far (read + written).
+    fn wire(&self) -> u64 {
+        match self {
+            Conn::Ws(ws) => ws.get_ref().read + ws.get_ref().written,
+            Conn::Raw(c) => c.read + c.written,
+        }
+    }
+
+    fn deflate(&self) -> bool {
+        matches!(self, Conn::Raw(c) if c.deflate)
+    }
+
+    async fn send(&mut self, text: bool, data: Bytes) -> Result<(), String> {
+        match self {
+            Conn::Ws(ws) => {
+                let m = if text {
+                    let t = String::from_utf8(data.to_vec()).map_err(|_| "text is not utf-8")?;
+                    Message::text(t)
+                } else {
+                    Message::Binary(data)
+                };
+                ws.send(m).await.map_err(|e| short_ws_err(&e))
+            }
+            Conn::Raw(c) => {
+                let op = if text {
+                    frame::OP_TEXT
+                } else {
+                    frame::OP_BINARY
+                };
+                c.send(op, &data).await
+            }
+        }
+    }
+
+    /// The next data message: (is text, bytes). Pings are answered on the way.
+    async fn recv(&mut self) -> Result<(bool, Bytes), String> {
+        match self {
+            Conn::Ws(ws) => loop {
+                match ws.next().await {
+                    None => return Err("connection closed".into()),
+                    Some(Err(e)) => return Err(short_ws_err(&e)),
+                    Some(Ok(Message::Binary(b))) => return Ok((false, b)),
+                    Some(Ok(Message::Text(t))) => return Ok((true, Bytes::from(t))),
+                    Some(Ok(Message::Close(cf))) => {
+                        return Err(format!(
+                            "close frame {}",
+                            cf.map(|c| u16::from(c.code).to_string())
+                                .unwrap_or_else(|| "-".into())
+                        ))
+                    }
+                    // Pings are answered by tungstenite on the next poll.
+                    Some(Ok(_)) => {}
+                }
+            },
+            Conn::Raw(c) => c
+                .next_message()
+                .await
+                .map(|(op, d)| (op == frame::OP_TEXT, Bytes::from(d))),
+        }
+    }
+
+    /// Polite close, bounded.
+    async fn close(&mut self) {
+        match self {
+            Conn::Ws(ws) => {
+                let _ = timeout(Duration::from_secs(2), async {
+                    let _ = WebSocketStream::close(&mut **ws, None).await;
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+            }
+            Conn::Raw(c) => c.close().await,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn echo_conn(
-    mut ws: Ws,
+    mut conn: Conn,
     id: u64,
     template: Bytes,
+    payload_kind: Payload,
     warm_end: Instant,
     end: Instant,
     op_t: Duration,
@@ -747,7 +1001,13 @@ async fn echo_conn(
         messages: 0,
         warmup_messages: 0,
         errors: 0,
+        echoed: 0,
+        wire_bytes: 0,
+        payload_bytes: 0,
+        deflate: conn.deflate(),
     };
+    let text = payload_kind == Payload::Json;
+    let wire0 = conn.wire();
     let mut seq: u64 = id << 40;
     // c2s signing sequence: per connection, from 1.
     let mut sign_seq: u64 = 0;
@@ -755,33 +1015,36 @@ async fn echo_conn(
     'outer: while Instant::now() < end {
         // Stamp a per-connection sequence number so stale/duplicated echoes are detected.
         seq += 1;
-        let payload = if template.len() >= 8 {
-            let mut b = BytesMut::from(&template[..]);
-            b[..8].copy_from_slice(&seq.to_le_bytes());
-            b.freeze()
-        } else {
-            template.clone()
+        let payload = match payload_kind {
+            Payload::Json => Bytes::from(json_payload(template.len(), seq)),
+            Payload::Binary if template.len() >= 8 => {
+                let mut b = BytesMut::from(&template[..]);
+                b[..8].copy_from_slice(&seq.to_le_bytes());
+                b.freeze()
+            }
+            Payload::Binary => template.clone(),
         };
         let t0 = Instant::now();
         let wire = match &sign_key {
             Some(k) => {
                 sign_seq += 1;
+                let ty = if text { MsgType::Text } else { MsgType::Binary };
                 Bytes::from(sign::sign(
                     k,
                     Direction::C2s,
                     sign_seq,
                     sign::now_ms(),
                     "",
-                    MsgType::Binary,
+                    ty,
                     &payload,
                 ))
             }
             None => payload.clone(),
         };
-        match timeout(op_t, ws.send(Message::Binary(wire))).await {
+        match timeout(op_t, conn.send(text, wire)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                reasons.add(format!("send: {}", short_ws_err(&e)));
+                reasons.add(format!("send: {e}"));
                 r.errors += 1;
                 healthy = false;
                 break;
@@ -795,84 +1058,68 @@ async fn echo_conn(
         }
         let deadline = t0 + op_t;
         loop {
-            match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+            let (got_text, data) = match tokio::time::timeout_at(deadline.into(), conn.recv()).await
+            {
                 Err(_) => {
                     reasons.add("recv: timeout");
                     r.errors += 1;
                     healthy = false;
                     break 'outer;
                 }
-                Ok(None) => {
-                    reasons.add("recv: connection closed");
+                Ok(Err(e)) => {
+                    reasons.add(format!("recv: {e}"));
                     r.errors += 1;
                     healthy = false;
                     break 'outer;
                 }
-                Ok(Some(Err(e))) => {
-                    reasons.add(format!("recv: {}", short_ws_err(&e)));
-                    r.errors += 1;
-                    healthy = false;
-                    break 'outer;
-                }
-                // Pings are answered by tungstenite on the next poll; just keep reading.
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
-                Ok(Some(Ok(Message::Close(cf)))) => {
-                    reasons.add(format!(
-                        "recv: close frame {}",
-                        cf.map(|c| u16::from(c.code).to_string())
-                            .unwrap_or_else(|| "-".into())
-                    ));
-                    r.errors += 1;
-                    healthy = false;
-                    break 'outer;
-                }
-                Ok(Some(Ok(Message::Text(_)))) => {
-                    reasons.add("recv: unexpected text message");
-                    r.errors += 1;
-                    continue;
-                }
-                Ok(Some(Ok(Message::Binary(data)))) => {
-                    let t1 = Instant::now();
-                    let got = if sign_key.is_some() {
-                        match strip_envelope(&data) {
-                            Some(p) => p,
-                            None => {
-                                reasons.add("recv: malformed wsg1 envelope");
-                                r.errors += 1;
-                                continue;
-                            }
-                        }
-                    } else {
-                        &data[..]
-                    };
-                    if got != &payload[..] {
-                        reasons.add("recv: echo mismatch");
+                Ok(Ok(m)) => m,
+            };
+            if got_text != text {
+                reasons.add(if got_text {
+                    "recv: unexpected text message"
+                } else {
+                    "recv: unexpected binary message"
+                });
+                r.errors += 1;
+                continue;
+            }
+            let t1 = Instant::now();
+            let got = if sign_key.is_some() {
+                match strip_envelope(&data) {
+                    Some(p) => p,
+                    None => {
+                        reasons.add("recv: malformed wsg1 envelope");
                         r.errors += 1;
-                        // Resynchronise by reading until our payload shows up (bounded by deadline).
                         continue;
                     }
-                    if t1 > end {
-                        break 'outer;
-                    }
-                    if t1 >= warm_end {
-                        r.messages += 1;
-                        let us = (t1 - t0).as_micros().min(u32::MAX as u128) as u32;
-                        r.samples.record(us);
-                    } else {
-                        r.warmup_messages += 1;
-                    }
-                    break;
                 }
+            } else {
+                &data[..]
+            };
+            if got != &payload[..] {
+                reasons.add("recv: echo mismatch");
+                r.errors += 1;
+                // Resynchronise by reading until our payload shows up (bounded by deadline).
+                continue;
             }
+            r.echoed += 1;
+            r.payload_bytes += 2 * payload.len() as u64;
+            if t1 > end {
+                break 'outer;
+            }
+            if t1 >= warm_end {
+                r.messages += 1;
+                let us = (t1 - t0).as_micros().min(u32::MAX as u128) as u32;
+                r.samples.record(us);
+            } else {
+                r.warmup_messages += 1;
+            }
+            break;
         }
     }
+    r.wire_bytes = conn.wire().saturating_sub(wire0);
     if healthy {
-        // Polite close, bounded.
-        let _ = timeout(Duration::from_secs(2), async {
-            let _ = ws.close(None).await;
-            while let Some(Ok(_)) = ws.next().await {}
-        })
-        .await;
+        conn.close().await;
     }
     r
 }
@@ -956,7 +1203,17 @@ async fn run_idle(a: IdleArgs) -> Result<(), String> {
             reasons.clone(),
             stop_rx.clone(),
         );
+        let (deflate, takeover) = (a.deflate, a.context_takeover);
         set.spawn(async move {
+            if deflate {
+                let burst = if burst_size > 0 && i % burst_every == 0 {
+                    burst_size
+                } else {
+                    0
+                };
+                idle_raw(&target, takeover, connect_t, burst, &stats, &reasons, permit, stop).await;
+                return;
+            }
             let res = connect_ws(&target, client_cfg_idle(), connect_t).await;
             // Account before releasing the permit, so READY (which waits for all
             // permits) sees final counters.
@@ -1112,6 +1369,74 @@ async fn run_idle(a: IdleArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// One idle connection of `idle --deflate` (own client): connect, optionally
+/// echo one burst message, hold (answering pings) until `stop`, close.
+#[allow(clippy::too_many_arguments)]
+async fn idle_raw(
+    target: &Target,
+    takeover: bool,
+    connect_t: Duration,
+    burst: usize,
+    stats: &IdleStats,
+    reasons: &Reasons,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut c = match RawConn::connect(target, takeover, connect_t).await {
+        Ok(c) => c,
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            reasons.add(e);
+            return;
+        }
+    };
+    if !c.deflate {
+        reasons.add("handshake: permessage-deflate not negotiated (info)");
+    }
+    if burst > 0 {
+        let data = vec![0x5a_u8; burst];
+        let echoed = timeout(connect_t * 3, async {
+            c.send(frame::OP_BINARY, &data).await?;
+            match c.next_message().await? {
+                (_, b) if b == data => Ok(()),
+                (_, b) => Err(format!("burst: echo of {} bytes", b.len())),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err("burst: timeout".into()));
+        if let Err(e) = echoed {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            reasons.add(e);
+            return;
+        }
+        stats.bursts.fetch_add(1, Ordering::Relaxed);
+    }
+    stats.opened.fetch_add(1, Ordering::Relaxed);
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    drop(permit);
+    // The buffers of a held connection: keep the client small.
+    c.rbuf = vec![0u8; 1024];
+    let stopped = loop {
+        let pings = c.pings;
+        tokio::select! {
+            m = c.next_event() => {
+                stats.pings.fetch_add(c.pings - pings, Ordering::Relaxed);
+                if let Err(e) = m {
+                    reasons.add(format!("hold: {e}"));
+                    break false;
+                }
+            }
+            _ = stop.changed() => break true,
+        }
+    };
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+    if stopped {
+        let _ = timeout(Duration::from_secs(3), c.close()).await;
+    } else {
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // echo-server: backend for benchmarks and Autobahn
 // ---------------------------------------------------------------------------
@@ -1135,6 +1460,14 @@ async fn run_server(a: ServerArgs) -> Result<(), String> {
         Some(p) => Some(Arc::new(load_key(p, &a.kid)?)),
         None => None,
     };
+    let deflate_srv = a.deflate.then(|| {
+        Arc::new(DeflateServer {
+            settings: pmd_settings(a.context_takeover),
+            max_message: a.max_message_size,
+            budget: InflateBudget::new(usize::MAX / 2),
+            sign_key: sign_key.clone(),
+        })
+    });
     loop {
         let (tcp, _peer) = match listener.accept().await {
             Ok(x) => x,
@@ -1146,6 +1479,10 @@ async fn run_server(a: ServerArgs) -> Result<(), String> {
             }
         };
         let _ = tcp.set_nodelay(true);
+        if let Some(srv) = &deflate_srv {
+            tokio::spawn(serve_deflate(tcp, srv.clone(), hs_t));
+            continue;
+        }
         let sign_key = sign_key.clone();
         tokio::spawn(async move {
             let mut ws = match timeout(
@@ -1205,4 +1542,723 @@ fn sign_reply(key: &Key, seq: u64, m: Message) -> Option<Message> {
         MsgType::Text => Message::Text(out.try_into().ok()?),
         MsgType::Binary => Message::Binary(Bytes::from(out)),
     })
+}
+
+// ---------------------------------------------------------------------------
+// permessage-deflate (RFC 7692): own handshake and framing, built from
+// wsguard's `frame` and `compression` modules (tungstenite has no
+// permessage-deflate). Used by `echo-server --deflate`, `echo --deflate` and
+// `idle --deflate`.
+// ---------------------------------------------------------------------------
+
+/// Largest HTTP head (request or response) read during a handshake.
+const MAX_HEAD: usize = 8 * 1024;
+/// Read buffer of a raw connection.
+const RAW_READ_BUF: usize = 8 * 1024;
+
+fn pmd_settings(context_takeover: bool) -> Settings {
+    Settings {
+        context_takeover,
+        max_window_bits: 15,
+    }
+}
+
+/// Reads an HTTP head (up to and including the empty line) into `buf`, at
+/// most [`MAX_HEAD`] bytes; returns its length. Whatever followed it stays
+/// in `buf` after the head.
+async fn read_head(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    read: &mut u64,
+) -> Result<usize, String> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(pos + 4);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err("http head too large".into());
+        }
+        let n = tcp
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("io {}", io_kind(&e)))?;
+        if n == 0 {
+            return Err("connection closed during the handshake".into());
+        }
+        *read += n as u64;
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+}
+
+/// Whether a comma-separated header value contains `token` (case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Why a raw connection stops decoding.
+enum Stop {
+    Frame(FrameError),
+    Inflate(InflateError),
+    /// The peer's close frame (validated); its payload.
+    Close(Vec<u8>),
+}
+
+impl From<FrameError> for Stop {
+    fn from(e: FrameError) -> Self {
+        Stop::Frame(e)
+    }
+}
+
+impl Stop {
+    /// The close frame payload to answer with.
+    fn answer(&self) -> Vec<u8> {
+        let (code, reason): (u16, &str) = match self {
+            Stop::Close(p) => return p.clone(),
+            Stop::Frame(e) => (e.code(), e.reason()),
+            Stop::Inflate(e) => (
+                e.close_code(),
+                match e {
+                    InflateError::TooBig { .. } => "message too big",
+                    InflateError::Busy => "busy",
+                    InflateError::Corrupt(_) => "invalid compressed data",
+                },
+            ),
+        };
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason.as_bytes());
+        p
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Stop::Close(p) => match frame::parse_close(p) {
+                Ok(Some((code, _))) => format!("close frame {code}"),
+                _ => "close frame -".into(),
+            },
+            Stop::Frame(e) => format!("protocol: {e}"),
+            Stop::Inflate(e) => format!("inflate: {e}"),
+        }
+    }
+}
+
+/// What the decoder delivered, in order.
+enum Event {
+    Message(u8, Vec<u8>),
+    Ping(Vec<u8>),
+}
+
+/// A frame sink that assembles data messages (inflating compressed ones)
+/// and queues them and pings, in arrival order.
+struct Assembler {
+    max: usize,
+    budget: Arc<InflateBudget>,
+    inflater: Option<Inflater>,
+    op: u8,
+    compressed: bool,
+    plain: Vec<u8>,
+    inflated: Option<Inflated>,
+    events: std::collections::VecDeque<Event>,
+}
+
+impl Assembler {
+    fn new(max: usize, budget: Arc<InflateBudget>, inflater: Option<Inflater>) -> Self {
+        Assembler {
+            max,
+            budget,
+            inflater,
+            op: frame::OP_BINARY,
+            compressed: false,
+            plain: Vec::new(),
+            inflated: None,
+            events: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn inflate(&mut self, data: &[u8], fin: bool) -> Result<(), Stop> {
+        let (Some(inf), Some(out)) = (self.inflater.as_mut(), self.inflated.as_mut()) else {
+            return Err(Stop::Frame(FrameError::Protocol(
+                "compressed message without the extension",
+            )));
+        };
+        inf.inflate_into(data, fin, self.max, out)
+            .map_err(Stop::Inflate)
+    }
+}
+
+impl FrameSink for Assembler {
+    type Error = Stop;
+
+    fn frame_start(&mut self, h: &Header, message_op: u8, first: bool) -> Result<(), Stop> {
+        if first {
+            self.op = message_op;
+            self.compressed = h.rsv & 0b100 != 0;
+            if self.compressed {
+                self.inflated = Some(Inflated::new(&self.budget));
+            } else {
+                self.plain.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn payload(&mut self, data: &[u8]) -> Result<(), Stop> {
+        if self.compressed {
+            self.inflate(data, false)
+        } else {
+            // The decoder enforced the message limit on the wire bytes.
+            self.plain.extend_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn frame_end(&mut self, fin: bool) -> Result<(), Stop> {
+        if !fin {
+            return Ok(());
+        }
+        let data = if self.compressed {
+            self.inflate(&[], true)?;
+            let data = match self.inflated.take() {
+                Some(i) => i.into_parts().0,
+                None => Vec::new(),
+            };
+            if self.op == frame::OP_TEXT && std::str::from_utf8(&data).is_err() {
+                return Err(Stop::Frame(FrameError::Utf8));
+            }
+            data
+        } else {
+            std::mem::take(&mut self.plain)
+        };
+        self.events.push_back(Event::Message(self.op, data));
+        Ok(())
+    }
+
+    fn control(&mut self, opcode: u8, payload: &[u8]) -> Result<(), Stop> {
+        match opcode {
+            frame::OP_PING => {
+                self.events.push_back(Event::Ping(payload.to_vec()));
+                Ok(())
+            }
+            frame::OP_CLOSE => {
+                frame::parse_close(payload)?;
+                Err(Stop::Close(payload.to_vec()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes frames: masked (client) or not (server), data messages deflated
+/// when a deflater was negotiated.
+struct FrameWriter {
+    masked: bool,
+    deflater: Option<Deflater>,
+    scratch: Vec<u8>,
+}
+
+impl FrameWriter {
+    fn mask(&self) -> Option<[u8; 4]> {
+        self.masked.then(rand::random::<[u8; 4]>)
+    }
+
+    fn message(&mut self, out: &mut Vec<u8>, op: u8, data: &[u8]) -> Result<(), String> {
+        let mask = self.mask();
+        match self.deflater.as_mut() {
+            Some(d) => {
+                self.scratch.clear();
+                d.deflate(data, true, &mut self.scratch)
+                    .map_err(|e| format!("deflate: {e}"))?;
+                frame::write_header(out, true, 0b100, op, self.scratch.len() as u64, mask);
+                match mask {
+                    Some(k) => frame::mask_extend(out, &self.scratch, k, 0),
+                    None => out.extend_from_slice(&self.scratch),
+                }
+                if self.scratch.capacity() > 256 * 1024 {
+                    self.scratch = Vec::new();
+                }
+            }
+            None => frame::write_frame(out, true, op, data, mask),
+        }
+        Ok(())
+    }
+
+    fn control(&mut self, out: &mut Vec<u8>, op: u8, payload: &[u8]) {
+        let p = payload
+            .get(..payload.len().min(frame::MAX_CONTROL))
+            .unwrap_or_default();
+        let mask = self.mask();
+        frame::write_frame(out, true, op, p, mask);
+    }
+}
+
+/// Sends what is left of a close handshake: `close` (if any) is written, the
+/// write side shut down, and the socket drained until the peer closes (at
+/// most 2 s), so the close frame is not lost to a reset.
+async fn finish_close(tcp: &mut TcpStream, out: &mut Vec<u8>) {
+    let _ = timeout(Duration::from_secs(2), async {
+        if !out.is_empty() && tcp.write_all(out).await.is_err() {
+            return;
+        }
+        out.clear();
+        let _ = tcp.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = tcp.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+// --- server ------------------------------------------------------------------
+
+struct DeflateServer {
+    settings: Settings,
+    max_message: usize,
+    budget: Arc<InflateBudget>,
+    sign_key: Option<Arc<Key>>,
+}
+
+/// Server handshake: returns the negotiated parameters (None: no compression)
+/// and the bytes that followed the request.
+async fn server_handshake(
+    tcp: &mut TcpStream,
+    srv: &DeflateServer,
+) -> Result<(Option<HopParams>, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut read = 0;
+    let head = read_head(tcp, &mut buf, &mut read).await?;
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = req.parse(buf.get(..head).unwrap_or_default());
+    let checked: Result<(String, Option<negotiate::Accepted>), &str> = match parsed {
+        Ok(httparse::Status::Complete(_)) => {
+            let hdr = |name: &'static str| {
+                req.headers
+                    .iter()
+                    .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+            };
+            let key = hdr("sec-websocket-key").next();
+            if req.method != Some("GET") {
+                Err("method")
+            } else if !hdr("upgrade").any(|v| has_token(v, "websocket")) {
+                Err("upgrade")
+            } else if !hdr("connection").any(|v| has_token(v, "upgrade")) {
+                Err("connection")
+            } else if hdr("sec-websocket-version").next() != Some(b"13".as_slice()) {
+                Err("version")
+            } else if let Some(key) = key {
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim_ascii());
+                let answer =
+                    negotiate::answer_client(hdr("sec-websocket-extensions"), Some(&srv.settings));
+                Ok((accept, answer))
+            } else {
+                Err("key")
+            }
+        }
+        _ => Err("request"),
+    };
+    match checked {
+        Err(what) => {
+            let _ = tcp
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            Err(format!("bad upgrade request ({what})"))
+        }
+        Ok((accept, answer)) => {
+            let mut resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+            );
+            if let Some(a) = &answer {
+                resp.push_str("Sec-WebSocket-Extensions: ");
+                resp.push_str(&a.response);
+                resp.push_str("\r\n");
+            }
+            resp.push_str("\r\n");
+            tcp.write_all(resp.as_bytes())
+                .await
+                .map_err(|e| format!("io {}", io_kind(&e)))?;
+            buf.drain(..head);
+            Ok((answer.map(|a| a.params), buf))
+        }
+    }
+}
+
+/// One connection of `echo-server --deflate`.
+async fn serve_deflate(mut tcp: TcpStream, srv: Arc<DeflateServer>, hs_t: Duration) {
+    let (params, leftover) = match timeout(hs_t, server_handshake(&mut tcp, &srv)).await {
+        Ok(Ok(x)) => x,
+        _ => return,
+    };
+    let max = srv.max_message;
+    let mut dec = Decoder::new(Rules {
+        masked: true,
+        allow_rsv1: params.is_some(),
+        max_frame: max as u64,
+        max_message: max as u64,
+    });
+    let mut asm = Assembler::new(
+        max,
+        srv.budget.clone(),
+        params.map(|p| Inflater::new(p.recv_window_bits, p.recv_context_takeover)),
+    );
+    let mut w = FrameWriter {
+        masked: false,
+        deflater: params.and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover)),
+        scratch: Vec::new(),
+    };
+    let mut rbuf = vec![0u8; RAW_READ_BUF];
+    let mut pending = leftover;
+    let mut out: Vec<u8> = Vec::new();
+    let mut sign_seq: u64 = 0;
+    loop {
+        let r = if !pending.is_empty() {
+            let mut p = std::mem::take(&mut pending);
+            dec.feed(&mut p, &mut asm)
+        } else {
+            match tcp.read(&mut rbuf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => match rbuf.get_mut(..n) {
+                    Some(b) => dec.feed(b, &mut asm),
+                    None => return,
+                },
+            }
+        };
+        let mut stop = r.err();
+        while let Some(ev) = asm.events.pop_front() {
+            match ev {
+                Event::Ping(p) => w.control(&mut out, frame::OP_PONG, &p),
+                Event::Message(op, data) => {
+                    let data = match &srv.sign_key {
+                        None => data,
+                        Some(k) => {
+                            sign_seq += 1;
+                            let ty = if op == frame::OP_TEXT {
+                                MsgType::Text
+                            } else {
+                                MsgType::Binary
+                            };
+                            match strip_envelope(&data) {
+                                Some(p) => sign::sign(
+                                    k,
+                                    Direction::S2c,
+                                    sign_seq,
+                                    sign::now_ms(),
+                                    "",
+                                    ty,
+                                    p,
+                                ),
+                                None => {
+                                    stop = Some(Stop::Frame(FrameError::BadData(
+                                        "malformed wsg1 envelope",
+                                    )));
+                                    break;
+                                }
+                            }
+                        }
+                    };
+                    if w.message(&mut out, op, &data).is_err() {
+                        stop = Some(Stop::Frame(FrameError::BadData("deflate failed")));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(stop) = stop {
+            w.control(&mut out, frame::OP_CLOSE, &stop.answer());
+            finish_close(&mut tcp, &mut out).await;
+            return;
+        }
+        if !out.is_empty() {
+            if tcp.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if out.capacity() > 256 * 1024 {
+                out = Vec::new();
+            }
+        }
+    }
+}
+
+// --- client --------------------------------------------------------------------
+
+/// A client connection with its own framing (for `--deflate`).
+struct RawConn {
+    tcp: TcpStream,
+    dec: Decoder,
+    asm: Assembler,
+    w: FrameWriter,
+    rbuf: Vec<u8>,
+    pending: Vec<u8>,
+    out: Vec<u8>,
+    /// Whether permessage-deflate was negotiated.
+    deflate: bool,
+    /// Bytes read from / written to the socket.
+    read: u64,
+    written: u64,
+    pings: u64,
+    /// The connection failed or closed: do not use it further.
+    done: bool,
+    /// Why, when it was a close frame or a protocol error.
+    failure: Option<String>,
+}
+
+impl RawConn {
+    async fn connect(
+        target: &Target,
+        context_takeover: bool,
+        t: Duration,
+    ) -> Result<RawConn, String> {
+        let tcp = match timeout(t, TcpStream::connect(target.addr)).await {
+            Err(_) => return Err("connect: timeout".into()),
+            Ok(Err(e)) => return Err(format!("connect: {}", io_kind(&e))),
+            Ok(Ok(s)) => s,
+        };
+        tcp.set_nodelay(true)
+            .map_err(|e| format!("connect: set_nodelay: {e}"))?;
+        match timeout(t, Self::handshake(tcp, target, context_takeover)).await {
+            Err(_) => Err("handshake: timeout".into()),
+            Ok(r) => r.map_err(|e| format!("handshake: {e}")),
+        }
+    }
+
+    async fn handshake(
+        mut tcp: TcpStream,
+        target: &Target,
+        context_takeover: bool,
+    ) -> Result<RawConn, String> {
+        let settings = pmd_settings(context_takeover);
+        let uri: Uri = target.url.parse().map_err(|e| format!("bad url: {e}"))?;
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = if path.is_empty() { "/" } else { path };
+        let host = uri.authority().map(|a| a.as_str()).unwrap_or("localhost");
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        if let Some(offer) = negotiate::offer_to_backend(Some(&settings)) {
+            req.push_str("Sec-WebSocket-Extensions: ");
+            req.push_str(&offer);
+            req.push_str("\r\n");
+        }
+        for (n, v) in &target.headers {
+            if n.contains(['\r', '\n']) || v.contains(['\r', '\n']) {
+                return Err(format!("bad header {n:?}"));
+            }
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        tcp.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("io {}", io_kind(&e)))?;
+        let written = req.len() as u64;
+        let mut read = 0;
+        let mut buf = Vec::with_capacity(1024);
+        let head = read_head(&mut tcp, &mut buf, &mut read).await?;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(buf.get(..head).unwrap_or_default()) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => return Err("malformed http response".into()),
+        }
+        if resp.code != Some(101) {
+            return Err(format!("http status {}", resp.code.unwrap_or(0)));
+        }
+        let hdr = |name: &'static str| {
+            resp.headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        let want = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        if hdr("sec-websocket-accept").next().map(|v| v.trim_ascii()) != Some(want.as_bytes()) {
+            return Err("bad Sec-WebSocket-Accept".into());
+        }
+        let params =
+            negotiate::accept_backend_response(hdr("sec-websocket-extensions"), Some(&settings))
+                .map_err(|e| format!("extension answer: {e}"))?;
+        buf.drain(..head);
+        let max = 64 << 20;
+        Ok(RawConn {
+            tcp,
+            dec: Decoder::new(Rules {
+                masked: false,
+                allow_rsv1: params.is_some(),
+                max_frame: max as u64,
+                max_message: max as u64,
+            }),
+            asm: Assembler::new(
+                max,
+                InflateBudget::new(usize::MAX / 2),
+                params.map(|p| Inflater::new(p.recv_window_bits, p.recv_context_takeover)),
+            ),
+            w: FrameWriter {
+                masked: true,
+                deflater: params
+                    .and_then(|p| Deflater::new(p.send_window_bits, p.send_context_takeover)),
+                scratch: Vec::new(),
+            },
+            rbuf: vec![0u8; RAW_READ_BUF],
+            pending: buf,
+            out: Vec::new(),
+            deflate: params.is_some(),
+            read,
+            written,
+            pings: 0,
+            done: false,
+            failure: None,
+        })
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.tcp.write_all(&self.out).await;
+        self.written += self.out.len() as u64;
+        self.out.clear();
+        r.map_err(|e| {
+            self.done = true;
+            format!("io {}", io_kind(&e))
+        })
+    }
+
+    async fn send(&mut self, op: u8, data: &[u8]) -> Result<(), String> {
+        self.w.message(&mut self.out, op, data)?;
+        self.flush().await
+    }
+
+    /// The next data message; pings are answered on the way.
+    async fn next_message(&mut self) -> Result<(u8, Vec<u8>), String> {
+        loop {
+            if let Some(m) = self.next_event().await? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// The next data message, or `None` after a ping was answered or a read
+    /// completed no message. Messages that arrived before a close or an error
+    /// are still delivered; then the close or error is.
+    async fn next_event(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+        if let Some(ev) = self.asm.events.pop_front() {
+            return match ev {
+                Event::Message(op, data) => Ok(Some((op, data))),
+                Event::Ping(p) => {
+                    self.pings += 1;
+                    if !self.done {
+                        self.w.control(&mut self.out, frame::OP_PONG, &p);
+                        self.flush().await?;
+                    }
+                    Ok(None)
+                }
+            };
+        }
+        if self.done {
+            return Err(self
+                .failure
+                .clone()
+                .unwrap_or_else(|| "connection closed".into()));
+        }
+        let r = if !self.pending.is_empty() {
+            let mut p = std::mem::take(&mut self.pending);
+            self.dec.feed(&mut p, &mut self.asm)
+        } else {
+            let n = match self.tcp.read(&mut self.rbuf).await {
+                Ok(0) => {
+                    self.done = true;
+                    return Err("connection closed".into());
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    self.done = true;
+                    return Err(format!("io {}", io_kind(&e)));
+                }
+            };
+            self.read += n as u64;
+            match self.rbuf.get_mut(..n) {
+                Some(b) => self.dec.feed(b, &mut self.asm),
+                None => Ok(()),
+            }
+        };
+        if let Err(stop) = r {
+            // Answer (echo a close, or close with the error's code), then stop.
+            self.done = true;
+            self.failure = Some(stop.describe());
+            self.w
+                .control(&mut self.out, frame::OP_CLOSE, &stop.answer());
+            self.written += self.out.len() as u64;
+            finish_close(&mut self.tcp, &mut self.out).await;
+        }
+        Ok(None)
+    }
+
+    /// Polite close: send a close frame, wait (bounded) for the peer's.
+    async fn close(&mut self) {
+        if self.done {
+            return;
+        }
+        self.w
+            .control(&mut self.out, frame::OP_CLOSE, &1000u16.to_be_bytes());
+        if self.flush().await.is_err() {
+            return;
+        }
+        let _ = timeout(Duration::from_secs(2), async {
+            while self.next_message().await.is_ok() {}
+        })
+        .await;
+    }
+}
+
+/// A JSON-like, compressible message of exactly `size` bytes (for `size` >= 2):
+/// an array of small quote objects whose values vary with `seq`.
+fn json_payload(size: usize, seq: u64) -> Vec<u8> {
+    use std::fmt::Write as _;
+    const SYMS: [&str; 8] = [
+        "AAPL", "MSFT", "GOOG", "AMZN", "TSLA", "NVDA", "META", "NFLX",
+    ];
+    if size < 2 {
+        return vec![b' '; size];
+    }
+    let mut s = String::with_capacity(size + 160);
+    let mut obj = String::with_capacity(160);
+    s.push('[');
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut i: u64 = 0;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        obj.clear();
+        let _ = write!(
+            obj,
+            "{{\"id\":{},\"sym\":\"{}\",\"px\":{}.{:02},\"qty\":{},\"side\":\"{}\",\"venue\":\"XNAS\"}}",
+            seq.wrapping_mul(1000).wrapping_add(i),
+            SYMS[(x % 8) as usize],
+            100 + x % 900,
+            (x >> 12) % 100,
+            ((x >> 20) % 50 + 1) * 10,
+            if (x >> 40) & 1 == 0 { "buy" } else { "sell" }
+        );
+        let sep = usize::from(i > 0);
+        if s.len() + sep + obj.len() + 1 > size {
+            break;
+        }
+        if sep == 1 {
+            s.push(',');
+        }
+        s.push_str(&obj);
+        i += 1;
+    }
+    while s.len() + 1 < size {
+        s.push(' ');
+    }
+    s.push(']');
+    s.into_bytes()
 }

@@ -12,15 +12,20 @@
 #   CASES ['["*"]']     JSON list of case patterns, e.g. '["1.*","9.1.*"]'
 #                       (with COMPRESSION=1 the default is '["12.*","13.*"]')
 #   COMPRESSION [0]     1 = run the permessage-deflate cases (12.*, 13.*): they are no longer
-#                       excluded, CASES defaults to them, and wsguard's policy spells out
+#                       excluded, CASES defaults to them, wsguard's policy spells out
 #                       `compression: {mode: on, context_takeover: false, max_window_bits: 15}`
-#                       (the defaults). The echo-server (tungstenite) has no permessage-deflate,
-#                       so direct is UNIMPLEMENTED on 12.*/13.*; for those cases the pass
-#                       criterion is absolute instead of the comparison: every 12.*/13.* case
-#                       through wsguard must be OK, NON-STRICT or INFORMATIONAL with
-#                       behaviorClose OK (any other case in CASES is still compared with direct).
-#                       Through wsguard the client hop is compressed and the backend hop is not:
-#                       this exercises wsguard's negotiation and its inflater on every message.
+#                       (the defaults), and the echo-server runs with --deflate (ECHO_DEFLATE=1):
+#                       its own permessage-deflate server on wsguard's frame decoder and codec,
+#                       answering offers like wsguard does (no context takeover, window 15).
+#                       So direct implements 12.*/13.* and the normal comparison applies to
+#                       them; in addition every 12.*/13.* case through wsguard must be OK,
+#                       NON-STRICT or INFORMATIONAL with behaviorClose OK. Through wsguard both
+#                       hops are compressed (the backend accepts wsguard's offer), so messages
+#                       pass through compressed unless a guard needs them inflated.
+#   ECHO_DEFLATE [=COMPRESSION]  1 = start the echo-server with --deflate (also usable without
+#                       COMPRESSION=1, to check the deflate echo-server on cases 1.*-11.*); 0 =
+#                       tungstenite's echo-server (then direct is UNIMPLEMENTED on 12.*/13.* and
+#                       only the absolute criterion judges them)
 #   CHAIN [0]           1 (with COMPRESSION=1) = also a third agent, wsguard-chain: the client
 #                       talks to a first wsguard whose upstream is a second wsguard in front of
 #                       the echo-server, so the hop between the two is compressed and the first
@@ -47,6 +52,7 @@ SKIP_BUILD="${SKIP_BUILD:-0}"
 DIRECT_ONLY="${DIRECT_ONLY:-0}"
 COMPRESSION="${COMPRESSION:-0}"
 CHAIN="${CHAIN:-0}"
+ECHO_DEFLATE="${ECHO_DEFLATE:-$COMPRESSION}"
 case "$COMPRESSION" in
 0)
     CASES="${CASES:-[\"*\"]}"
@@ -280,12 +286,15 @@ fi
 
 ensure_venv
 
-# --- echo backend (LIMITS=16MiB: 64 MiB messages for 9.*; frame limit stays at 16 MiB) --
-start_bg "$TMP/echo.out" "$TMP/echo.err" "$LOADGEN" echo-server --listen 127.0.0.1:0 --max-message-size "$ECHO_MAX_MESSAGE_SIZE"
+# --- echo backend (LIMITS=16MiB: 64 MiB messages for 9.*; frame limit stays at 16 MiB, or
+# equals the message limit with --deflate) --
+ECHO_ARGS=()
+[[ "$ECHO_DEFLATE" == 1 ]] && ECHO_ARGS=(--deflate)
+start_bg "$TMP/echo.out" "$TMP/echo.err" "$LOADGEN" echo-server --listen 127.0.0.1:0 --max-message-size "$ECHO_MAX_MESSAGE_SIZE" ${ECHO_ARGS[@]+"${ECHO_ARGS[@]}"}
 ECHO_PID="$LAST_PID"
 line="$(wait_for_line "$TMP/echo.out" '^LISTENING ' 10 "$ECHO_PID")" || die "echo-server did not start ($(cat "$TMP/echo.err"))"
 ECHO_PORT="${line##*:}"
-log "echo-server on 127.0.0.1:$ECHO_PORT (pid $ECHO_PID)"
+log "echo-server on 127.0.0.1:$ECHO_PORT (pid $ECHO_PID$([[ "$ECHO_DEFLATE" == 1 ]] && echo ', permessage-deflate'))"
 
 # --- wsguard ------------------------------------------------------------------
 COMPRESSION_POLICY=""
@@ -461,7 +470,7 @@ for a in agents:
         unimpl = set(k for k, v in notok if is_compression_case(k) and v["behavior"] == "UNIMPLEMENTED")
         notok = [(k, v) for k, v in notok if k not in unimpl]
         if unimpl:
-            print("direct: %d compression case(s) UNIMPLEMENTED (the echo-server has no permessage-deflate)"
+            print("direct: %d compression case(s) UNIMPLEMENTED (echo-server without --deflate: ECHO_DEFLATE=0?)"
                   % len(unimpl))
     if notok:
         print("%s: not-OK cases: %s" % (a, ", ".join(

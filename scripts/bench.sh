@@ -13,7 +13,12 @@
 #   ROUNDS [1]          rounds over all throughput scenarios (interleaved); medians are reported
 #   TP_SCENARIOS        throughput scenarios ("" = none), any of (default: all, in this order):
 #                         direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac
-#                       (not in the default list: nginx-signed wsguard-guards)
+#                       (not in the default list: nginx-signed wsguard-guards, and the
+#                       permessage-deflate ones: direct-deflate nginx-deflate wsguard-deflate
+#                       wsguard-deflate-guards direct-plain-json wsguard-plain-json)
+#   PAYLOAD [binary]    binary = a fixed byte pattern in binary messages; json = JSON-like,
+#                       compressible text messages of SIZE bytes varied per message (loadgen
+#                       --payload json). The *-plain-json scenarios always use json.
 #   IDLE_CONNS [5000] IDLE_RATE [2000]                idle tests (need ~2*IDLE_CONNS fds in wsguard)
 #   IDLE_SETTLE [3]     seconds between READY and the RSS sample / the start of the CPU window
 #   IDLE_BURST_SIZE [0] > 0: every IDLE_BURST_EVERY'th idle session [1] first echoes one binary
@@ -23,6 +28,7 @@
 #   KA_WINDOW [30]      seconds over which CPU time is measured while the sessions are idle
 #   IDLE_SCENARIOS      idle scenarios ("" = none), any of (default: all, in this order):
 #                         wsguard-idle wsguard-ka-1s-1s wsguard-ka-1s-0s direct-idle
+#                       (not in the default list: wsguard-deflate-idle direct-deflate-idle)
 #   SKIP_BUILD [0]      1 = do not run cargo build (use existing binaries)
 #   DIRECT_ONLY [0]     1 = only the scenarios that need no wsguard
 #   NO_NGINX [0]        1 = skip the nginx comparison even if nginx is installed
@@ -59,6 +65,26 @@
 #   wsguard-ka-I-U    any other pair, e.g. wsguard-ka-25s-25s (the defaults), wsguard-ka-500ms-0s
 #   direct-idle       IDLE_CONNS idle sessions straight to an echo-server
 #
+# permessage-deflate (loadgen echo/idle --deflate and echo-server --deflate, both offering /
+# answering no context takeover, window 15; wsguard with `compression: {mode: on}`, i.e.
+# context_takeover false, max_window_bits 15):
+#   direct-deflate    deflate loadgen -> deflate echo-server
+#   nginx-deflate     deflate loadgen -> nginx (passes Sec-WebSocket-Extensions through)
+#                     -> deflate echo-server
+#   wsguard-deflate   deflate loadgen -> wsguard (as wsguard, compression on: both hops
+#                     compressed) -> deflate echo-server
+#   wsguard-deflate-guards  as wsguard-guards with compression on, deflate loadgen and
+#                     signing deflate echo-server: HMAC makes wsguard inflate, verify, re-sign
+#                     and re-deflate every message on both hops
+#   direct-plain-json / wsguard-plain-json  as direct / wsguard with --payload json (no
+#                     compression): the uncompressed reference for the wire bytes and CPU
+#   wsguard-deflate-idle  IDLE_CONNS idle sessions through wsguard (keepalive 0s/0s,
+#                     compression on) with compression negotiated on both hops
+#   direct-deflate-idle   IDLE_CONNS idle deflate sessions straight to a deflate echo-server
+# The throughput table's "wire B per echo" is the loadgen's socket bytes (both directions:
+# frame headers and payloads as sent, compressed or not) per echo during the echo loop;
+# "payload B per echo" the message bytes (both directions) per echo.
+#
 # CPU figures come from /proc/PID/stat (utime+stime) and /proc/stat, sampled by this
 # script; "other" is whole-machine busy CPU minus the processes of the scenario, i.e.
 # noise from anything else running on the machine (and unattributed kernel work).
@@ -72,6 +98,12 @@ CONNS="${CONNS:-100}"
 SIZE="${SIZE:-64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
+PAYLOAD="${PAYLOAD:-binary}"
+case "$PAYLOAD" in binary | json) ;; *)
+    echo "PAYLOAD must be binary or json" >&2
+    exit 2
+    ;;
+esac
 ROUNDS="${ROUNDS:-1}"
 TP_SCENARIOS="${TP_SCENARIOS-direct wsguard nginx wsguard-msglimit direct-signed wsguard-hmac-off wsguard-hmac}"
 IDLE_CONNS="${IDLE_CONNS:-5000}"
@@ -437,6 +469,9 @@ hmac:
   upstream_key: { id: p1, secret_file: "$TMP/upstream.key" }
 EOF
     fi
+    if [[ "${WSG_COMPRESSION:-0}" == 1 ]]; then
+        printf 'compression:\n  mode: on\n' >>"$cfg"
+    fi
     start_bg_split "$TMP/wsguard-$name.out" "$TMP/wsguard-$name.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} "$WSGUARD" run -c "$cfg"
     WSG_PID="$LAST_PID"
     for ((i = 0; i < 150; i++)); do
@@ -533,7 +568,7 @@ EOF
 # ================================================================================
 # throughput
 # ================================================================================
-declare -A TP_RATE TP_P50 TP_P99 TP_ERR TP_LG TP_PROXY TP_BACK TP_OTHER
+declare -A TP_RATE TP_P50 TP_P99 TP_ERR TP_LG TP_PROXY TP_BACK TP_OTHER TP_WIRE TP_PAYB TP_DEFL
 declare -A BASE=(
     [direct]=""
     [wsguard]=direct
@@ -544,7 +579,16 @@ declare -A BASE=(
     [wsguard-hmac]=wsguard-hmac-off
     [nginx-signed]=direct-signed
     [wsguard-guards]=nginx-signed
+    [direct-plain-json]=""
+    [wsguard-plain-json]=direct-plain-json
+    [direct-deflate]=direct-plain-json
+    [nginx-deflate]=direct-deflate
+    [wsguard-deflate]=direct-deflate
+    [wsguard-deflate-guards]=wsguard-deflate
 )
+# Extra loadgen echo arguments of the next run_echo (--deflate), and its payload if not $PAYLOAD.
+LG_EXTRA=()
+LG_PAYLOAD=
 
 # run_echo KEY URL SIGN(0|1) PROXY_PIDS BACKEND_PID
 run_echo() {
@@ -553,10 +597,11 @@ run_echo() {
     [[ "$sign" == 1 ]] && sign_args=(--sign-key-file "$TMP/client.key" --kid c1)
     [[ "${GUARDS:-0}" == 1 ]] && sign_args+=(--header "Origin: $GUARD_ORIGIN" --header "Authorization: Bearer $JWT_TOKEN")
     wait_quiet
-    log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)')"
+    log "echo[$key]: $CONNS conns x $SIZE B, ${WARMUP}s warmup + ${DURATION}s via $url$([[ $sign == 1 ]] && echo ' (signed)') (payload ${LG_PAYLOAD:-$PAYLOAD}${LG_EXTRA[*]+ ${LG_EXTRA[*]}})"
     timeout $((DURATION + WARMUP + 120)) ${PIN_ENDS[@]+"${PIN_ENDS[@]}"} "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} echo --url "$url" \
         --conns "$CONNS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --label "$key" \
-        ${sign_args[@]+"${sign_args[@]}"} >"$TMP/echo-$key.json" 2>"$TMP/echo-$key.err" &
+        --payload "${LG_PAYLOAD:-$PAYLOAD}" ${sign_args[@]+"${sign_args[@]}"} ${LG_EXTRA[@]+"${LG_EXTRA[@]}"} \
+        >"$TMP/echo-$key.json" 2>"$TMP/echo-$key.err" &
     lpid=$!
     PIDS+=("$lpid")
     # CPU window: from 1 s after the warmup (connecting takes well under a second) to
@@ -573,8 +618,8 @@ run_echo() {
     forget_pid "$lpid"
     cat "$TMP/echo-$key.err" >&2 || true
     [[ $rc -eq 0 ]] || log "echo[$key]: loadgen exited with status $rc"
-    read -r TP_RATE[$key] TP_P50[$key] TP_P99[$key] TP_ERR[$key] \
-        <<<"$(json_field "$TMP/echo-$key.json" msgs_per_sec p50_us p99_us errors)"
+    read -r TP_RATE[$key] TP_P50[$key] TP_P99[$key] TP_ERR[$key] TP_WIRE[$key] TP_PAYB[$key] TP_DEFL[$key] \
+        <<<"$(json_field "$TMP/echo-$key.json" msgs_per_sec p50_us p99_us errors wire_bytes_per_msg payload_bytes_per_msg deflate_conns)"
     # cores used over the window: loadgen, proxy (sum of its processes), backend, everything else
     read -r TP_LG[$key] TP_BACK[$key] TP_PROXY[$key] TP_OTHER[$key] <<<"$(python3 - "$(cpu_delta "$CLK_TCK" "$a" "$b" 1)" <<'PY'
 import sys
@@ -599,13 +644,54 @@ if [[ -n "$TP_SCENARIOS" ]]; then
     start_echo_server echo-signed --sign-key-file "$TMP/upstream.key" --kid p1
     SIGNED_PID="$ECHO_PID"
     SIGNED_PORT="$ECHO_PORT"
+    DEFL_PID="" DEFL_SIGNED_PID=""
+    if [[ " $TP_SCENARIOS " =~ \ (direct|nginx|wsguard)-deflate\  ]]; then
+        start_echo_server echo-deflate --deflate
+        DEFL_PID="$ECHO_PID"
+        DEFL_PORT="$ECHO_PORT"
+    fi
+    if [[ " $TP_SCENARIOS " == *" wsguard-deflate-guards "* ]]; then
+        start_echo_server echo-deflate-signed --deflate --sign-key-file "$TMP/upstream.key" --kid p1
+        DEFL_SIGNED_PID="$ECHO_PID"
+        DEFL_SIGNED_PORT="$ECHO_PORT"
+    fi
     sleep 1
     for ((round = 1; round <= ROUNDS; round++)); do
         log "=== throughput round $round/$ROUNDS"
         for s in $TP_SCENARIOS; do
             k="$s:$round"
+            LG_EXTRA=() LG_PAYLOAD=""
             case "$s" in
             direct) run_echo "$k" "ws://127.0.0.1:$PLAIN_PORT/" 0 "" "$PLAIN_PID" ;;
+            direct-plain-json)
+                LG_PAYLOAD=json
+                run_echo "$k" "ws://127.0.0.1:$PLAIN_PORT/" 0 "" "$PLAIN_PID"
+                ;;
+            direct-deflate)
+                LG_EXTRA=(--deflate)
+                run_echo "$k" "ws://127.0.0.1:$DEFL_PORT/" 0 "" "$DEFL_PID"
+                ;;
+            nginx-deflate)
+                LG_EXTRA=(--deflate)
+                if start_nginx "$DEFL_PORT"; then
+                    run_echo "$k" "ws://127.0.0.1:$NGINX_PORT/" 0 "$NGINX_PID $(pgrep -P "$NGINX_PID" | xargs)" "$DEFL_PID"
+                    stop_pid "$NGINX_PID"
+                fi
+                ;;
+            wsguard-deflate | wsguard-deflate-guards | wsguard-plain-json)
+                bport="$DEFL_PORT" bpid="$DEFL_PID" sign=0 hmode=none WSG_COMPRESSION=1 LG_EXTRA=(--deflate)
+                case "$s" in
+                wsguard-deflate-guards) bport="$DEFL_SIGNED_PORT" bpid="$DEFL_SIGNED_PID" sign=1 hmode=enforce GUARDS=1 ;;
+                wsguard-plain-json) bport="$PLAIN_PORT" bpid="$PLAIN_PID" WSG_COMPRESSION=0 LG_EXTRA=() LG_PAYLOAD=json ;;
+                esac
+                start_wsguard "$s-$round" "$bport" null 0s 0s "$hmode"
+                run_echo "$k" "ws://127.0.0.1:$WSG_PORT/" "$sign" "$WSG_PID" "$bpid"
+                kill -0 "$WSG_PID" 2>/dev/null || die "wsguard died during $k (see $TMP/wsguard-$s-$round.log)"
+                curl -fsS "http://127.0.0.1:$WSG_ADMIN/metrics" 2>/dev/null |
+                    grep -E '^wsguard_(signature_failures|messages|bytes|wire_bytes|compress)' >"$TMP/metrics-$s-$round.txt" || true
+                stop_pid "$WSG_PID"
+                GUARDS=0 WSG_COMPRESSION=0
+                ;;
             direct-signed) run_echo "$k" "ws://127.0.0.1:$SIGNED_PORT/" 1 "" "$SIGNED_PID" ;;
             wsguard | wsguard-msglimit | wsguard-hmac-off | wsguard-hmac | wsguard-guards)
                 bport="$PLAIN_PORT" bpid="$PLAIN_PID" sign=0 perconn=null hmode=none
@@ -644,6 +730,9 @@ if [[ -n "$TP_SCENARIOS" ]]; then
     done
     stop_pid "$SIGNED_PID"
     stop_pid "$PLAIN_PID"
+    [[ -z "$DEFL_PID" ]] || stop_pid "$DEFL_PID"
+    [[ -z "$DEFL_SIGNED_PID" ]] || stop_pid "$DEFL_SIGNED_PID"
+    LG_EXTRA=() LG_PAYLOAD=""
 fi
 
 # ================================================================================
@@ -663,7 +752,7 @@ run_idle() {
         timeout "$(calc "int($IDLE_CONNS / $IDLE_RATE + $hold + 90)")" \
         "$LOADGEN" ${LG_THREADS[@]+"${LG_THREADS[@]}"} idle --url "$url" --conns "$IDLE_CONNS" \
         --hold "$hold" --rate "$IDLE_RATE" --label "$name" \
-        --burst-size "$IDLE_BURST_SIZE" --burst-every "$IDLE_BURST_EVERY"
+        --burst-size "$IDLE_BURST_SIZE" --burst-every "$IDLE_BURST_EVERY" ${IDLE_EXTRA[@]+"${IDLE_EXTRA[@]}"}
     pid="$LAST_PID"
     if ! line="$(wait_for_line "$TMP/idle-$name.out" '^READY ' $((IDLE_CONNS / IDLE_RATE + 60)) "$pid")"; then
         stop_pid "$pid"
@@ -713,13 +802,31 @@ PY
 }
 
 IDLE_DONE=()
+IDLE_EXTRA=()
 for s in $IDLE_SCENARIOS; do
-    start_echo_server "echo-$s"
+    IDLE_EXTRA=()
+    if [[ "$s" == *-deflate-idle ]]; then
+        # permessage-deflate negotiated on every hop (client, and wsguard's backend hop)
+        start_echo_server "echo-$s" --deflate
+        IDLE_EXTRA=(--deflate)
+    else
+        start_echo_server "echo-$s"
+    fi
     bpid="$ECHO_PID" bport="$ECHO_PORT"
     case "$s" in
-    direct-idle)
+    direct-idle | direct-deflate-idle)
         sleep 1
         run_idle "$s" "ws://127.0.0.1:$bport/" "$bpid" "$bpid" && IDLE_DONE+=("$s")
+        ;;
+    wsguard-deflate-idle)
+        WSG_COMPRESSION=1
+        start_wsguard "$s" "$bport" null 0s 0s none
+        WSG_COMPRESSION=0
+        sleep 1
+        run_idle "$s" "ws://127.0.0.1:$WSG_PORT/" "$WSG_PID" "$bpid" && IDLE_DONE+=("$s")
+        kill -0 "$WSG_PID" 2>/dev/null || die "wsguard died during idle test $s (see $TMP/wsguard-$s.log)"
+        curl -fsS "http://127.0.0.1:$WSG_ADMIN/metrics" 2>/dev/null | grep -E '^wsguard_compress' >"$TMP/metrics-$s.txt" || true
+        stop_pid "$WSG_PID"
         ;;
     wsguard-idle | wsguard-ka-*-*)
         ki=0s ku=0s
@@ -753,11 +860,11 @@ echo
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)); Linux $(uname -r); fd limit $(ulimit -n)"
 echo
 if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
-    echo "### Echo throughput ($CONNS conns, $SIZE B payload, ${WARMUP}s warmup + ${DURATION}s, $TP_ROUNDS_DONE round(s), median)"
+    echo "### Echo throughput ($CONNS conns, $SIZE B payload ($PAYLOAD), ${WARMUP}s warmup + ${DURATION}s, $TP_ROUNDS_DONE round(s), median)"
     echo
     [[ "$PIN" == 1 ]] && echo "PIN=1: loadgen and echo-server on CPU 0, the proxy (wsguard; nginx with 1 worker) on CPU 1." && echo
-    echo "| scenario | msgs/s | MB/s (payload, one way) | runs used | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | proxy CPU us per echo (median) | errors | cores: loadgen / proxy / backend / other |"
-    echo "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|"
+    echo "| scenario | msgs/s | MB/s (payload, one way) | runs used | per round | p50 us | p99 us | ratio vs direct | baseline | ratio vs baseline | proxy CPU us per echo (median) | wire B per echo (client) | payload B per echo | deflate conns | errors | cores: loadgen / proxy / backend / other |"
+    echo "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
     # A run is "clean" when the rest of the machine stayed below NOISE_MAX cores.
     clean() { [[ "${TP_OTHER[$1]:--}" != - ]] && awk -v x="${TP_OTHER[$1]}" -v m="$NOISE_MAX" 'BEGIN { exit !(x <= m) }'; }
     declare -A MED USED
@@ -775,7 +882,7 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
     done
     for s in $TP_SCENARIOS; do
         [[ -n "${MED[$s]:-}" ]] || continue
-        rates=() p50s=() p99s=() errs=0 cpu=() any_clean=0 uspe=()
+        rates=() p50s=() p99s=() errs=0 cpu=() any_clean=0 uspe=() wires=() paybs=() defl="-"
         for ((r = 1; r <= TP_ROUNDS_DONE; r++)); do
             if [[ -n "${TP_RATE[$s:$r]:-}" ]] && clean "$s:$r"; then any_clean=1; fi
         done
@@ -783,6 +890,9 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
             k="$s:$r"
             [[ -n "${TP_RATE[$k]:-}" ]] || continue
             [[ "${TP_ERR[$k]}" =~ ^[0-9]+$ ]] && errs=$((errs + TP_ERR[$k]))
+            wires+=("${TP_WIRE[$k]:--}")
+            paybs+=("${TP_PAYB[$k]:--}")
+            defl="${TP_DEFL[$k]:--}"
             cpu+=("${TP_LG[$k]}/${TP_PROXY[$k]}/${TP_BACK[$k]}/${TP_OTHER[$k]}")
             if [[ $any_clean == 1 ]] && ! clean "$k"; then
                 rates+=("${TP_RATE[$k]}*")
@@ -803,7 +913,7 @@ if [[ $TP_ROUNDS_DONE -gt 0 ]]; then
         [[ "${MED[$s]}" != - ]] && mbs="$(calc "'%.1f' % (${MED[$s]} * $SIZE / 1e6)")"
         us="-"
         [[ ${#uspe[@]} -gt 0 ]] && us="$(python3 -c 'import statistics, sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "${uspe[@]}") (${uspe[*]})"
-        echo "| $s | ${MED[$s]} | $mbs | ${USED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $us | $errs | ${cpu[*]} |"
+        echo "| $s | ${MED[$s]} | $mbs | ${USED[$s]} | ${rates[*]} | $(median "${p50s[@]}") | $(median "${p99s[@]}") | $rd | ${base:--} | $rb | $us | $(median "${wires[@]}") | $(median "${paybs[@]}") | $defl | $errs | ${cpu[*]} |"
     done
     echo
     echo "cores: CPU cores used over the measurement window, per round (loadgen / proxy / echo backend / rest of the machine)."

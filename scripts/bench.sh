@@ -644,7 +644,7 @@ if [[ -n "$TP_SCENARIOS" ]]; then
     start_echo_server echo-signed --sign-key-file "$TMP/upstream.key" --kid p1
     SIGNED_PID="$ECHO_PID"
     SIGNED_PORT="$ECHO_PORT"
-    DEFL_PID="" DEFL_SIGNED_PID=""
+    DEFL_PID="" DEFL_PORT="" DEFL_SIGNED_PID="" DEFL_SIGNED_PORT=""
     if [[ " $TP_SCENARIOS " =~ \ (direct|nginx|wsguard)-deflate\  ]]; then
         start_echo_server echo-deflate --deflate
         DEFL_PID="$ECHO_PID"

@@ -348,10 +348,18 @@ impl Flow {
     }
 
     /// Sets permessage-deflate for this flow: `from` as negotiated with the
-    /// hop it reads, `to` with the hop it writes.
-    fn with_deflate(mut self, from: Option<HopParams>, to: Option<HopParams>, max: u64) -> Flow {
+    /// hop it reads, `to` with the hop it writes. `signed`: the route
+    /// verifies and re-signs messages (`hmac`), so none can be relayed as
+    /// it came.
+    fn with_deflate(
+        mut self,
+        from: Option<HopParams>,
+        to: Option<HopParams>,
+        max: u64,
+        signed: bool,
+    ) -> Flow {
         self.st.pass = match (&from, &to) {
-            (Some(f), Some(t)) => HopParams::can_pass_through(f, t),
+            (Some(f), Some(t)) => !signed && HopParams::can_pass_through(f, t),
             _ => false,
         };
         self.st.inflate_cfg = from.map(|p| (p.recv_window_bits, p.recv_context_takeover));
@@ -469,6 +477,13 @@ impl FlowSink<'_> {
             // Never expected from valid state; RSV1 off is always legal.
             frame::write_frame(self.out, true, op, data, mask);
             return Ok(());
+        }
+        if st.inflate_takeover() {
+            // The receiver's window now holds a message of wsguard's that
+            // the sender's stream does not: the sender's later back
+            // references would point elsewhere there, so none of its
+            // messages is relayed as it came any more in this session.
+            st.pass = false;
         }
         frame::write_header(self.out, true, 0b100, op, z.len() as u64, mask);
         match mask {
@@ -660,7 +675,7 @@ impl Sink for FlowSink<'_> {
                         // The receiver will not see this message in the
                         // sender's compressed stream, so later ones may
                         // refer to what it never had: relay none as is
-                        // any more in this session.
+                        // any more in this session (see also `emit`).
                         self.st.pass = false;
                     }
                     self.st.assembly = Some(Box::new(Assembly {
@@ -1552,7 +1567,12 @@ where
                 max_message,
             },
         )
-        .with_deflate(info.deflate_client, info.deflate_upstream, max_message),
+        .with_deflate(
+            info.deflate_client,
+            info.deflate_upstream,
+            max_message,
+            route.hmac.is_some(),
+        ),
         // Backends send messages as one frame: no frame limit; the
         // message limit has room for a signature envelope.
         u2c: Flow::new(
@@ -1568,6 +1588,7 @@ where
             info.deflate_upstream,
             info.deflate_client,
             max_message.saturating_add(1024),
+            route.hmac.is_some(),
         ),
         client_live: Liveness::new(ka.max_missed),
         upstream_live: Liveness::new(ka.max_missed),

@@ -85,8 +85,11 @@ impl HopParams {
     /// that accepted context takeover. (wsguard must then forward every
     /// message of that stream, in order, without dropping any: a dropped
     /// message would corrupt the receiver's window.)
+    ///
+    /// An 8-bit window counts as 9: zlib-based senders that agreed to 8
+    /// compress with 9, which a receiver held to 8 could not inflate.
     pub fn can_pass_through(from: &HopParams, to: &HopParams) -> bool {
-        from.recv_window_bits <= to.send_window_bits
+        from.recv_window_bits.max(MIN_DEFLATE_BITS) <= to.send_window_bits
             && (!from.recv_context_takeover || to.send_context_takeover)
     }
 }
@@ -830,5 +833,17 @@ mod tests {
         };
         assert!(!HopParams::can_pass_through(&nct, &small));
         assert!(HopParams::can_pass_through(&small, &nct));
+        // A sender that agreed to 8 bits compresses with 9.
+        let eight = HopParams {
+            send_window_bits: 8,
+            recv_window_bits: 8,
+            ..nct
+        };
+        assert!(!HopParams::can_pass_through(&eight, &eight));
+        let nine = HopParams {
+            send_window_bits: 9,
+            ..nct
+        };
+        assert!(HopParams::can_pass_through(&eight, &nine));
     }
 }

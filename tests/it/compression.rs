@@ -752,6 +752,17 @@ async fn fifty_concurrent_bombs_raise_peak_memory_only_by_the_caps() {
 /// frame it receives verbatim (unmasked, same fin, RSV1, opcode and
 /// payload bytes), reporting each frame it saw.
 async fn mirror_backend(answer: &'static str) -> (SocketAddr, mpsc::UnboundedReceiver<Frame>) {
+    recording_backend(answer, true).await
+}
+
+/// [`mirror_backend`], echoing only when `echo`; else it just records, and
+/// reports each new connection first as a frame with opcode 0xff.
+const NEW_CONNECTION: u8 = 0xff;
+
+async fn recording_backend(
+    answer: &'static str,
+    echo: bool,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Frame>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -786,9 +797,14 @@ async fn mirror_backend(answer: &'static str) -> (SocketAddr, mpsc::UnboundedRec
                 {
                     return;
                 }
+                if !echo {
+                    let _ = tx.send((true, false, NEW_CONNECTION, Vec::new()));
+                }
                 while let Some((fin, rsv1, op, payload)) = read_frame(&mut s, &mut buf).await {
                     let _ = tx.send((fin, rsv1, op, payload.clone()));
-                    let _ = s.write_all(&frame(fin, rsv1, op, &payload, false)).await;
+                    if echo || op == 8 {
+                        let _ = s.write_all(&frame(fin, rsv1, op, &payload, false)).await;
+                    }
                     if op == 8 {
                         return;
                     }
@@ -873,16 +889,31 @@ async fn compatible_hops_relay_compressed_frames_untouched() {
 
 #[tokio::test]
 async fn relayed_compressed_messages_are_still_held_to_the_limits() {
-    let (b, _rx) = mirror_backend(GOOD_ANSWER).await;
+    let (b, mut rx) = recording_backend(GOOD_ANSWER, false).await;
     let p = proxy(
         b,
         "keepalive: { interval: 0s, upstream_interval: 0s }\nlimits: { per_ip: null, per_connection: null, max_message_size: 64KiB }\n",
     )
     .await;
-    // Past max_message_size once inflated: 1009, though a few bytes on the wire.
+    // Past max_message_size once inflated: 1009, though a few bytes on the
+    // wire. The first frame (under the cap) went on as it came; the frame
+    // that crosses the cap does not.
     let (mut s, mut buf, _) = client(p.addr, true).await;
-    let bomb = fast_deflate(&vec![0u8; 1024 * 1024]);
-    s.write_all(&frame(true, true, 2, &bomb, true))
+    assert_eq!(frame_of(&mut rx).await.2, NEW_CONNECTION);
+    // One DEFLATE stream: 32 KiB of JSON, a sync flush, then 1 MiB of zeros.
+    let mut c = Compress::new(Compression::fast(), false);
+    let mut first = Vec::with_capacity(64 * 1024);
+    c.compress_vec(&compressible(32 * 1024), &mut first, FlushCompress::Sync)
+        .unwrap();
+    let mut bomb = Vec::with_capacity(64 * 1024);
+    c.compress_vec(&vec![0u8; 1024 * 1024], &mut bomb, FlushCompress::Sync)
+        .unwrap();
+    assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
+    s.write_all(&frame(false, true, 2, &first, true))
+        .await
+        .unwrap();
+    assert_eq!(frame_of(&mut rx).await, (false, true, 2, first.clone()));
+    s.write_all(&frame(true, false, 0, &bomb, true))
         .await
         .unwrap();
     assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1009));
@@ -910,13 +941,29 @@ async fn relayed_compressed_messages_are_still_held_to_the_limits() {
         .await
         .unwrap();
     assert_eq!(close_code_of(&mut s, &mut buf).await, Some(1007));
-    // A normal client is still served, its frames relayed as they are.
-    let (mut s, mut buf, _) = client(p.addr, true).await;
-    let z = fast_deflate("fine, thanks €".as_bytes());
-    s.write_all(&frame(true, true, 1, &z, true)).await.unwrap();
+    // A normal client is still served, its frames relayed as they are:
+    // text whose code points are cut by the frames and by the 16 KiB
+    // chunks wsguard inflates into ("é€" is 5 bytes; 16,384 is not a
+    // multiple of it).
+    let (mut s, _buf, _) = client(p.addr, true).await;
+    // Skip what the backend saw of the four sessions above: up to the
+    // fifth connection.
+    let mut connections = 1;
+    while connections < 5 {
+        if frame_of(&mut rx).await.2 == NEW_CONNECTION {
+            connections += 1;
+        }
+    }
+    let text = "é€".repeat(12 * 1024);
+    let z = fast_deflate(text.as_bytes());
+    let (a, b2) = z.split_at(z.len() / 2);
+    s.write_all(&frame(false, true, 1, a, true)).await.unwrap();
+    s.write_all(&frame(true, false, 0, b2, true)).await.unwrap();
+    assert_eq!(frame_of(&mut rx).await, (false, true, 1, a.to_vec()));
+    assert_eq!(frame_of(&mut rx).await, (true, false, 0, b2.to_vec()));
     assert_eq!(
-        read_frame(&mut s, &mut buf).await,
-        Some((true, true, 1, z.clone()))
+        metric(&p, "wsguard_bytes_total{direction=\"c2s\"}"),
+        text.len() as f64
     );
 }
 
@@ -928,8 +975,11 @@ struct Takeover {
 
 impl Takeover {
     fn new(bits: u8) -> Self {
+        Self::with_level(bits, Compression::default())
+    }
+    fn with_level(bits: u8, level: Compression) -> Self {
         Takeover {
-            c: Compress::new_with_window_bits(Compression::default(), false, bits),
+            c: Compress::new_with_window_bits(level, false, bits),
             d: Decompress::new_with_window_bits(false, bits),
         }
     }
@@ -945,7 +995,7 @@ impl Takeover {
     fn inflate(&mut self, data: &[u8]) -> Vec<u8> {
         let mut input = data.to_vec();
         input.extend_from_slice(&[0, 0, 0xff, 0xff]);
-        let mut out = Vec::with_capacity(64 * 1024);
+        let mut out = Vec::with_capacity(256 * 1024);
         let start = self.d.total_in();
         self.d
             .decompress_vec(&input, &mut out, FlushDecompress::Sync)
@@ -956,8 +1006,19 @@ impl Takeover {
 }
 
 const TAKEOVER: &str = "compression: { mode: on, context_takeover: true }\n";
-/// RFC 7692 section 7.2.3.2: "Hello" again, referring back into the first.
-const HELLO_AGAIN: [u8; 5] = [0xf2, 0x00, 0x11, 0x00, 0x00];
+/// `n` pseudo-random letters: barely compressible alone, so that a second
+/// copy in a takeover stream shrinks to a few back references.
+fn letters(n: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect()
+}
 
 #[tokio::test]
 async fn context_takeover_is_negotiated_and_relayed() {
@@ -966,18 +1027,49 @@ async fn context_takeover_is_negotiated_and_relayed() {
     let (mut s, mut buf, ext) = client(p.addr, true).await;
     // Nothing asked for no takeover, so nothing is granted.
     assert_eq!(ext.as_deref(), Some("permessage-deflate"));
-    let mut me = Takeover::new(15);
-    let first = me.deflate(b"Hello");
-    let second = me.deflate(b"Hello");
-    assert_eq!(second, HELLO_AGAIN, "the second message refers back");
+    // Level 1, which wsguard never writes, and messages that refer back
+    // into the previous one: relayed byte for byte, in three frames each.
+    let mut me = Takeover::with_level(15, Compression::fast());
+    let data = letters(16 * 1024);
+    let first = me.deflate(&data);
+    let second = me.deflate(&data);
+    assert!(
+        second.len() * 4 < first.len(),
+        "the second message refers back"
+    );
+    let mut plain = Takeover::new(15);
     for z in [&first, &second] {
-        s.write_all(&frame(true, true, 1, z, true)).await.unwrap();
-        assert_eq!(frame_of(&mut rx).await.3, *z);
-        let (_, rsv1, _, echoed) = read_frame(&mut s, &mut buf).await.unwrap();
-        assert!(rsv1);
-        assert_eq!(&echoed, z);
+        let cuts = [0, z.len() / 3, 2 * z.len() / 3, z.len()];
+        let frames: Vec<Frame> = (0..3)
+            .map(|i| {
+                (
+                    i == 2,
+                    i == 0,
+                    if i == 0 { 1 } else { 0 },
+                    z[cuts[i]..cuts[i + 1]].to_vec(),
+                )
+            })
+            .collect();
+        for f in &frames {
+            s.write_all(&frame(f.0, f.1, f.2, &f.3, true))
+                .await
+                .unwrap();
+        }
+        for f in &frames {
+            assert_eq!(&frame_of(&mut rx).await, f);
+        }
+        let mut echoed = Vec::new();
+        for f in &frames {
+            let got = read_frame(&mut s, &mut buf).await.unwrap();
+            assert_eq!(&got, f);
+            echoed.extend_from_slice(&got.3);
+        }
+        assert_eq!(plain.inflate(&echoed), data);
     }
-    assert_eq!(metric(&p, "wsguard_bytes_total{direction=\"c2s\"}"), 10.0);
+    assert_eq!(
+        metric(&p, "wsguard_bytes_total{direction=\"c2s\"}"),
+        2.0 * data.len() as f64
+    );
 }
 
 #[tokio::test]
@@ -1098,4 +1190,70 @@ async fn a_rate_limit_closes_a_takeover_stream_instead_of_dropping() {
         metric(&p, "wsguard_rejections_total{reason=\"message_rate\"}"),
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_message_wsguard_compresses_ends_relaying_a_takeover_stream() {
+    use crate::hmac::{key, key_file, CLIENT1, UPSTREAM};
+    // Context takeover on both hops, relayed as it came; then a reload adds
+    // hmac, so wsguard compresses a re-signed message of its own into the
+    // backend's window; then a reload takes hmac away again. The client's
+    // next message refers back into its own stream, which the backend's
+    // window no longer mirrors: wsguard must not relay it as it came.
+    let (b, mut rx) = recording_backend("permessage-deflate", false).await;
+    let p = proxy(b, &format!("{QUIET}{TAKEOVER}")).await;
+    let policy = |hmac: &str| {
+        wsguard::policy::Policy::from_text(
+            "reload.yaml",
+            &format!(
+                "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\nupstream: {{ url: \"ws://{b}\" }}\n{QUIET}{TAKEOVER}{hmac}"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (mut s, _buf, ext) = client(p.addr, true).await;
+    assert_eq!(ext.as_deref(), Some("permessage-deflate"));
+    let mut me = Takeover::with_level(15, Compression::fast());
+    let data = letters(8 * 1024);
+    let z1 = me.deflate(&data);
+    s.write_all(&frame(true, true, 1, &z1, true)).await.unwrap();
+    assert_eq!(frame_of(&mut rx).await.2, NEW_CONNECTION);
+    assert_eq!(frame_of(&mut rx).await.3, z1, "relayed as it came");
+
+    p.process.install(policy(&format!(
+        "hmac:\n  mode: enforce\n  client_keys:\n    - {{ id: c1, secret_file: \"{}\" }}\n  upstream_key: {{ id: p1, secret_file: \"{}\" }}\n",
+        key_file("c1", &CLIENT1),
+        key_file("p1", &UPSTREAM)
+    )));
+    let signed = sign::sign(
+        &key("c1", &CLIENT1),
+        Direction::C2s,
+        1,
+        sign::now_ms(),
+        "",
+        MsgType::Text,
+        b"signed, sent plain",
+    );
+    s.write_all(&frame(true, false, 1, &signed, true))
+        .await
+        .unwrap();
+    let (_, rsv1, _, z2) = frame_of(&mut rx).await;
+    assert!(rsv1, "the re-signed message is compressed for the backend");
+
+    p.process.install(policy(""));
+    let z3 = me.deflate(&data);
+    assert!(
+        z3.len() * 4 < z1.len(),
+        "refers back into the first message"
+    );
+    s.write_all(&frame(true, true, 1, &z3, true)).await.unwrap();
+    let (_, rsv1, _, got3) = frame_of(&mut rx).await;
+    assert!(rsv1);
+    assert_ne!(got3, z3, "not relayed as it came");
+    // The backend's inflater, fed the frames in order, reads every message.
+    let mut backend = Takeover::new(15);
+    assert_eq!(backend.inflate(&z1), data);
+    let resigned = backend.inflate(&z2);
+    assert!(resigned.ends_with(b"\nsigned, sent plain"));
+    assert_eq!(backend.inflate(&got3), data);
 }

@@ -401,8 +401,8 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 0.0 })
 }
 
-/// Connect TCP (nodelay) and run the client handshake, each step bounded by `t`.
-async fn connect_ws(target: &Target, cfg: WebSocketConfig, t: Duration) -> Result<Ws, String> {
+/// Connect TCP (nodelay), bounded by `t`.
+async fn dial(target: &Target, t: Duration) -> Result<TcpStream, String> {
     let tcp = match timeout(t, TcpStream::connect(target.addr)).await {
         Err(_) => return Err("connect: timeout".into()),
         Ok(Err(e)) => return Err(format!("connect: {}", io_kind(&e))),
@@ -410,6 +410,12 @@ async fn connect_ws(target: &Target, cfg: WebSocketConfig, t: Duration) -> Resul
     };
     tcp.set_nodelay(true)
         .map_err(|e| format!("connect: set_nodelay: {e}"))?;
+    Ok(tcp)
+}
+
+/// Connect TCP (nodelay) and run the client handshake, each step bounded by `t`.
+async fn connect_ws(target: &Target, cfg: WebSocketConfig, t: Duration) -> Result<Ws, String> {
+    let tcp = dial(target, t).await?;
     let tcp = Counted {
         inner: tcp,
         read: 0,
@@ -2015,13 +2021,7 @@ impl RawConn {
         context_takeover: bool,
         t: Duration,
     ) -> Result<RawConn, String> {
-        let tcp = match timeout(t, TcpStream::connect(target.addr)).await {
-            Err(_) => return Err("connect: timeout".into()),
-            Ok(Err(e)) => return Err(format!("connect: {}", io_kind(&e))),
-            Ok(Ok(s)) => s,
-        };
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("connect: set_nodelay: {e}"))?;
+        let tcp = dial(target, t).await?;
         match timeout(t, Self::handshake(tcp, target, context_takeover)).await {
             Err(_) => Err("handshake: timeout".into()),
             Ok(r) => r.map_err(|e| format!("handshake: {e}")),

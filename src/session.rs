@@ -376,6 +376,13 @@ impl Flow {
     }
 }
 
+/// The source hop's inflater in `slot`, made on first use; None when the
+/// hop did not negotiate compression (`cfg`).
+fn inflater(slot: &mut Option<Box<Inflater>>, cfg: Option<(u8, bool)>) -> Option<&mut Inflater> {
+    let (bits, takeover) = cfg?;
+    Some(slot.get_or_insert_with(|| Box::new(Inflater::new(bits, takeover))))
+}
+
 /// Why a compressed message cannot be delivered, as the decoder's errors.
 fn inflate_halt(e: InflateError) -> Halt {
     match e {
@@ -428,12 +435,9 @@ impl FlowSink<'_> {
     /// dropped. `fin`: the message ended (its tail is inflated too).
     fn measure(&mut self, data: &[u8], fin: bool) -> Result<(), Halt> {
         let st = &mut *self.st;
-        let Some((bits, takeover)) = st.inflate_cfg else {
+        let Some(inf) = inflater(&mut st.inflater, st.inflate_cfg) else {
             return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
         };
-        let inf = st
-            .inflater
-            .get_or_insert_with(|| Box::new(Inflater::new(bits, takeover)));
         let (plain, utf8) = (&mut st.zplain, &mut st.zutf8);
         let mut bad_utf8 = false;
         let r = inf.inflate_chunks(data, fin, st.max_plain, &mut |chunk| {
@@ -456,6 +460,17 @@ impl FlowSink<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A compressed message inflated to `plain` bytes: from now on it counts
+    /// as that long. The byte rate limit counts payload bytes: the frames
+    /// paid for their compressed size, the rest is charged now, so that
+    /// compression cannot multiply what a client may send. False: the
+    /// limit refused it.
+    fn charge_inflated(&mut self, plain: u64) -> bool {
+        let wire = std::mem::replace(&mut self.st.msg_len, plain);
+        let extra = usize::try_from(plain.saturating_sub(wire)).unwrap_or(usize::MAX);
+        self.env.limiter.is_none_or(|l| l.allow_bytes(extra))
     }
 
     /// Writes one whole message toward the destination hop: deflated
@@ -505,14 +520,10 @@ impl FlowSink<'_> {
         // against the process-wide inflate budget meanwhile.
         let mut _hold = None;
         let buf = if compressed {
-            let Some((bits, takeover)) = self.st.inflate_cfg else {
+            let Some(inf) = inflater(&mut self.st.inflater, self.st.inflate_cfg) else {
                 env.process.partial.release(reserved);
                 return Err(Halt::Frame(FrameError::Protocol("RSV1 not negotiated")));
             };
-            let inf = self
-                .st
-                .inflater
-                .get_or_insert_with(|| Box::new(Inflater::new(bits, takeover)));
             let mut plain = Inflated::new(&env.process.inflate);
             let r = inf.inflate_into(&buf, true, self.st.max_plain, &mut plain);
             drop(buf);
@@ -523,16 +534,8 @@ impl FlowSink<'_> {
             }
             let (plain, hold) = plain.into_parts();
             _hold = Some(hold);
-            // The byte rate limit counts payload bytes: the frames paid for
-            // their compressed size, the rest is charged now, so that
-            // compression cannot multiply what a client may send.
-            let wire = self.st.msg_len;
-            self.st.msg_len = plain.len() as u64;
-            let extra = usize::try_from(self.st.msg_len.saturating_sub(wire)).unwrap_or(usize::MAX);
-            if let Some(l) = env.limiter {
-                if !l.allow_bytes(extra) && self.limited("message_rate")? {
-                    return Ok(());
-                }
+            if !self.charge_inflated(plain.len() as u64) && self.limited("message_rate")? {
+                return Ok(());
             }
             plain
         } else {
@@ -616,18 +619,10 @@ impl FlowSink<'_> {
     fn end_message(&mut self) -> Result<(), Halt> {
         if std::mem::take(&mut self.st.zstream) {
             self.measure(&[], true)?;
-            // As for an assembled message: the frames paid for their
-            // compressed size, the rest of the payload is charged now. The
-            // message went on already, so a refusal closes the session.
-            let wire = self.st.msg_len;
-            self.st.msg_len = self.st.zplain;
-            if let Some(l) = self.env.limiter {
-                let extra =
-                    usize::try_from(self.st.zplain.saturating_sub(wire)).unwrap_or(usize::MAX);
-                if !l.allow_bytes(extra) {
-                    self.env.process.metrics.reject("message_rate");
-                    return Err(Halt::Policy("rate limit", "rate limit"));
-                }
+            // The message went on already, so a refusal closes the session.
+            if !self.charge_inflated(self.st.zplain) {
+                self.env.process.metrics.reject("message_rate");
+                return Err(Halt::Policy("rate limit", "rate limit"));
             }
         }
         match self.st.assembly.take() {

@@ -1249,3 +1249,47 @@ async fn a_message_wsguard_compresses_ends_relaying_a_takeover_stream() {
     assert!(resigned.ends_with(b"\nsigned, sent plain"));
     assert_eq!(backend.inflate(&got3), data);
 }
+
+#[tokio::test]
+async fn with_hmac_wsguard_compresses_with_its_own_window_kept() {
+    use crate::hmac::{key, key_file, CLIENT1, UPSTREAM};
+    // Takeover on both hops and hmac on the route: nothing can be relayed
+    // as it came, so wsguard's own deflater toward the backend keeps its
+    // window between messages (a repeat shrinks to back references).
+    let (b, mut rx) = recording_backend("permessage-deflate", false).await;
+    let p = proxy(
+        b,
+        &format!(
+            "hmac:\n  mode: enforce\n  client_keys:\n    - {{ id: c1, secret_file: \"{}\" }}\n  upstream_key: {{ id: p1, secret_file: \"{}\" }}\n{QUIET}{TAKEOVER}",
+            key_file("c1", &CLIENT1),
+            key_file("p1", &UPSTREAM)
+        ),
+    )
+    .await;
+    let (mut s, _buf, ext) = client(p.addr, true).await;
+    assert_eq!(ext.as_deref(), Some("permessage-deflate"));
+    assert_eq!(frame_of(&mut rx).await.2, NEW_CONNECTION);
+    let data = letters(8 * 1024);
+    let mut me = Takeover::new(15);
+    let mut backend = Takeover::new(15);
+    let mut sizes = Vec::new();
+    for seq in 1..=2 {
+        let signed = sign::sign(
+            &key("c1", &CLIENT1),
+            Direction::C2s,
+            seq,
+            sign::now_ms(),
+            "",
+            MsgType::Text,
+            &data,
+        );
+        s.write_all(&frame(true, true, 1, &me.deflate(&signed), true))
+            .await
+            .unwrap();
+        let (_, rsv1, _, z) = frame_of(&mut rx).await;
+        assert!(rsv1);
+        assert!(backend.inflate(&z).ends_with(&data));
+        sizes.push(z.len());
+    }
+    assert!(sizes[1] * 4 < sizes[0], "{sizes:?}");
+}
